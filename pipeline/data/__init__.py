@@ -1,0 +1,1 @@
+"""Data: datalist I/O and validation, patient-level splits, synthetic cohort."""

@@ -1,0 +1,165 @@
+"""Reading and checking volumes (NIfTI, or a DICOM series folder) with SimpleITK.
+
+Every reader here raises :class:`~pipeline.errors.InputError` naming the file and the
+problem (missing, unreadable/corrupt, not 3-D, NaN/inf voxels, bad mask values, mask grid
+different from its image) instead of a library traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from pipeline.errors import InputError
+
+__all__ = [
+    "read_volume",
+    "read_mask",
+    "check_volume_array",
+    "check_mask_array",
+    "check_same_grid",
+    "write_image_atomic",
+    "is_dicom_dir",
+]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_dicom_dir(path: str | Path) -> bool:
+    """True when ``path`` is a folder holding at least one DICOM series."""
+    p = Path(path)
+    return p.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
+
+
+def _read_any(path: str | Path, pixel_type: int) -> sitk.Image:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(p, "file not found")
+    try:
+        if p.is_dir():
+            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
+            if not ids:
+                raise InputError(p, "folder holds no DICOM series")
+            if len(ids) > 1:
+                raise InputError(p, f"folder holds {len(ids)} DICOM series; expected one per case")
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), ids[0])
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(files)
+            reader.SetOutputPixelType(pixel_type)
+            return reader.Execute()
+        return sitk.ReadImage(str(p), pixel_type)
+    except InputError:
+        raise
+    except RuntimeError as exc:  # SimpleITK reports corrupt / unknown files as RuntimeError
+        first = str(exc).strip().splitlines()
+        detail = next((ln for ln in first if "ERROR" in ln or "Exception" in ln), first[-1] if first else "")
+        raise InputError(p, f"cannot be read as an image (corrupt or unsupported format): {detail.strip()[:200]}") from None
+
+
+def _squeeze_to_3d(img: sitk.Image, path: str | Path) -> sitk.Image:
+    """Accept 4-D images with a single volume (common in NIfTI); reject 2-D or multi-volume."""
+    dim = img.GetDimension()
+    if dim == 3:
+        if min(img.GetSize()) < 2:
+            raise InputError(path, f"volume is effectively 2-D (size {img.GetSize()}); a 3-D volume is required")
+        return img
+    if dim == 4 and img.GetSize()[3] == 1:
+        size = list(img.GetSize())
+        size[3] = 0
+        return _squeeze_to_3d(sitk.Extract(img, size, [0, 0, 0, 0]), path)
+    raise InputError(path, f"expected a 3-D volume, got {dim}-D image of size {img.GetSize()}")
+
+
+def check_volume_array(arr: np.ndarray, path: str | Path) -> None:
+    """Raise when an image array has NaN/inf voxels or is constant (empty)."""
+    if not np.all(np.isfinite(arr)):
+        n = int((~np.isfinite(arr)).sum())
+        raise InputError(path, f"{n} voxel(s) are NaN or infinite")
+    if arr.size == 0 or float(arr.max()) == float(arr.min()):
+        raise InputError(path, "image is constant (empty): nothing to segment")
+
+
+def check_mask_array(arr: np.ndarray, path: str | Path) -> None:
+    """Raise when a mask has negative, non-integer or non-finite values (labels > 0 are tumour)."""
+    if not np.all(np.isfinite(arr)):
+        raise InputError(path, "mask has NaN or infinite voxels")
+    if arr.min() < 0:
+        raise InputError(path, f"mask has negative values (min {arr.min()}); labels must be >= 0")
+    if not np.all(np.equal(np.mod(arr, 1), 0)):
+        raise InputError(path, "mask has non-integer values; expected integer labels (any label > 0 is tumour)")
+
+
+def check_same_grid(image: sitk.Image, mask: sitk.Image, image_path: str | Path, mask_path: str | Path,
+                    tol: float = 1e-3) -> None:
+    """Raise when a mask does not lie on its image's voxel grid (size, spacing, origin, direction)."""
+    if image.GetSize() != mask.GetSize():
+        raise InputError(mask_path, f"mask shape {mask.GetSize()} differs from image shape {image.GetSize()} ({image_path})")
+    for name, a, b in (
+        ("spacing", image.GetSpacing(), mask.GetSpacing()),
+        ("origin", image.GetOrigin(), mask.GetOrigin()),
+        ("direction", image.GetDirection(), mask.GetDirection()),
+    ):
+        if not np.allclose(a, b, atol=tol * max(1.0, float(np.max(np.abs(a))))):
+            raise InputError(mask_path, f"mask {name} {tuple(round(x, 4) for x in b)} differs from image {name} "
+                                        f"{tuple(round(x, 4) for x in a)} ({image_path})")
+
+
+def read_volume(path: str | Path, check: bool = True) -> sitk.Image:
+    """Read a 3-D image (NIfTI file or DICOM series folder) as float32 and validate it.
+
+    Args:
+        path: ``.nii``/``.nii.gz`` file (any format SimpleITK reads) or a DICOM series folder.
+        check: also reject NaN/inf voxels and constant images.
+
+    Returns:
+        The ``sitk.Image`` (float32, 3-D, geometry as in the file).
+
+    Raises:
+        InputError: missing, corrupt, not 3-D, NaN voxels or constant image.
+    """
+    img = _squeeze_to_3d(_read_any(path, sitk.sitkFloat32), path)
+    if check:
+        check_volume_array(sitk.GetArrayViewFromImage(img), path)
+    return img
+
+
+def read_mask(path: str | Path, reference: sitk.Image | None = None, reference_path: str | Path | None = None) -> sitk.Image:
+    """Read a tumour mask, validate its values and (optionally) its grid; return a binary uint8 image.
+
+    Any label > 0 is tumour, so BraTS-style multi-label masks are accepted.
+
+    Raises:
+        InputError: missing/corrupt file, not 3-D, negative/non-integer/NaN values, grid mismatch.
+    """
+    img = _squeeze_to_3d(_read_any(path, sitk.sitkFloat32), path)
+    arr = sitk.GetArrayViewFromImage(img)
+    check_mask_array(arr, path)
+    if reference is not None:
+        check_same_grid(reference, img, reference_path or "image", path)
+    out = sitk.GetImageFromArray((arr > 0).astype(np.uint8))
+    out.CopyInformation(img)
+    return out
+
+
+def write_image_atomic(img: sitk.Image, path: str | Path) -> Path:
+    """Write ``img`` to ``path`` through a temporary file in the same folder, then rename.
+
+    A reader never sees a half-written file and an interrupted write leaves no partial output.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(p.suffixes[-2:]) if p.name.endswith(".nii.gz") else p.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix, dir=p.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(img, tmp, useCompression=True)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return p
