@@ -1,0 +1,48 @@
+"""`python -m pipeline <command> ...`: the steps that are not a MONAI bundle workflow.
+
+Each command lives in its own module, which exposes ``main(argv) -> int``; this file only
+dispatches, so importing one command never pulls in the others' dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from pipeline.errors import InputError, InputErrors
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "phantom": ("pipeline.data.phantom", "build the synthetic cohort (MNI152 anatomy, class-dependent tumours)"),
+    "validate": ("pipeline.data.datalist", "check every entry of a datalist (JSON or CSV) and report all problems"),
+    "split": ("pipeline.data.splits", "write seeded patient-level splits (ratio or k-fold) to a JSON file"),
+    "prepare": ("pipeline.prepare", "register a whole datalist to the atlas (cached, resumable, QC pictures)"),
+    "experiment": ("pipeline.experiment", "single-task vs multi-task over repeated splits / k-fold"),
+}
+
+
+def _usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "usage: python -m pipeline <command> [options]\n\ncommands:\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to ``<module>.main(rest)``; user errors print one clear message and exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.main(rest) or 0)
+    except (InputError, InputErrors) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

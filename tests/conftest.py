@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny seeded NIfTI volumes written to a temp dir, and the real-data path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+
+def write_volume(path: Path, arr: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                 direction=None) -> Path:
+    """Write a numpy array (z, y, x order as SimpleITK) as a NIfTI file and return its path."""
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    if direction is not None:
+        img.SetDirection(direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def blob_case(rng: np.random.Generator, shape=(24, 24, 24)) -> tuple[np.ndarray, np.ndarray]:
+    """A tiny image with a bright sphere (the 'tumour') on a noisy background, and its mask."""
+    z, y, x = np.indices(shape)
+    c = [rng.integers(8, s - 8) for s in shape]
+    r = rng.uniform(3, 5)
+    mask = ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) <= r * r
+    img = rng.normal(100, 10, shape).astype(np.float32) + 80 * mask
+    return img, mask.astype(np.uint8)
+
+
+@pytest.fixture
+def tiny_cohort(tmp_path: Path) -> Path:
+    """A decathlon-style datalist of 12 tiny cases (3 classes) in ``tmp_path``; returns the JSON path."""
+    import json
+
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(12):
+        img, mask = blob_case(rng)
+        cid = f"c{i:03d}"
+        write_volume(tmp_path / cid / "image.nii.gz", img)
+        write_volume(tmp_path / cid / "mask.nii.gz", mask)
+        entries.append({"id": cid, "image": f"{cid}/image.nii.gz", "label": f"{cid}/mask.nii.gz", "class": i % 3})
+    dl = {"classes": ["BRAF V600E", "BRAF fusion", "other"], "training": entries}
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(dl, indent=1))
+    return path
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """Path to ../shared/data/real; skips the test when it is absent."""
+    if not REAL_DATA.is_dir():
+        pytest.skip("../shared/data/real is absent")
+    return REAL_DATA
