@@ -1,0 +1,251 @@
+"""Datalists: read (JSON decathlon style or CSV), resolve paths, validate every entry at once.
+
+Format (DESIGN.md): ``{"classes": ["BRAF V600E", "BRAF fusion", "other"], "training":
+[{"id": "c001", "image": "c001/flair.nii.gz", "label": "c001/mask.nii.gz", "class": 1}, ...]}``.
+``label`` (mask) and ``class`` are optional per case; ``class`` is an index into ``classes``
+or a class name. A CSV with the columns ``id,image,label,class`` is accepted too (empty cell =
+missing). Relative paths are relative to the datalist's folder.
+
+Classes missing from a case are stored as ``-1`` (``MISSING_CLASS``) and a missing mask as
+``has_label = 0`` so the loss can drop the term of the absent task per sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError, InputErrors
+
+__all__ = [
+    "DEFAULT_CLASSES",
+    "MISSING_CLASS",
+    "Case",
+    "Datalist",
+    "load_datalist",
+    "validate_datalist",
+    "to_monai_dicts",
+    "class_weights",
+    "main",
+]
+
+DEFAULT_CLASSES = ("BRAF V600E", "BRAF fusion", "other")
+MISSING_CLASS = -1
+
+
+@dataclass(frozen=True)
+class Case:
+    """One patient: absolute image path, optional mask path and class index."""
+
+    id: str
+    image: Path
+    label: Path | None = None
+    cls: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Datalist:
+    """A parsed datalist: class names and cases (paths resolved, classes as indices)."""
+
+    path: Path
+    classes: tuple[str, ...]
+    cases: tuple[Case, ...]
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def by_id(self) -> dict[str, Case]:
+        return {c.id: c for c in self.cases}
+
+    def subset(self, ids: list[str]) -> list[Case]:
+        """Cases with these ids, in the given order."""
+        index = self.by_id()
+        missing = [i for i in ids if i not in index]
+        if missing:
+            raise InputError(self.path, f"split refers to ids not in the datalist: {missing[:5]}")
+        return [index[i] for i in ids]
+
+
+def _parse_class(value: Any, classes: tuple[str, ...], where: str, path: Path) -> tuple[int | None, InputError | None]:
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return None, None
+    if isinstance(value, bool):
+        return None, InputError(path, f"{where}: class {value!r} is not an index or a class name")
+    if isinstance(value, int | float) and float(value).is_integer():
+        idx = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        idx = int(value.strip())
+    elif isinstance(value, str):
+        names = {c.lower(): i for i, c in enumerate(classes)}
+        if value.strip().lower() not in names:
+            return None, InputError(path, f"{where}: unknown class name {value!r}; known: {list(classes)}")
+        return names[value.strip().lower()], None
+    else:
+        return None, InputError(path, f"{where}: class {value!r} is not an index or a class name")
+    if idx == MISSING_CLASS:
+        return None, None
+    if not 0 <= idx < len(classes):
+        return None, InputError(path, f"{where}: class index {idx} out of range 0..{len(classes) - 1} ({list(classes)})")
+    return idx, None
+
+
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], tuple[str, ...], dict[str, Any]]:
+    if not path.is_file():
+        raise InputError(path, "datalist not found")
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "image" not in reader.fieldnames:
+                raise InputError(path, f"CSV datalist needs an 'image' column (columns: {reader.fieldnames})")
+            rows = [dict(r) for r in reader]
+        return rows, DEFAULT_CLASSES, {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"not valid JSON: {exc}") from None
+    if isinstance(data, list):
+        data = {"training": data}
+    if not isinstance(data, dict):
+        raise InputError(path, "datalist JSON must be an object with a 'training' list (or a list of cases)")
+    rows = data.get("training", data.get("cases"))
+    if not isinstance(rows, list):
+        raise InputError(path, "datalist JSON has no 'training' list")
+    classes = tuple(data.get("classes") or DEFAULT_CLASSES)
+    if len(set(c.lower() for c in classes)) != len(classes):
+        raise InputError(path, f"duplicate class names in 'classes': {list(classes)}")
+    meta = {k: v for k, v in data.items() if k not in ("training", "cases", "classes")}
+    return rows, classes, meta
+
+
+def load_datalist(path: str | Path, check_files: bool = True) -> Datalist:
+    """Parse a datalist (JSON or CSV) and check every entry; all problems are reported at once.
+
+    Args:
+        path: the datalist file; relative paths inside are relative to its folder.
+        check_files: also check that every image/mask exists (cheap; the contents are checked by
+            :func:`validate_datalist`).
+
+    Returns:
+        The :class:`Datalist`.
+
+    Raises:
+        InputError: the file itself is missing or unreadable.
+        InputErrors: one or more entries are wrong (missing key/file, unknown class, duplicate id).
+    """
+    path = Path(path).resolve()
+    rows, classes, meta = _read_rows(path)
+    root = path.parent
+    errors: list[InputError] = []
+    cases: list[Case] = []
+    seen: Counter[str] = Counter()
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict):
+            errors.append(InputError(path, f"entry {n}: expected an object, got {type(row).__name__}"))
+            continue
+        image = row.get("image")
+        cid = str(row.get("id") or (Path(str(image)).name.split(".")[0] if image else f"#{n}"))
+        where = f"case {cid!r}"
+        seen[cid] += 1
+        if not image:
+            errors.append(InputError(path, f"{where}: no 'image'"))
+            continue
+        img_path = (root / str(image)).resolve()
+        lbl = row.get("label")
+        lbl_path = (root / str(lbl)).resolve() if lbl not in (None, "") else None
+        cls, err = _parse_class(row.get("class"), classes, where, path)
+        if err:
+            errors.append(err)
+        if check_files:
+            if not img_path.exists():
+                errors.append(InputError(img_path, f"{where}: image file not found"))
+            if lbl_path is not None and not lbl_path.exists():
+                errors.append(InputError(lbl_path, f"{where}: mask file not found"))
+        extra = {k: v for k, v in row.items() if k not in ("id", "image", "label", "class")}
+        cases.append(Case(cid, img_path, lbl_path, cls, extra))
+    for cid, k in seen.items():
+        if k > 1:
+            errors.append(InputError(path, f"duplicate id {cid!r} ({k} entries)"))
+    if not rows:
+        errors.append(InputError(path, "datalist has no cases"))
+    if errors:
+        raise InputErrors(errors, header=f"datalist {path}")
+    return Datalist(path, classes, tuple(cases), meta)
+
+
+def validate_datalist(dl: Datalist, check_contents: bool = True) -> None:
+    """Open every image and mask: corrupt/non-3-D files, NaN voxels, bad mask values, mask grid
+    different from its image. Every problem is collected and raised together.
+
+    Raises:
+        InputErrors: listing each bad file and its problem.
+    """
+    from pipeline.imageio import read_mask, read_volume  # SimpleITK import only when needed
+
+    if not check_contents:
+        return
+    errors: list[InputError] = []
+    for case in dl.cases:
+        try:
+            img = read_volume(case.image)
+        except InputError as exc:
+            errors.append(InputError(exc.path, f"case {case.id!r}: {exc.problem}"))
+            continue
+        if case.label is not None:
+            try:
+                read_mask(case.label, reference=img, reference_path=case.image)
+            except InputError as exc:
+                errors.append(InputError(exc.path, f"case {case.id!r}: {exc.problem}"))
+    if errors:
+        raise InputErrors(errors, header=f"datalist {dl.path}")
+
+
+def to_monai_dicts(cases: list[Case] | tuple[Case, ...]) -> list[dict[str, Any]]:
+    """MONAI dataset items: ``image``/``label`` paths, ``class`` (-1 when missing), ``has_label``.
+
+    Cases without a mask get ``label = image`` as a placeholder so one transform chain serves
+    both: :class:`pipeline.data.missing_labels.FillMissingMaskd` zeroes it after loading, and
+    ``has_label = 0`` removes it from the loss and the metrics.
+    """
+    out = []
+    for c in cases:
+        out.append({
+            "id": c.id,
+            "image": str(c.image),
+            "label": str(c.label if c.label is not None else c.image),
+            "class": MISSING_CLASS if c.cls is None else int(c.cls),
+            "has_label": 0 if c.label is None else 1,
+            "has_class": 0 if c.cls is None else 1,
+        })
+    return out
+
+
+def class_weights(cases: list[Case] | tuple[Case, ...], num_classes: int) -> list[float]:
+    """Inverse-frequency class weights from the cases that have a class, normalised to mean 1.
+
+    Classes absent from ``cases`` get weight 1 (they cannot be weighted from data).
+    """
+    counts = Counter(c.cls for c in cases if c.cls is not None)
+    total = sum(counts.values())
+    if total == 0:
+        return [1.0] * num_classes
+    raw = [total / (num_classes * counts[k]) if counts[k] else 1.0 for k in range(num_classes)]
+    mean = sum(raw) / num_classes
+    return [r / mean for r in raw]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline validate DATALIST``: check a datalist and every file it names."""
+    p = argparse.ArgumentParser(prog="python -m pipeline validate", description=main.__doc__)
+    p.add_argument("datalist", help="datalist JSON or CSV")
+    p.add_argument("--no-contents", action="store_true", help="only check that files exist")
+    a = p.parse_args(argv)
+    dl = load_datalist(a.datalist)
+    validate_datalist(dl, check_contents=not a.no_contents)
+    n_lbl = sum(c.label is not None for c in dl.cases)
+    n_cls = Counter(dl.classes[c.cls] for c in dl.cases if c.cls is not None)
+    print(f"{dl.path}: {len(dl.cases)} cases OK; {n_lbl} with mask; classes {dict(n_cls)}")
+    return 0

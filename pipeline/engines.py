@@ -1,0 +1,202 @@
+"""Plumbing that lets MONAI's stock ``SupervisedTrainer`` / ``SupervisedEvaluator`` (Ignite)
+train and evaluate a network with two outputs.
+
+MONAI's engines already do AMP, gradient scaling, accumulation, events and handlers; what
+they lack for multi-task learning is small and lives here:
+
+- :class:`MultiTaskPrepareBatch`: image -> inputs; mask, class and the has-label flags -> a
+  target dict (so the loss can drop the term of a missing task per sample).
+- :class:`MultiTaskInferer`: whole-volume prediction (sliding window + tumour-centred
+  classification, :mod:`pipeline.predict`) as a MONAI ``Inferer`` for the evaluator.
+- :class:`LossTermsHandler`: puts the loss components and the learning rate into each
+  iteration's output so Stats/TensorBoard handlers log them.
+- :class:`ClassificationMetrics`: accuracy, balanced accuracy and macro one-vs-rest AUC
+  (MONAI ``compute_roc_auc``) over the cases that have a class.
+- output transforms for the metric handlers, and checkpoint helpers for resuming.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+from ignite.exceptions import NotComputableError
+from ignite.metrics import Metric
+from monai.engines.utils import IterationEvents, PrepareBatch
+from monai.inferers import Inferer
+from monai.metrics import compute_roc_auc
+
+from pipeline.predict import PredictConfig, predict_volume
+
+__all__ = [
+    "MultiTaskPrepareBatch",
+    "MultiTaskInferer",
+    "LossTermsHandler",
+    "ClassificationMetrics",
+    "balanced_accuracy",
+    "labelled_seg",
+    "labelled_cls",
+    "loss_output",
+    "latest_checkpoint",
+    "checkpoint_objects",
+]
+
+TARGET_KEYS = ("label", "class", "has_label", "has_class")
+
+
+class MultiTaskPrepareBatch(PrepareBatch):
+    """Batch dict -> ``(image, {"label", "class", "has_label", "has_class"})`` on ``device``.
+
+    Missing keys get defaults: every mask present, class ``-1`` (unknown).
+    """
+
+    def __call__(self, batchdata: dict[str, Any], device: str | torch.device | None = None,
+                 non_blocking: bool = False, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image = batchdata["image"].to(device=device, non_blocking=non_blocking, **kwargs)
+        b = image.shape[0]
+        label = batchdata.get("label")
+        target = {
+            "label": (label if label is not None else torch.zeros_like(image)).to(device=device, non_blocking=non_blocking),
+            "class": torch.as_tensor(batchdata.get("class", [-1] * b)).long().view(-1).to(device),
+            "has_label": torch.as_tensor(batchdata.get("has_label", [1] * b)).view(-1).to(device),
+            "has_class": torch.as_tensor(batchdata.get("has_class", [1] * b)).view(-1).to(device),
+        }
+        return image, target
+
+
+class MultiTaskInferer(Inferer):
+    """Whole-volume inferer: returns ``{"seg": (B, 1, H, W, D) probabilities, "cls": (B, K) | None}``.
+
+    Args: the fields of :class:`pipeline.predict.PredictConfig`.
+    """
+
+    def __init__(self, roi_size: Sequence[int], sw_batch_size: int = 1, overlap: float = 0.25,
+                 mode: str = "gaussian", classify: str = "patch", threshold: float = 0.5,
+                 tta_flips: Sequence[Sequence[int]] | None = None, amp: bool = False) -> None:
+        super().__init__()
+        self.cfg = PredictConfig(roi_size, sw_batch_size, overlap, mode, classify, threshold, tta_flips, amp)
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> dict:
+        seg, cls = predict_volume(network, inputs, self.cfg)
+        return {"seg": seg, "cls": cls}
+
+
+class LossTermsHandler:
+    """After each loss computation, copy the loss components and the learning rate into
+    ``engine.state.output`` (keys ``loss_seg``, ``loss_cls``, ``lr``) for the logging handlers."""
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        terms = getattr(engine.loss_function, "last_terms", {})
+        out = engine.state.output
+        for key in ("seg", "cls"):
+            if key in terms:
+                out[f"loss_{key}"] = float(terms[key])
+        out["lr"] = float(engine.optimizer.param_groups[0]["lr"])
+
+
+def loss_output(output: dict) -> dict[str, float]:
+    """Trainer output -> scalars to log: total loss, each component (when computed), lr."""
+    logged = {"loss": float(output["loss"])}
+    for key in ("loss_seg", "loss_cls", "lr"):
+        value = output.get(key)
+        if value is not None and value == value:  # skip NaN (no sample for that task in the batch)
+            logged[key] = float(value)
+    return logged
+
+
+def labelled_seg(threshold: float = 0.5) -> Callable[[dict], tuple[torch.Tensor, torch.Tensor]]:
+    """Output transform for ``MeanDice``: thresholded prediction and mask of the cases with a mask."""
+
+    def transform(output: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        target = output["label"]
+        keep = target["has_label"].bool()
+        return (output["pred"]["seg"][keep] >= threshold).float(), (target["label"][keep] > 0).float()
+
+    return transform
+
+
+def labelled_cls(output: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output transform for :class:`ClassificationMetrics`: class probabilities and classes."""
+    probs = output["pred"]["cls"]
+    cls = output["label"]["class"]
+    if probs is None:
+        return torch.zeros((0, 1)), torch.zeros(0, dtype=torch.long)
+    keep = output["label"]["has_class"].bool() & (cls >= 0)
+    return probs[keep].float(), cls[keep].long()
+
+
+def balanced_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """Mean per-class recall over the classes present in ``target`` (sklearn's definition)."""
+    recalls = [float((pred[target == k] == k).float().mean()) for k in range(num_classes) if (target == k).any()]
+    return sum(recalls) / len(recalls)
+
+
+class ClassificationMetrics(Metric):
+    """Accuracy, balanced accuracy and macro one-vs-rest ROC AUC of a classifier (Ignite metric).
+
+    Attached under any name, it writes ``accuracy``, ``balanced_accuracy`` and ``auc`` (prefixed
+    by ``prefix``) into ``engine.state.metrics``. AUC is ``nan`` when fewer than two classes are
+    present. Cases without a class are excluded by the output transform (:func:`labelled_cls`).
+    """
+
+    def __init__(self, num_classes: int, prefix: str = "", output_transform: Callable = labelled_cls,
+                 device: str | torch.device = "cpu") -> None:
+        self.num_classes = num_classes
+        self.prefix = prefix
+        super().__init__(output_transform=output_transform, device=device)
+
+    def reset(self) -> None:
+        self._probs: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
+
+    def update(self, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        probs, target = output
+        if probs.numel() and probs.shape[-1] == self.num_classes:
+            self._probs.append(probs.detach().cpu())
+            self._targets.append(target.detach().cpu())
+
+    def compute(self) -> dict[str, float]:
+        if not self._probs:
+            raise NotComputableError("ClassificationMetrics needs at least one case with a class")
+        probs = torch.cat(self._probs)
+        target = torch.cat(self._targets)
+        pred = probs.argmax(1)
+        onehot = torch.nn.functional.one_hot(target, self.num_classes)
+        present = onehot.sum(0) > 0
+        auc = float(compute_roc_auc(probs[:, present], onehot[:, present], average="macro")) \
+            if int(present.sum()) >= 2 else float("nan")
+        p = self.prefix
+        return {
+            f"{p}accuracy": float((pred == target).float().mean()),
+            f"{p}balanced_accuracy": balanced_accuracy(pred, target, self.num_classes),
+            f"{p}auc": auc,
+        }
+
+
+_EPOCH_RE = re.compile(r"epoch=(\d+)")
+
+
+def latest_checkpoint(ckpt_dir: str | Path, prefix: str = "checkpoint") -> str | None:
+    """Path of the newest ``<prefix>_epoch=N.pt`` in ``ckpt_dir`` (highest N), or ``None``."""
+    d = Path(ckpt_dir)
+    found = [(int(m.group(1)), p) for p in d.glob(f"{prefix}*.pt") if (m := _EPOCH_RE.search(p.name))]
+    return str(max(found)[1]) if found else None
+
+
+def checkpoint_objects(trainer: Engine, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       lr_scheduler: Any = None) -> dict[str, Any]:
+    """What a resumable checkpoint holds: network, optimizer, scheduler, AMP grad scaler (when
+    AMP is on) and the trainer's state (epoch, iteration)."""
+    objs: dict[str, Any] = {"network": network, "optimizer": optimizer, "trainer": trainer}
+    if lr_scheduler is not None:
+        objs["lr_scheduler"] = lr_scheduler
+    if getattr(trainer, "scaler", None) is not None:
+        objs["scaler"] = trainer.scaler
+    return objs

@@ -1,0 +1,99 @@
+"""MultiTaskLoss: the study's ``L = L_seg + w * L_cls`` with per-sample masking of missing labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from torch import nn
+
+__all__ = ["MultiTaskLoss"]
+
+
+class MultiTaskLoss(nn.Module):
+    """Soft Dice (squared denominators, sigmoid, over the batch) + ``w`` x class-weighted CE.
+
+    ``L_seg = 1 - 2 sum(p g) / (sum(p^2) + sum(g^2) + eps)`` over every voxel of every sample
+    that has a mask (MONAI ``DiceLoss(sigmoid=True, squared_pred=True, batch=True)``), and
+    ``L_cls`` = cross-entropy weighted by class (``weight[c] * CE``, normalised by the summed
+    weights as in ``torch.nn.CrossEntropyLoss``) over the samples that have a class. A sample
+    without a mask adds no segmentation term, one without a class no classification term; a
+    batch with neither gives a zero loss that still back-propagates (zero gradients).
+
+    Args:
+        cls_weight: ``w`` (study: 0.3). ``0`` or a network without a head: segmentation only.
+        class_weights: per-class CE weights (e.g. inverse training frequencies from
+            :func:`pipeline.data.datalist.class_weights`); ``None`` = uniform.
+        eps: denominator smoothing of the Dice term.
+
+    :meth:`compute` takes the tensors explicitly; :meth:`forward` is the MONAI-engine adapter
+    (``loss(pred, target)`` with the network's output tuple and the target dict from
+    :class:`pipeline.engines.MultiTaskPrepareBatch`) and returns the total, keeping the
+    components of the last call in ``last_terms`` for logging.
+
+    Returns (compute):
+        dict with ``loss`` (total, scalar tensor), ``seg`` and ``cls`` (detached components,
+        ``nan`` when the batch has no sample for that task) and ``n_seg`` / ``n_cls``.
+
+    Example:
+        >>> loss = MultiTaskLoss(cls_weight=0.3, class_weights=[1.0, 2.0, 1.0])
+        >>> out = loss.compute(seg_logits, cls_logits, masks, classes, has_label, has_class)
+        >>> out["loss"].backward()
+    """
+
+    def __init__(self, cls_weight: float = 0.3, class_weights: Sequence[float] | torch.Tensor | None = None,
+                 eps: float = 1e-5) -> None:
+        super().__init__()
+        self.cls_weight = float(cls_weight)
+        self.dice = DiceLoss(sigmoid=True, squared_pred=True, batch=True, smooth_nr=0.0, smooth_dr=eps)
+        w = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        self.register_buffer("class_weights", w, persistent=False)
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def forward(self, pred: tuple | list, target: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Engine adapter: ``pred = (seg_logits, class_logits | None, ...)``, ``target`` with keys
+        ``label``, ``class``, ``has_label``, ``has_class``. Returns the total loss."""
+        terms = self.compute(pred[0], pred[1], target["label"], target["class"],
+                             target.get("has_label"), target.get("has_class"))
+        self.last_terms = terms
+        return terms["loss"]
+
+    def compute(
+        self,
+        seg_logits: torch.Tensor,
+        cls_logits: torch.Tensor | None,
+        mask: torch.Tensor,
+        cls: torch.Tensor,
+        has_label: torch.Tensor | None = None,
+        has_class: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Args: ``seg_logits`` / ``mask`` ``(B, 1, H, W, D)``; ``cls_logits`` ``(B, K)`` or None;
+        ``cls`` ``(B,)`` int (``-1`` = unknown); ``has_label`` / ``has_class`` ``(B,)`` 0/1
+        (default: every mask present; class present where ``cls >= 0``)."""
+        b = seg_logits.shape[0]
+        dev = seg_logits.device
+        has_label = torch.ones(b, dtype=torch.bool, device=dev) if has_label is None else has_label.to(dev).bool().view(-1)
+        cls = cls.to(dev).long().view(-1)
+        has_class = (cls >= 0) if has_class is None else (has_class.to(dev).bool().view(-1) & (cls >= 0))
+        zero = seg_logits.float().sum() * 0.0  # keeps the graph: a valid loss with zero gradients
+
+        n_seg = int(has_label.sum())
+        seg = self.dice(seg_logits[has_label].float(), (mask[has_label] > 0).float()) if n_seg else zero
+
+        n_cls = int(has_class.sum()) if cls_logits is not None and self.cls_weight > 0 else 0
+        if n_cls:
+            weight = None if self.class_weights is None else self.class_weights.to(dev)
+            ce = F.cross_entropy(cls_logits[has_class].float(), cls[has_class], weight=weight)
+        else:
+            ce = zero
+        total = seg + self.cls_weight * ce
+        nan = torch.tensor(float("nan"), device=dev)
+        return {
+            "loss": total,
+            "seg": seg.detach() if n_seg else nan,
+            "cls": ce.detach() if n_cls else nan,
+            "n_seg": torch.tensor(n_seg),
+            "n_cls": torch.tensor(n_cls),
+        }

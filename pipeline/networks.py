@@ -1,0 +1,107 @@
+"""MultiTaskSegResNet: MONAI's SegResNet with a classification head on its bottleneck.
+
+The encoder and decoder are MONAI's own (``SegResNet.encode`` / ``SegResNet.decode``); this
+module only adds the fully connected branch of the reference study (shared encoder,
+multi-task learning) and returns all outputs in one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets import SegResNet
+from torch import nn
+
+__all__ = ["MultiTaskSegResNet", "SegmentationOutput"]
+
+
+class MultiTaskSegResNet(SegResNet):
+    """3-D U-Net with ResNet blocks (Myronenko 2018) + a bottleneck classifier.
+
+    Segmentation path: exactly :class:`monai.networks.nets.SegResNet` (``init_filters`` at the
+    top level, each of the ``len(blocks_down)`` levels halves the size and doubles the filters).
+    Classification path: global average pooling of the bottleneck (``init_filters * 2**(L-1)``
+    channels) -> ``Linear -> ReLU -> Dropout`` per hidden layer -> ``Linear(num_classes)``.
+
+    Args:
+        spatial_dims: 3 (2 works too).
+        in_channels: image channels (1: FLAIR).
+        out_channels: segmentation channels (1: whole tumour, sigmoid).
+        num_classes: classes of the genetic marker; ``0`` switches the head off (single-task).
+        init_filters: filters of the first level (study: 32).
+        blocks_down / blocks_up: residual blocks per encoder / decoder level.
+        cls_hidden: sizes of the hidden fully connected layers of the head.
+        cls_dropout: dropout before each hidden layer's output.
+        dropout_prob: SegResNet's dropout after the first convolution.
+        norm: SegResNet normalisation (group norm by default).
+
+    Forward:
+        ``x``: ``(B, in_channels, H, W, D)``, each spatial size divisible by ``2**(L-1)``.
+
+        Returns ``(seg_logits, class_logits, embedding)``: ``(B, out_channels, H, W, D)``,
+        ``(B, num_classes)`` or ``None`` when the head is off, and ``(B, C_bottleneck)`` (the
+        pooled bottleneck, used for retrieval of similar cases).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        num_classes: int = 3,
+        init_filters: int = 32,
+        blocks_down: Sequence[int] = (1, 2, 2, 4),
+        blocks_up: Sequence[int] = (1, 1, 1),
+        cls_hidden: Sequence[int] = (128,),
+        cls_dropout: float = 0.3,
+        dropout_prob: float | None = None,
+        norm: tuple | str = ("GROUP", {"num_groups": 8}),
+    ) -> None:
+        super().__init__(
+            spatial_dims=spatial_dims,
+            init_filters=init_filters,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            dropout_prob=dropout_prob,
+            norm=norm,
+            blocks_down=tuple(blocks_down),
+            blocks_up=tuple(blocks_up),
+        )
+        self.num_classes = int(num_classes)
+        self.embedding_dim = init_filters * 2 ** (len(blocks_down) - 1)
+        self.pool = nn.AdaptiveAvgPool3d(1) if spatial_dims == 3 else nn.AdaptiveAvgPool2d(1)
+        self.classifier = self._make_classifier(list(cls_hidden), cls_dropout) if self.num_classes > 0 else None
+
+    def _make_classifier(self, hidden: list[int], dropout: float) -> nn.Sequential:
+        layers: list[nn.Module] = []
+        width = self.embedding_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, self.num_classes))
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:  # type: ignore[override]
+        bottleneck, down_x = self.encode(x)
+        down_x.reverse()
+        seg = self.decode(bottleneck, down_x)
+        embedding = torch.flatten(self.pool(bottleneck), 1)
+        logits = self.classifier(embedding) if self.classifier is not None else None
+        return seg, logits, embedding
+
+
+class SegmentationOutput(nn.Module):
+    """Wraps a multi-task network so it returns only the segmentation logits.
+
+    ``sliding_window_inference`` stitches spatial outputs only; the class logits are computed
+    separately on a tumour-centred patch (see :mod:`pipeline.predict`).
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.network(x)
+        return out[0] if isinstance(out, tuple | list) else out
