@@ -23,6 +23,7 @@ __all__ = [
     "check_mask_array",
     "check_same_grid",
     "write_image_atomic",
+    "write_text_atomic",
     "is_dicom_dir",
 ]
 
@@ -157,6 +158,22 @@ def write_image_atomic(img: sitk.Image, path: str | Path) -> Path:
     os.close(fd)
     try:
         sitk.WriteImage(img, tmp, useCompression=True)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return p
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write text through a temporary file in the same folder, then rename (never half-written)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

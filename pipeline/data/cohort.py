@@ -1,0 +1,117 @@
+"""From a datalist to the MONAI dataset items a bundle run needs (one call from the config).
+
+``load_cohort`` validates every entry and file before anything trains (all problems reported
+together), makes or re-reads the seeded patient split (saved in the run's output folder so a
+resumed or repeated run uses the same patients), computes the training-set class weights,
+and writes the atlas brain mask next to the run's cache so the transform chain can load it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+
+from pipeline.data.datalist import class_weights, load_datalist, to_monai_dicts, validate_datalist
+from pipeline.data.splits import load_splits, ratio_split, save_splits
+from pipeline.errors import InputError
+
+__all__ = ["Cohort", "load_cohort", "atlas_brain_mask_file"]
+
+
+@dataclass
+class Cohort:
+    """Dataset items of one split, ready for ``monai.data.Dataset`` (``cohort.train`` ...)."""
+
+    classes: list[str]
+    train: list[dict[str, Any]]
+    val: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    class_weights: list[float]
+    split_file: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def atlas_brain_mask_file(atlas_path: str | None, atlas_mask: str | None, spacing: float | None,
+                          cache_dir: str | Path, dilate_mm: float = 4.0) -> str:
+    """Write (once) the atlas brain mask, dilated by ``dilate_mm``, as NIfTI in ``cache_dir``.
+
+    The chain multiplies each registered image by it (skull and background removed, tumours at
+    the brain surface kept by the margin) before z-scoring inside it.
+    """
+    from pipeline.atlas import load_atlas
+
+    atlas = load_atlas(atlas_path, atlas_mask, spacing)
+    path = Path(cache_dir) / f"atlas_{atlas.name}_{atlas.fingerprint()}_brain{dilate_mm:g}mm.nii.gz"
+    if not path.exists():
+        from pipeline.imageio import write_image_atomic
+
+        radius = [max(1, round(dilate_mm / s)) for s in atlas.brain_mask.GetSpacing()]
+        mask = sitk.BinaryDilate(atlas.brain_mask > 0, radius) if dilate_mm > 0 else atlas.brain_mask > 0
+        write_image_atomic(sitk.Cast(mask, sitk.sitkUInt8), path)
+    return str(path)
+
+
+def load_cohort(
+    datalist: str | Path,
+    output_dir: str | Path,
+    split_file: str | Path | None = None,
+    split_index: int = 0,
+    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+    validate: bool = True,
+    brain_mask: str | None = None,
+) -> Cohort:
+    """Validate a datalist and return the items of one train/val/test split.
+
+    Args:
+        datalist: JSON or CSV datalist (see :mod:`pipeline.data.datalist`).
+        output_dir: the run's folder; the split is saved there as ``split.json`` (and re-read
+            from there when the run resumes).
+        split_file: an existing split file (e.g. from ``python -m pipeline split`` or the
+            experiment runner); ``None`` = use ``output_dir/split.json`` or make one.
+        split_index: which split of the file (repeat / fold).
+        ratios, seed: how a new split is made.
+        validate: open every image/mask and check it (NaN, 3-D, mask grid/values).
+        brain_mask: path added to every item as ``brain`` (see :func:`atlas_brain_mask_file`).
+
+    Raises:
+        InputError / InputErrors: bad datalist, files or split.
+    """
+    if not datalist:
+        raise InputError(None, "no datalist given: pass --datalist PATH (JSON or CSV)")
+    dl = load_datalist(datalist)
+    if validate:
+        validate_datalist(dl)
+    own = Path(output_dir) / "split.json"
+    source = Path(split_file) if split_file else own
+    if source.exists():
+        splits = load_splits(source)
+        if not 0 <= split_index < len(splits):
+            raise InputError(source, f"split_index {split_index} out of range (file has {len(splits)} splits)")
+        split = splits[split_index]
+    else:
+        split = {"name": f"seed{seed}", **ratio_split(dl.cases, ratios, seed)}
+        save_splits(own, [split], kind="ratio", ratios=list(ratios), seed=seed, datalist=str(dl.path))
+        source = own
+    parts = {k: to_monai_dicts(dl.subset(split[k])) for k in ("train", "val", "test")}
+    if brain_mask:
+        for items in parts.values():
+            for item in items:
+                item["brain"] = brain_mask
+    train_cases = dl.subset(split["train"])
+    return Cohort(
+        classes=list(dl.classes),
+        train=parts["train"],
+        val=parts["val"],
+        test=parts["test"],
+        class_weights=class_weights(train_cases, len(dl.classes)),
+        split_file=str(source),
+        info={"split": split.get("name"), "datalist": str(dl.path)},
+    )
