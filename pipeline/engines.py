@@ -26,6 +26,7 @@ import torch
 from ignite.engine import Engine
 from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
+from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.inferers import Inferer
 from monai.metrics import compute_roc_auc
@@ -50,6 +51,11 @@ __all__ = [
 TARGET_KEYS = ("label", "class", "has_label", "has_class")
 
 
+def _plain(x: Any) -> Any:
+    """MetaTensor -> torch.Tensor (other values unchanged)."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+
 class MultiTaskPrepareBatch(PrepareBatch):
     """Batch dict -> ``(image, {"label", "class", "has_label", "has_class"})`` on ``device``.
 
@@ -58,9 +64,11 @@ class MultiTaskPrepareBatch(PrepareBatch):
 
     def __call__(self, batchdata: dict[str, Any], device: str | torch.device | None = None,
                  non_blocking: bool = False, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        image = batchdata["image"].to(device=device, non_blocking=non_blocking, **kwargs)
+        # Plain tensors: MONAI's MetaTensor dispatch makes every network op several times slower
+        # (measured 10-20 s vs 2.4 s per demo training step on CPU) and the engines need no metadata.
+        image = _plain(batchdata["image"]).to(device=device, non_blocking=non_blocking, **kwargs)
         b = image.shape[0]
-        label = batchdata.get("label")
+        label = _plain(batchdata.get("label"))
         target = {
             "label": (label if label is not None else torch.zeros_like(image)).to(device=device, non_blocking=non_blocking),
             "class": torch.as_tensor(batchdata.get("class", [-1] * b)).long().view(-1).to(device),

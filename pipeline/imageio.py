@@ -124,8 +124,23 @@ def read_volume(path: str | Path, check: bool = True) -> sitk.Image:
     """
     img = _squeeze_to_3d(_read_any(path, sitk.sitkFloat32), path)
     if check:
+        _check_nifti_finite(path)
         check_volume_array(sitk.GetArrayViewFromImage(img), path)
     return img
+
+
+def _check_nifti_finite(path: str | Path) -> None:
+    """SimpleITK's NIfTI reader silently turns NaN voxels into 0, so a NaN-corrupted file would
+    pass unnoticed; read the raw voxels with nibabel to catch them."""
+    p = Path(path)
+    if not p.is_file() or not p.name.lower().endswith(NIFTI_SUFFIXES):
+        return
+    import nibabel as nib
+
+    data = np.asanyarray(nib.load(str(p)).dataobj)
+    if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
+        n = int((~np.isfinite(data)).sum())
+        raise InputError(p, f"{n} voxel(s) are NaN or infinite")
 
 
 def read_mask(path: str | Path, reference: sitk.Image | None = None, reference_path: str | Path | None = None) -> sitk.Image:
@@ -158,6 +173,7 @@ def write_image_atomic(img: sitk.Image, path: str | Path) -> Path:
     os.close(fd)
     try:
         sitk.WriteImage(img, tmp, useCompression=True)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs should be readable like any written file
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
@@ -174,6 +190,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

@@ -394,24 +394,38 @@ def _centre(mask: sitk.Image) -> tuple[float, float, float]:
     return tuple(stats.GetCentroid(1))  # type: ignore[return-value]
 
 
-def _initial_transform(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image, moving_mask: sitk.Image,
+def _rotation_starts(angles: tuple[float, ...]) -> list[tuple[float, float, float]]:
+    """Identity plus each non-zero angle (degrees) about each axis alone: 1 + 6 starts for (-20, 0, 20)."""
+    starts = [(0.0, 0.0, 0.0)]
+    for a in angles:
+        if a:
+            starts += [(a, 0.0, 0.0), (0.0, a, 0.0), (0.0, 0.0, a)]
+    return starts
+
+
+def _initial_transform(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image, moving_brain: sitk.Image,
                        settings: RegistrationSettings) -> sitk.Transform:
-    """Align brain centroids, then keep the best-scoring start among the initial rotations."""
+    """Align brain centroids, try each start rotation with a short coarse rigid fit, keep the best.
+
+    Every start is optimised at the coarsest pyramid level only (a few dozen iterations), so a
+    start in the wrong basin is not chosen on its raw metric value alone.
+    """
     c_fixed = _centre(fixed_mask)
-    c_moving = _centre(moving_mask)
-    reg = _registration_method(settings, fixed_mask, moving_mask)
+    shift = tuple(np.subtract(_centre(moving_brain), c_fixed))
+    coarse = RegistrationSettings(**{**asdict(settings), "shrink_factors": settings.shrink_factors[:1],
+                                     "smoothing_sigmas": settings.smoothing_sigmas[:1],
+                                     "iterations": min(settings.iterations, 40)})
     best, best_value = None, math.inf
-    angles = settings.initial_rotations or (0.0,)
-    for ax in angles:
-        for az in angles:
-            tx = sitk.Euler3DTransform()
-            tx.SetCenter(c_fixed)
-            tx.SetRotation(math.radians(ax), 0.0, math.radians(az))
-            tx.SetTranslation(tuple(np.subtract(c_moving, c_fixed)))
-            reg.SetInitialTransform(tx, inPlace=False)
-            value = reg.MetricEvaluate(fixed, moving)
-            if value < best_value:
-                best, best_value = tx, value
+    for angles in _rotation_starts(settings.initial_rotations):
+        tx = sitk.Euler3DTransform()
+        tx.SetCenter(c_fixed)
+        tx.SetRotation(*(math.radians(a) for a in angles))
+        tx.SetTranslation(shift)
+        reg = _registration_method(coarse, fixed_mask, None)
+        reg.SetInitialTransform(tx, inPlace=True)
+        reg.Execute(fixed, moving)
+        if reg.GetMetricValue() < best_value:
+            best, best_value = tx, reg.GetMetricValue()
     return best
 
 
@@ -449,7 +463,7 @@ def register_to_atlas(moving: sitk.Image, atlas: Atlas, settings: RegistrationSe
     moving_n = _normalise(moving, head, s.clip_percentiles)
     brain = _moving_brain(native, moving_n, head, s)
     masked = sitk.Mask(moving_n, brain)
-    start = _initial_transform(fixed, fixed_brain, masked, brain, s)
+    start = _initial_transform(fixed, fixed_mask, masked, brain, s)
     transform = _run_stages(fixed, fixed_mask, masked, None, start, s.stages, s)
     for _ in range(s.refine_passes):
         back = map_to_native(fixed_brain, transform, moving, is_mask=True)  # on the working grid

@@ -30,7 +30,7 @@ def blob_case(rng: np.random.Generator, shape=(24, 24, 24)) -> tuple[np.ndarray,
     c = [rng.integers(8, s - 8) for s in shape]
     r = rng.uniform(3, 5)
     mask = ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) <= r * r
-    img = rng.normal(100, 10, shape).astype(np.float32) + 80 * mask
+    img = (rng.normal(100, 10, shape) + 80 * mask).astype(np.float32)
     return img, mask.astype(np.uint8)
 
 

@@ -108,7 +108,7 @@ class PhantomConfig:
         margin_mm: margin of the native field of view around the head.
     """
 
-    region_prior: tuple[tuple[float, ...], ...] = ((0.7, 0.1, 0.2), (0.1, 0.7, 0.2), (0.2, 0.1, 0.7))
+    region_prior: tuple[tuple[float, ...], ...] = ((0.8, 0.05, 0.15), (0.05, 0.8, 0.15), (0.1, 0.1, 0.8))
     appearance_prior: tuple[tuple[float, ...], ...] = ((0.75, 0.25), (0.3, 0.7), (0.85, 0.15))
     skull_fraction: float = 0.5
     volume_ml: tuple[float, float] = (10.0, 60.0)

@@ -1,0 +1,118 @@
+"""Datalist reading and validation: every problem reported at once, naming the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.data.datalist import class_weights, load_datalist, to_monai_dicts, validate_datalist
+from pipeline.errors import InputError, InputErrors
+from tests.conftest import blob_case, write_volume
+
+
+def _write(tmp_path: Path, entries: list, classes=("BRAF V600E", "BRAF fusion", "other")) -> Path:
+    p = tmp_path / "datalist.json"
+    p.write_text(json.dumps({"classes": list(classes), "training": entries}))
+    return p
+
+
+def test_reads_json_with_optional_label_and_class(tiny_cohort):
+    data = json.loads(tiny_cohort.read_text())
+    data["training"][0].pop("label")
+    data["training"][1].pop("class")
+    data["training"][2]["class"] = "braf FUSION"  # names are case-insensitive
+    tiny_cohort.write_text(json.dumps(data))
+    dl = load_datalist(tiny_cohort)
+    assert len(dl.cases) == 12
+    assert dl.cases[0].label is None and dl.cases[1].cls is None and dl.cases[2].cls == 1
+    assert dl.cases[3].image == (tiny_cohort.parent / "c003/image.nii.gz").resolve()
+    items = to_monai_dicts(dl.cases)
+    assert items[0]["has_label"] == 0 and items[0]["label"] == items[0]["image"]
+    assert items[1]["class"] == -1 and items[1]["has_class"] == 0
+
+
+def test_reads_csv(tiny_cohort):
+    csv = tiny_cohort.parent / "datalist.csv"
+    csv.write_text("id,image,label,class\nc000,c000/image.nii.gz,c000/mask.nii.gz,other\nc001,c001/image.nii.gz,,\n")
+    dl = load_datalist(csv)
+    assert [c.id for c in dl.cases] == ["c000", "c001"]
+    assert dl.cases[0].cls == 2 and dl.cases[1].label is None and dl.cases[1].cls is None
+
+
+def test_all_entry_problems_reported_together(tiny_cohort):
+    data = json.loads(tiny_cohort.read_text())
+    data["training"][0]["image"] = "nope/missing.nii.gz"
+    data["training"][1]["class"] = "BRAF V601X"
+    data["training"][2]["class"] = 7
+    data["training"][3]["id"] = "c004"  # duplicate of the next case
+    tiny_cohort.write_text(json.dumps(data))
+    with pytest.raises(InputErrors) as err:
+        load_datalist(tiny_cohort)
+    msg = str(err.value)
+    assert len(err.value.errors) == 4
+    assert "missing.nii.gz" in msg and "image file not found" in msg
+    assert "unknown class name 'BRAF V601X'" in msg
+    assert "class index 7 out of range" in msg
+    assert "duplicate id 'c004'" in msg
+
+
+def test_missing_datalist_file(tmp_path):
+    with pytest.raises(InputError, match="datalist not found"):
+        load_datalist(tmp_path / "none.json")
+
+
+@pytest.mark.parametrize(
+    "problem, expected",
+    [
+        ("nan", "NaN"),
+        ("2d", "2-D"),
+        ("corrupt", "cannot be read"),
+        ("mask_shape", "mask shape"),
+        ("mask_negative", "negative"),
+        ("mask_fraction", "non-integer"),
+    ],
+)
+def test_content_problems_name_the_file(tmp_path, problem, expected):
+    rng = np.random.default_rng(1)
+    img, mask = blob_case(rng, (20, 20, 20))
+    img_path, mask_path = tmp_path / "a" / "image.nii.gz", tmp_path / "a" / "mask.nii.gz"
+    if problem == "nan":
+        img[3, 3, 3] = np.nan
+    write_volume(img_path, img[:, :, :1] if problem == "2d" else img)
+    if problem == "corrupt":
+        img_path.write_bytes(b"\x1f\x8b this is not a nifti")
+    m = mask.astype(np.float32)
+    if problem == "mask_shape":
+        m = m[:-2]
+    elif problem == "mask_negative":
+        m[0, 0, 0] = -1
+    elif problem == "mask_fraction":
+        m[0, 0, 0] = 0.5
+    write_volume(mask_path, m)
+    dl = load_datalist(_write(tmp_path, [{"id": "a", "image": "a/image.nii.gz", "label": "a/mask.nii.gz", "class": 0}]))
+    with pytest.raises(InputErrors) as err:
+        validate_datalist(dl)
+    msg = str(err.value)
+    assert expected in msg
+    bad = mask_path if problem.startswith("mask") else img_path
+    assert str(bad.resolve()) in msg and "case 'a'" in msg
+
+
+def test_multilabel_masks_are_fine(tmp_path):
+    rng = np.random.default_rng(2)
+    img, mask = blob_case(rng, (20, 20, 20))
+    write_volume(tmp_path / "b/image.nii.gz", img)
+    write_volume(tmp_path / "b/mask.nii.gz", (mask * 4).astype(np.uint8))  # BraTS-style label 4
+    dl = load_datalist(_write(tmp_path, [{"id": "b", "image": "b/image.nii.gz", "label": "b/mask.nii.gz"}]))
+    validate_datalist(dl)
+
+
+def test_class_weights_inverse_frequency(tiny_cohort):
+    dl = load_datalist(tiny_cohort)
+    cases = [c for c in dl.cases if c.cls != 2] + [c for c in dl.cases if c.cls == 2][:1]  # 4, 4, 1
+    w = class_weights(cases, 3)
+    assert w[2] == pytest.approx(4 * w[0]) and w[0] == pytest.approx(w[1])
+    assert np.mean(w) == pytest.approx(1.0)

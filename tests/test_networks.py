@@ -1,0 +1,78 @@
+"""MultiTaskSegResNet: output shapes in both modes, identical segmentation path, paper structure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.networks.nets import SegResNet
+
+from pipeline.networks import MultiTaskSegResNet, SegmentationOutput
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("num_classes", [3, 0])
+def test_output_shapes(num_classes):
+    net = MultiTaskSegResNet(num_classes=num_classes, init_filters=8, cls_hidden=(16,))
+    seg, logits, emb = net(torch.randn(2, 1, 32, 32, 16))
+    assert seg.shape == (2, 1, 32, 32, 16)
+    assert emb.shape == (2, 64)  # 8 filters doubled over 3 down-samplings
+    if num_classes:
+        assert logits.shape == (2, num_classes)
+    else:
+        assert logits is None
+
+
+def test_single_task_segmentation_path_is_segresnet():
+    torch.manual_seed(0)
+    mt = MultiTaskSegResNet(num_classes=0, init_filters=8).eval()
+    ref = SegResNet(init_filters=8, in_channels=1, out_channels=1).eval()
+    ref.load_state_dict(mt.state_dict())  # same parameter names and shapes: nothing added
+    x = torch.randn(1, 1, 16, 16, 16)
+    torch.testing.assert_close(SegmentationOutput(mt)(x), ref(x))
+
+
+def test_head_does_not_change_segmentation():
+    torch.manual_seed(0)
+    mt = MultiTaskSegResNet(num_classes=3, init_filters=8).eval()
+    st = MultiTaskSegResNet(num_classes=0, init_filters=8).eval()
+    st.load_state_dict({k: v for k, v in mt.state_dict().items() if not k.startswith("classifier")})
+    x = torch.randn(1, 1, 16, 16, 16)
+    torch.testing.assert_close(mt(x)[0], st(x)[0])
+
+
+def test_paper_network_has_study_structure():
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "bundles/plgg_mtl/configs/train.json"), str(ROOT / "configs/paper.json")])
+    net = parser.get_parsed_content("network_def")
+    assert isinstance(net, MultiTaskSegResNet)
+    assert net.init_filters == 32 and tuple(net.blocks_down) == (1, 2, 2, 4) and tuple(net.blocks_up) == (1, 1, 1)
+    assert parser.get_parsed_content("patch_size") == [128, 128, 112]
+    assert parser.get_parsed_content("batch_size") == 4 and parser.get_parsed_content("lr") == pytest.approx(1e-4)
+    assert parser.get_parsed_content("cls_weight") == pytest.approx(0.3)
+    assert parser.get_parsed_content("epochs") == 400
+    # each level halves the size and doubles the features: 32, 64, 128, 256
+    widths = [layer[-1].conv1.conv.out_channels for layer in net.down_layers]
+    assert widths == [32, 64, 128, 256]
+    assert net.embedding_dim == 256 and net.classifier[-1].out_features == 3
+    n_params = sum(p.numel() for p in net.parameters())
+    n_seg = sum(p.numel() for p in SegResNet(init_filters=32, out_channels=1).parameters())
+    assert 0 < n_params - n_seg < 0.01 * n_seg  # the head is a small addition
+    print(f"paper network: {n_params:,} parameters ({n_params - n_seg:,} in the classifier)")
+
+
+def test_torchscript_export_matches():
+    net = MultiTaskSegResNet(num_classes=3, init_filters=8).eval()
+    scripted = torch.jit.script(net)
+    x = torch.randn(1, 1, 16, 16, 16)
+    for a, b in zip(net(x), scripted(x), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_metadata_declares_network_format():
+    meta = json.loads((ROOT / "bundles/plgg_mtl/configs/metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
