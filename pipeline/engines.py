@@ -113,7 +113,8 @@ class LossTermsHandler:
 
 def loss_output(output: dict) -> dict[str, float]:
     """Trainer output -> scalars to log: total loss, each component (when computed), lr."""
-    logged = {"loss": float(output["loss"])}
+    loss = output["loss"]
+    logged = {"loss": float(loss.detach() if isinstance(loss, torch.Tensor) else loss)}
     for key in ("loss_seg", "loss_cls", "lr"):
         value = output.get(key)
         if value is not None and value == value:  # skip NaN (no sample for that task in the batch)
