@@ -5,7 +5,13 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from pipeline.errors import install_excepthook
+
 __version__ = "0.1.0"
+
+# Uncaught user-input errors (bad file, datalist, option) print one line naming the file instead
+# of a traceback, also inside `python -m monai.bundle run` (see pipeline.errors).
+install_excepthook()
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["InputError", "InputErrors"]
+__all__ = ["InputError", "InputErrors", "find_input_error", "install_excepthook"]
 
 
 class InputError(ValueError):
@@ -29,3 +29,41 @@ class InputErrors(ValueError):
         self.errors = list(errors)
         lines = "\n".join(f"  - {e}" for e in self.errors)
         super().__init__(f"{header} ({len(self.errors)} problem(s)):\n{lines}")
+
+
+def find_input_error(exc: BaseException | None) -> InputError | InputErrors | None:
+    """The first :class:`InputError` / :class:`InputErrors` in an exception's cause/context chain."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, InputError | InputErrors):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def install_excepthook() -> None:
+    """Make an uncaught user-input error end in one clear message instead of a traceback.
+
+    ``python -m monai.bundle run`` wraps errors raised while a config is evaluated in several
+    layers of ``RuntimeError("Failed to evaluate ...")``; when the root cause is one of ours (a
+    bad file, datalist or option), print only its message and exit with status 2. Any other
+    exception goes to the previous hook unchanged. Idempotent.
+    """
+    import sys
+
+    previous = sys.excepthook
+    if getattr(previous, "_pipeline_hook", False):
+        return
+
+    def hook(exc_type, exc, tb):  # noqa: ANN001 - sys.excepthook signature
+        err = find_input_error(exc)
+        if err is None:
+            previous(exc_type, exc, tb)
+            return
+        print(f"error: {err}", file=sys.stderr)
+        sys.stderr.flush()
+        raise SystemExit(2)
+
+    hook._pipeline_hook = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
