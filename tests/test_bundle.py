@@ -112,3 +112,22 @@ def test_killed_training_resumes_at_saved_epoch(cohort, overlay, tmp_path):
     assert f"Epoch: {epoch + 1}/{epoch + 1}, Iter: 1/2" in out
     assert f"Epoch: 1/{epoch + 1}," not in out  # nothing re-trained from the start
     assert (ckpt_dir / f"checkpoint_epoch={epoch + 1}.pt").exists()
+
+
+def test_bad_input_stops_before_training_with_clear_message(cohort, overlay, tmp_path):
+    data = json.loads(cohort.read_text())
+    data["training"][0]["class"] = "BRAF V601X"
+    data["training"][1]["image"] = "nowhere/flair.nii.gz"
+    for e in data["training"]:
+        e["image"] = str(cohort.parent / e["image"])
+        if "label" in e:
+            e["label"] = str(cohort.parent / e["label"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    run = tmp_path / "run"
+    proc = bundle(["training"], [TRAIN, "configs/demo.json"], overlay, datalist=bad, output_dir=run, epochs=1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out[-2000:]
+    assert "Traceback" not in out
+    assert "unknown class name 'BRAF V601X'" in out and "nowhere/flair.nii.gz" in out
+    assert not (run / "models").exists()  # nothing trained
