@@ -87,7 +87,7 @@ class RegistrationSettings:
         seed: sampling seed (results are reproducible for a given thread count).
     """
 
-    stages: tuple[str, ...] = ("rigid", "affine")
+    stages: tuple[str, ...] = ("similarity", "affine")
     working_spacing: float = 2.0
     histogram_bins: int = 32
     sampling_percentage: float = 0.15
@@ -96,6 +96,7 @@ class RegistrationSettings:
     iterations: int = 100
     learning_rate: float = 2.0
     initial_rotations: tuple[float, ...] = (-20.0, 0.0, 20.0)
+    initial_scale_range: tuple[float, float] = (0.8, 1.25)
     skull_strip: str = "auto"
     refine_passes: int = 1
     refine_dilation: float = 3.0
@@ -403,23 +404,35 @@ def _rotation_starts(angles: tuple[float, ...]) -> list[tuple[float, float, floa
     return starts
 
 
-def _initial_transform(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image, moving_brain: sitk.Image,
-                       settings: RegistrationSettings) -> sitk.Transform:
-    """Align brain centroids, try each start rotation with a short coarse rigid fit, keep the best.
+def _volume(mask: sitk.Image) -> float:
+    """Foreground volume of a binary mask in mm^3."""
+    return float(sitk.GetArrayViewFromImage(mask).sum()) * float(np.prod(mask.GetSpacing()))
+
+
+def _initial_transform(fixed: sitk.Image, fixed_brain: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image,
+                       moving_brain: sitk.Image, settings: RegistrationSettings) -> sitk.Transform:
+    """Similarity start: brain centroids aligned, scale from the brain volumes, best start rotation.
+
+    The isotropic scale is the cube root of the moving / atlas brain volume ratio (clipped to
+    ``settings.initial_scale_range``): a rigid fit of a brain of another size has no sharp optimum.
 
     Every start is optimised at the coarsest pyramid level only (a few dozen iterations), so a
     start in the wrong basin is not chosen on its raw metric value alone.
     """
     c_fixed = _centre(fixed_mask)
     shift = tuple(np.subtract(_centre(moving_brain), c_fixed))
+    scale = float(np.clip(np.cbrt(_volume(moving_brain) / _volume(fixed_brain)), *settings.initial_scale_range))
     coarse = RegistrationSettings(**{**asdict(settings), "shrink_factors": settings.shrink_factors[:1],
                                      "smoothing_sigmas": settings.smoothing_sigmas[:1],
                                      "iterations": min(settings.iterations, 40)})
     best, best_value = None, math.inf
     for angles in _rotation_starts(settings.initial_rotations):
-        tx = sitk.Euler3DTransform()
+        tx = sitk.Similarity3DTransform()
         tx.SetCenter(c_fixed)
-        tx.SetRotation(*(math.radians(a) for a in angles))
+        rot = sitk.Euler3DTransform()
+        rot.SetRotation(*(math.radians(a) for a in angles))
+        tx.SetMatrix(rot.GetMatrix())
+        tx.SetScale(scale)
         tx.SetTranslation(shift)
         reg = _registration_method(coarse, fixed_mask, None)
         reg.SetInitialTransform(tx, inPlace=True)
@@ -463,7 +476,7 @@ def register_to_atlas(moving: sitk.Image, atlas: Atlas, settings: RegistrationSe
     moving_n = _normalise(moving, head, s.clip_percentiles)
     brain = _moving_brain(native, moving_n, head, s)
     masked = sitk.Mask(moving_n, brain)
-    start = _initial_transform(fixed, fixed_mask, masked, brain, s)
+    start = _initial_transform(fixed, fixed_brain, fixed_mask, masked, brain, s)
     transform = _run_stages(fixed, fixed_mask, masked, None, start, s.stages, s)
     for _ in range(s.refine_passes):
         back = map_to_native(fixed_brain, transform, moving, is_mask=True)  # on the working grid
