@@ -16,7 +16,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("pipeline.data.datalist", "check every entry of a datalist (JSON or CSV) and report all problems"),
     "split": ("pipeline.data.splits", "write seeded patient-level splits (ratio or k-fold) to a JSON file"),
     "prepare": ("pipeline.prepare", "register a whole datalist to the atlas (cached, resumable, QC pictures)"),
-    "experiment": ("pipeline.experiment", "single-task vs multi-task over repeated splits / k-fold"),
 }
 
 

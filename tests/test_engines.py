@@ -1,0 +1,94 @@
+"""Engine plumbing: classification metrics against scikit-learn, output transforms, batch
+preparation with missing labels, checkpoint discovery, the missing-mask transform."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+from pipeline.data.missing_labels import FillMissingMaskd
+from pipeline.engines import (
+    ClassificationMetrics,
+    MultiTaskPrepareBatch,
+    labelled_cls,
+    labelled_seg,
+    latest_checkpoint,
+)
+
+
+def run_metric(probs: torch.Tensor, target: torch.Tensor, has_class: torch.Tensor, batch: int = 5) -> dict:
+    """Feed (probs, target) through an Ignite engine in batches, as the evaluator does."""
+    def step(engine, i):
+        sl = slice(i, i + batch)
+        return {"pred": {"seg": None, "cls": probs[sl]}, "label": {"class": target[sl], "has_class": has_class[sl]}}
+
+    engine = Engine(step)
+    ClassificationMetrics(num_classes=3, prefix="val_").attach(engine, "cls")
+    engine.run(list(range(0, len(target), batch)), max_epochs=1)
+    return engine.state.metrics
+
+
+def test_classification_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    n = 40
+    target = torch.as_tensor(rng.integers(0, 3, n))
+    logits = torch.as_tensor(rng.normal(size=(n, 3))) + 1.5 * torch.nn.functional.one_hot(target, 3)
+    probs = torch.softmax(logits, 1)
+    has_class = torch.ones(n, dtype=torch.long)
+    has_class[:4] = 0  # unknown classes are left out
+    m = run_metric(probs, target, has_class)
+    keep = slice(4, None)
+    y, p = target[keep].numpy(), probs[keep].numpy()
+    assert m["val_accuracy"] == pytest.approx((p.argmax(1) == y).mean())
+    assert m["val_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p.argmax(1)))
+    assert m["val_auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"), abs=1e-6)
+
+
+def test_auc_nan_with_one_class():
+    probs = torch.softmax(torch.randn(6, 3), 1)
+    m = run_metric(probs, torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.long))
+    assert math.isnan(m["val_auc"]) and 0 <= m["val_accuracy"] <= 1
+
+
+def test_output_transforms_drop_unlabelled():
+    seg = torch.tensor([0.9, 0.2, 0.7]).view(3, 1, 1, 1, 1).expand(3, 1, 2, 2, 2)
+    out = {
+        "pred": {"seg": seg, "cls": torch.eye(3)},
+        "label": {"label": torch.ones(3, 1, 2, 2, 2), "class": torch.tensor([0, -1, 2]),
+                  "has_label": torch.tensor([1, 0, 1]), "has_class": torch.tensor([1, 0, 1])},
+    }
+    pred, truth = labelled_seg(0.5)(out)
+    assert pred.shape[0] == 2 and pred.sum() == 16 and truth.sum() == 16
+    probs, cls = labelled_cls(out)
+    assert cls.tolist() == [0, 2] and probs.shape == (2, 3)
+
+
+def test_prepare_batch_defaults_and_plain_tensors():
+    from monai.data import MetaTensor
+
+    batch = {"image": MetaTensor(torch.randn(2, 1, 4, 4, 4)), "label": MetaTensor(torch.zeros(2, 1, 4, 4, 4)),
+             "class": torch.tensor([1, -1]), "has_label": torch.tensor([1, 0])}
+    x, y = MultiTaskPrepareBatch()(batch, "cpu")
+    assert type(x) is torch.Tensor and type(y["label"]) is torch.Tensor
+    assert y["class"].tolist() == [1, -1] and y["has_label"].tolist() == [1, 0] and y["has_class"].tolist() == [1, 1]
+
+
+def test_latest_checkpoint(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    for n in (2, 10, 9):
+        (tmp_path / f"checkpoint_epoch={n}.pt").write_bytes(b"x")
+    (tmp_path / "model.pt").write_bytes(b"x")
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
+
+
+def test_fill_missing_mask():
+    img = torch.rand(1, 4, 4, 4)
+    out = FillMissingMaskd("label")({"image": img, "label": img.clone(), "has_label": 0})
+    assert out["label"].shape == img.shape and out["label"].sum() == 0
+    kept = FillMissingMaskd("label")({"image": img, "label": img.clone(), "has_label": 1})
+    assert torch.equal(kept["label"], img)
