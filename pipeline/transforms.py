@@ -1,0 +1,164 @@
+"""MONAI transforms of our own.
+
+:class:`RegisterToAtlasd` sits at the head of a chain, before ``LoadImaged``: it takes the case's
+file paths, registers the image onto the atlas once (a disk cache keyed by file content, atlas
+and settings), writes the atlas-grid image and masks as NIfTI files in the cache and puts their
+paths in the dict, so ``LoadImaged`` and everything after it work unchanged (and a downstream
+``PersistentDataset`` caches as usual). The transform back to native space is kept in the dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from pipeline.atlas import Atlas, load_atlas
+from pipeline.errors import InputError
+from pipeline.imageio import read_mask, read_volume, write_image_atomic
+from pipeline.registration import (
+    RegistrationCache,
+    RegistrationSettings,
+    check_on_atlas_grid,
+    file_sha256,
+    resample_image_to_atlas,
+    resample_mask_to_atlas,
+)
+
+__all__ = ["RegisterToAtlasd", "native_meta"]
+
+
+def native_meta(path: str | Path, image: sitk.Image | None = None) -> dict[str, Any]:
+    """Geometry of a native image (from ``image`` or the file header): what mapping back needs.
+
+    Returns:
+        ``{"path", "size", "spacing", "origin", "direction"}`` (SimpleITK x, y, z order, LPS).
+    """
+    if image is None:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            raise InputError(path, "cannot be read as an image (corrupt or unsupported format)") from None
+        image = reader
+    return {"path": str(path), "size": list(image.GetSize()[:3]), "spacing": list(image.GetSpacing()[:3]),
+            "origin": list(image.GetOrigin()[:3]), "direction": list(image.GetDirection()[:9])}
+
+
+class RegisterToAtlasd(MapTransform):
+    """Register a case onto the atlas (cached) and replace its file paths by atlas-grid files.
+
+    Input: a dict of FILE PATHS (``{"image": ".../flair.nii.gz", "label": ".../mask.nii.gz", ...}``).
+    Output: the same dict where ``image_key`` and each present ``mask_keys`` entry is the path of
+    a NIfTI on the atlas grid (image float32, linear or B-spline; masks uint8 0/1), plus
+
+    * ``"to_atlas"``: path of the ITK ``.tfm`` (atlas physical point -> native physical point);
+      ``None`` when ``already_registered``;
+    * ``"native_meta"``: the native image's path and geometry (:func:`native_meta`), so an inference
+      step can map a prediction back with :func:`pipeline.registration.map_to_native`.
+
+    Args:
+        keys: keys the transform handles (MONAI convention); ``image_key`` and ``mask_keys``
+            say which of them is the image and which are masks.
+        atlas: an :class:`~pipeline.atlas.Atlas`, a user atlas path, or ``None`` for MNI152. A path
+            or ``None`` is loaded lazily (once per process), which keeps the transform light to pickle.
+        cache_dir: folder of the transform cache and of the registered files.
+        settings: registration settings (default :class:`RegistrationSettings`).
+        already_registered: inputs are already on the atlas grid: check that and pass through.
+        image_key: key of the scan to register.
+        mask_keys: keys of masks on the scan's grid, carried with the same transform.
+        allow_missing_keys: a case without a mask (or any missing key) is fine.
+        atlas_mask: brain mask of a user atlas given by path.
+        atlas_spacing: atlas grid spacing in mm (see :func:`~pipeline.atlas.load_atlas`).
+        interpolator: image interpolation, ``"linear"`` or ``"bspline"``.
+        mask_mode: mask interpolation, ``"linear"`` (then >= 0.5) or ``"nearest"``.
+
+    Raises:
+        InputError: unreadable/2-D image or mask, mask on another grid, or (``already_registered``)
+            an image not on the atlas grid.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "label"),
+        atlas: Atlas | str | Path | None = None,
+        cache_dir: str | Path = "cache/registration",
+        settings: RegistrationSettings | None = None,
+        already_registered: bool = False,
+        image_key: str = "image",
+        mask_keys: Sequence[str] = ("label",),
+        allow_missing_keys: bool = True,
+        atlas_mask: str | Path | None = None,
+        atlas_spacing: float | None = None,
+        interpolator: str = "linear",
+        mask_mode: str = "linear",
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self._atlas = atlas if isinstance(atlas, Atlas) else None
+        self._atlas_spec = (None if atlas is None or isinstance(atlas, Atlas) else str(atlas),
+                            None if atlas_mask is None else str(atlas_mask), atlas_spacing)
+        self.settings = settings or RegistrationSettings()
+        self.cache = RegistrationCache(Path(cache_dir))
+        self.already_registered = already_registered
+        self.image_key = image_key
+        self.mask_keys = tuple(mask_keys)
+        self.interpolator = interpolator
+        self.mask_mode = mask_mode
+
+    @property
+    def atlas(self) -> Atlas:
+        """The atlas: the one given, else loaded from the spec (cached once per process)."""
+        if self._atlas is not None:
+            return self._atlas
+        path, mask, spacing = self._atlas_spec
+        return load_atlas(path, mask, spacing)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.image_key not in d:
+            if self.allow_missing_keys:
+                return d
+            raise KeyError(f"RegisterToAtlasd: key {self.image_key!r} not in the data")
+        if self.already_registered:
+            return self._pass_through(d)
+        return self._register(d)
+
+    def _pass_through(self, d: dict[Hashable, Any]) -> dict[Hashable, Any]:
+        path = Path(d[self.image_key])
+        meta = native_meta(path)
+        ref = sitk.Image([int(v) for v in meta["size"]], sitk.sitkUInt8)
+        ref.SetSpacing(meta["spacing"])
+        ref.SetOrigin(meta["origin"])
+        ref.SetDirection(meta["direction"])
+        check_on_atlas_grid(ref, self.atlas, path)
+        d["to_atlas"] = None
+        d["native_meta"] = meta
+        return d
+
+    def _register(self, d: dict[Hashable, Any]) -> dict[Hashable, Any]:
+        atlas = self.atlas
+        path = Path(d[self.image_key])
+        tfm_path = self.cache.path_for(path, atlas, self.settings)
+        out_dir = self.cache.root / "registered"
+        image_out = out_dir / f"{tfm_path.stem}_{self.interpolator}.nii.gz"
+        mask_outs = {k: out_dir / f"{tfm_path.stem}_{file_sha256(d[k])[:16]}_{self.mask_mode}.nii.gz"
+                     for k in self.mask_keys if k in self.keys and d.get(k) not in (None, "")}
+        image = None
+        if not (tfm_path.exists() and image_out.exists() and all(p.exists() for p in mask_outs.values())):
+            image = read_volume(path)
+            transform = self.cache.get_or_register(path, atlas, self.settings, image=image)
+            write_image_atomic(resample_image_to_atlas(image, transform, atlas, self.interpolator), image_out)
+            for key, out in mask_outs.items():
+                mask = read_mask(d[key], image, path)
+                write_image_atomic(resample_mask_to_atlas(mask, transform, atlas, self.mask_mode), out)
+        for key, out in mask_outs.items():
+            d[key] = str(out)
+        d[self.image_key] = str(image_out)
+        d["to_atlas"] = str(tfm_path)
+        d["native_meta"] = native_meta(path, image)
+        return d
