@@ -28,6 +28,7 @@ from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents, PrepareBatch
+from monai.handlers import MeanDice
 from monai.inferers import Inferer
 from monai.metrics import compute_roc_auc
 
@@ -40,6 +41,7 @@ __all__ = [
     "ClassificationMetrics",
     "balanced_accuracy",
     "labelled_seg",
+    "LabelledMeanDice",
     "labelled_cls",
     "loss_output",
     "latest_checkpoint",
@@ -141,6 +143,26 @@ def labelled_cls(output: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros((0, 1)), torch.zeros(0, dtype=torch.long)
     keep = output["label"]["has_class"].bool() & (cls >= 0)
     return probs[keep].float(), cls[keep].long()
+
+
+class LabelledMeanDice(MeanDice):
+    """MONAI's ``MeanDice`` handler that skips batches in which no case has a mask (a case
+    without a mask is left out by :func:`labelled_seg`; MONAI's metric cannot take an empty batch)."""
+
+    def update(self, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        y_pred, y = output
+        if len(y_pred) == 0:
+            return
+        self._seen = True
+        super().update(output)
+
+    def reset(self) -> None:
+        self._seen = False
+        super().reset()
+
+    def compute(self) -> Any:
+        """Mean Dice, or ``nan`` when no evaluated case had a mask."""
+        return super().compute() if self._seen else float("nan")
 
 
 def balanced_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:

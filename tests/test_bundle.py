@@ -31,7 +31,8 @@ def cohort(tmp_path_factory) -> Path:
     from pipeline.data.phantom import make_cohort
 
     out = tmp_path_factory.mktemp("cohort")
-    return make_cohort(out, cases=8, seed=0, spacing=6.0, space="atlas").datalist
+    # a quarter of the cases without mask, a quarter without class: the chain and loss must cope
+    return make_cohort(out, cases=8, seed=0, spacing=6.0, space="atlas", missing_mask=0.25, missing_class=0.25).datalist
 
 
 def bundle(args: list[str], configs: list[str], overlay: Path, **kw) -> subprocess.Popen:

@@ -30,7 +30,7 @@ def test_reads_json_with_optional_label_and_class(tiny_cohort):
     assert dl.cases[0].label is None and dl.cases[1].cls is None and dl.cases[2].cls == 1
     assert dl.cases[3].image == (tiny_cohort.parent / "c003/image.nii.gz").resolve()
     items = to_monai_dicts(dl.cases)
-    assert items[0]["has_label"] == 0 and items[0]["label"] == items[0]["image"]
+    assert items[0]["has_label"] == 0 and "label" not in items[0]
     assert items[1]["class"] == -1 and items[1]["has_class"] == 0
 
 

@@ -92,3 +92,5 @@ def test_fill_missing_mask():
     assert out["label"].shape == img.shape and out["label"].sum() == 0
     kept = FillMissingMaskd("label")({"image": img, "label": img.clone(), "has_label": 1})
     assert torch.equal(kept["label"], img)
+    absent = FillMissingMaskd("label")({"image": img})
+    assert absent["label"].sum() == 0 and absent["has_label"] == 0

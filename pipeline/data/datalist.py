@@ -206,20 +206,22 @@ def validate_datalist(dl: Datalist, check_contents: bool = True) -> None:
 def to_monai_dicts(cases: list[Case] | tuple[Case, ...]) -> list[dict[str, Any]]:
     """MONAI dataset items: ``image``/``label`` paths, ``class`` (-1 when missing), ``has_label``.
 
-    Cases without a mask get ``label = image`` as a placeholder so one transform chain serves
-    both: :class:`pipeline.data.missing_labels.FillMissingMaskd` zeroes it after loading, and
-    ``has_label = 0`` removes it from the loss and the metrics.
+    Cases without a mask have no ``label`` key: :class:`pipeline.data.missing_labels.FillMissingMaskd`
+    adds an all-zero mask after loading (so a batch collates), and ``has_label = 0`` removes it
+    from the loss and the metrics.
     """
     out = []
     for c in cases:
-        out.append({
+        item = {
             "id": c.id,
             "image": str(c.image),
-            "label": str(c.label if c.label is not None else c.image),
             "class": MISSING_CLASS if c.cls is None else int(c.cls),
             "has_label": 0 if c.label is None else 1,
             "has_class": 0 if c.cls is None else 1,
-        })
+        }
+        if c.label is not None:
+            item["label"] = str(c.label)
+        out.append(item)
     return out
 
 

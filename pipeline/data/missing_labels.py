@@ -13,12 +13,13 @@ __all__ = ["FillMissingMaskd"]
 
 
 class FillMissingMaskd(MapTransform):
-    """Replace the mask of a case without one (``flag_key == 0``) by zeros shaped like the image.
+    """Give a case without a mask (key absent, or ``flag_key == 0``) an all-zero mask shaped like
+    the image, and set ``flag_key`` accordingly.
 
-    The datalist puts the image path in ``label`` as a placeholder (so ``LoadImaged`` has a file
-    and every later spatial transform treats both alike); this transform zeroes it. The loss
-    and the metrics use ``flag_key`` to leave such cases out of the segmentation term. MONAI has
-    no transform for an optional key with a same-shaped default, hence this one.
+    Every item of a batch then has the same keys (so it collates) and later spatial transforms
+    treat all cases alike; the loss and the metrics use ``flag_key`` to leave such cases out of
+    the segmentation term. MONAI has no transform for an optional key with a same-shaped
+    default, hence this one.
 
     Args:
         keys: mask key(s), e.g. ``"label"``.
@@ -33,8 +34,9 @@ class FillMissingMaskd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        if int(d.get(self.flag_key, 1)) == 0:
-            for key in self.key_iterator(d):
+        for key in self.keys:
+            if key not in d or int(d.get(self.flag_key, 1)) == 0:
                 img = d[self.image_key]
                 d[key] = torch.zeros_like(img) if isinstance(img, torch.Tensor) else img * 0
+                d[self.flag_key] = 0
         return d
