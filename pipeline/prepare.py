@@ -96,7 +96,8 @@ def prepare_case(case: Case, out: Path, atlas_spec: AtlasSpec, settings: Registr
                                title=f"{case.id} on {atlas.name} (red: atlas brain)")
         write_transform_atomic(transform, folder / "to_atlas.tfm")
     except InputError as exc:
-        return CaseResult(case.id, "failed", str(exc), time.perf_counter() - t0)
+        message = str(exc) if exc.path else f"{case.image}: {exc.problem}"
+        return CaseResult(case.id, "failed", message, time.perf_counter() - t0)
     except Exception as exc:  # one bad case never stops the others
         return CaseResult(case.id, "failed", f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
     return CaseResult(case.id, "done", "", time.perf_counter() - t0)

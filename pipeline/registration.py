@@ -483,6 +483,9 @@ def register_to_atlas(moving: sitk.Image, atlas: Atlas, settings: RegistrationSe
     Returns:
         An invertible ``sitk.AffineTransform`` mapping an atlas physical point to the native
         physical point (what ``sitk.Resample(moving, atlas.image, T)`` takes).
+
+    Raises:
+        InputError: no head-sized foreground in the scan (the caller knows the file name).
     """
     s = settings or RegistrationSettings()
     native = sitk.Cast(moving, sitk.sitkFloat32)
@@ -490,6 +493,9 @@ def register_to_atlas(moving: sitk.Image, atlas: Atlas, settings: RegistrationSe
     fixed, fixed_brain = _working_fixed(atlas, s.working_spacing)
     fixed_mask = _grow(fixed_brain, s.fixed_mask_dilation)
     head = head_mask(moving)
+    if _volume(head) < 50_000.0:  # mm^3: 50 mL, far below any head or brain
+        raise InputError(None, f"no head found in the scan (foreground {_volume(head) / 1000:.1f} mL): "
+                               "is it a brain MRI volume?")
     moving_n = _normalise(moving, head, s.clip_percentiles)
     brain = _moving_brain(native, moving_n, head, s)
     masked = sitk.Mask(moving_n, brain)
@@ -628,7 +634,12 @@ class RegistrationCache:
             except InputError:
                 target.unlink(missing_ok=True)  # a damaged cache entry is recomputed
         moving = image if image is not None else read_volume(image_path)
-        transform = register_to_atlas(moving, atlas, s)
+        try:
+            transform = register_to_atlas(moving, atlas, s)
+        except InputError as exc:
+            if exc.path is None:
+                raise InputError(image_path, exc.problem) from None
+            raise
         write_transform_atomic(transform, target)
         with self._lock:
             self.registrations_performed += 1

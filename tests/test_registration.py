@@ -205,6 +205,10 @@ def test_bad_files_give_a_clear_error_naming_them(tmp_path: Path, atlas: Atlas) 
         cache.get_or_register(flat, atlas, FAST)
     with pytest.raises(InputError, match="missing.nii.gz"):
         cache.get_or_register(tmp_path / "missing.nii.gz", atlas, FAST)
+    tiny = tmp_path / "tiny.nii.gz"  # a valid volume, but 16 mm across: no head in it
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)), str(tiny))
+    with pytest.raises(InputError, match="tiny.nii.gz.*no head"):
+        cache.get_or_register(tiny, atlas, FAST)
     assert cache.registrations_performed == 0
 
 
