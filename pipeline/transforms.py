@@ -58,7 +58,7 @@ class RegisterToAtlasd(MapTransform):
     a NIfTI on the atlas grid (image float32, linear or B-spline; masks uint8 0/1), plus
 
     * ``"to_atlas"``: path of the ITK ``.tfm`` (atlas physical point -> native physical point);
-      ``None`` when ``already_registered``;
+      ``""`` (identity) when ``already_registered`` (a string, so batches collate);
     * ``"native_meta"``: the native image's path and geometry (:func:`native_meta`), so an inference
       step can map a prediction back with :func:`pipeline.registration.map_to_native`.
 
@@ -68,7 +68,8 @@ class RegisterToAtlasd(MapTransform):
         atlas: an :class:`~pipeline.atlas.Atlas`, a user atlas path, or ``None`` for MNI152. A path
             or ``None`` is loaded lazily (once per process), which keeps the transform light to pickle.
         cache_dir: folder of the transform cache and of the registered files.
-        settings: registration settings (default :class:`RegistrationSettings`).
+        settings: registration settings (default :class:`RegistrationSettings`), or a dict of
+            its fields (bundle configs).
         already_registered: inputs are already on the atlas grid: check that and pass through.
         image_key: key of the scan to register.
         mask_keys: keys of masks on the scan's grid, carried with the same transform.
@@ -88,7 +89,7 @@ class RegisterToAtlasd(MapTransform):
         keys: KeysCollection = ("image", "label"),
         atlas: Atlas | str | Path | None = None,
         cache_dir: str | Path = "cache/registration",
-        settings: RegistrationSettings | None = None,
+        settings: RegistrationSettings | Mapping[str, Any] | None = None,
         already_registered: bool = False,
         image_key: str = "image",
         mask_keys: Sequence[str] = ("label",),
@@ -102,6 +103,8 @@ class RegisterToAtlasd(MapTransform):
         self._atlas = atlas if isinstance(atlas, Atlas) else None
         self._atlas_spec = (None if atlas is None or isinstance(atlas, Atlas) else str(atlas),
                             None if atlas_mask is None else str(atlas_mask), atlas_spacing)
+        if isinstance(settings, Mapping):  # from a bundle config
+            settings = RegistrationSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
         self.settings = settings or RegistrationSettings()
         self.cache = RegistrationCache(Path(cache_dir))
         self.already_registered = already_registered
@@ -136,7 +139,7 @@ class RegisterToAtlasd(MapTransform):
         ref.SetOrigin(meta["origin"])
         ref.SetDirection(meta["direction"])
         check_on_atlas_grid(ref, self.atlas, path)
-        d["to_atlas"] = None
+        d["to_atlas"] = ""
         d["native_meta"] = meta
         return d
 

@@ -80,7 +80,7 @@ def test_already_registered_passes_through_and_checks_the_grid(tmp_path: Path) -
     sitk.WriteImage(atlas.image, str(on_grid))
     reg = RegisterToAtlasd(atlas_spacing=SPACING, cache_dir=tmp_path / "cache", already_registered=True)
     out = reg({"image": str(on_grid)})
-    assert out["image"] == str(on_grid) and out["to_atlas"] is None
+    assert out["image"] == str(on_grid) and out["to_atlas"] == ""
     native = write_case(tmp_path / "n", 0.0, with_mask=False)
     with pytest.raises(InputError, match="image.nii.gz.*atlas grid"):
         reg(native)
@@ -95,7 +95,9 @@ def test_corrupt_file_is_named(tmp_path: Path) -> None:
 
 
 def test_picklable_without_the_atlas_images(tmp_path: Path) -> None:
-    reg = RegisterToAtlasd(atlas_spacing=SPACING, cache_dir=tmp_path / "cache", settings=FAST)
+    reg = RegisterToAtlasd(atlas_spacing=SPACING, cache_dir=tmp_path / "cache",
+                           settings={"iterations": 5, "shrink_factors": [1], "smoothing_sigmas": [0.0]})
+    assert reg.settings.shrink_factors == (1,)
     _ = reg.atlas  # loaded in this process ...
     blob = pickle.dumps(reg)
     assert len(blob) < 10_000  # ... but not shipped to workers
