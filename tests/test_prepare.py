@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from pipeline.__main__ import main as cli
@@ -88,3 +91,20 @@ def test_prepare_csv_datalist(tmp_path: Path, capsys) -> None:
     assert cli(["prepare", "--datalist", str(tmp_path / "list.csv"), "--out", str(out), "--spacing", str(SPACING),
                 "--skull-strip", "morphology"]) == 0
     assert json.loads((out / "datalist.json").read_text())["training"][0]["image"] == "x/image.nii.gz"
+
+
+@pytest.mark.slow
+def test_real_pair_passes_the_shared_agreement_check(real_data: Path, tmp_path: Path) -> None:
+    """Both TCGA-FG-6692 FLAIRs prepared on the default atlas; the shared checker must accept them."""
+    case = real_data / "TCGA-FG-6692"
+    entries = [{"id": "native", "image": str(case / "native" / "flair.nii.gz")},
+               {"id": "sri", "image": str(case / "sri24" / "flair_brain.nii.gz"),
+                "label": str(case / "sri24" / "seg_consensus.nii.gz")}]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": entries}))
+    out = tmp_path / "prep"
+    assert cli(["prepare", "--datalist", str(tmp_path / "datalist.json"), "--out", str(out), "--workers", "2"]) == 0
+    checker = real_data.parents[1] / "tools" / "registration_agreement.py"  # ../shared/tools
+    if not checker.exists():
+        pytest.skip(f"{checker} is absent")
+    run = subprocess.run([sys.executable, str(checker), str(out), str(case)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
