@@ -246,3 +246,11 @@ def test_real_pair_agrees_with_the_direct_route(real_data: Path) -> None:
                                              direct.TransformPoint(t_prepared.TransformPoint(tuple(p)))))
                   for p in points])
     assert np.median(d) <= 3.0 and np.percentile(d, 95) <= 6.0, (np.median(d), np.percentile(d, 95))
+
+
+def test_deepbet_brain_mask_on_the_template() -> None:
+    pytest.importorskip("deepbet")
+    atlas = load_atlas(spacing=2)
+    mask = registration.deepbet_brain_mask(atlas.image, threads=2)
+    assert mask.GetSize() == atlas.image.GetSize() and mask.GetPixelID() == sitk.sitkUInt8
+    assert dice(mask, atlas.brain_mask) > 0.9
