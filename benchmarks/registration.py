@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/registration.py [--cohort DIR | --cases 24 --seed 3] [--spacing 2]
-        [--threads 2] [--real ../shared/data/real/TCGA-FG-6692] [--no-ants]
+        [--threads 2] [--real ../shared/data/real/TCGA-FG-6692] [--no-ants] [--skull-strip morphology]
 
 Synthetic (a native-space phantom cohort: ``DIR/datalist.json`` and ``DIR/<id>/to_atlas.tfm``,
 the TRUE atlas -> native transform; generated with ``python -m pipeline phantom`` into a
@@ -173,10 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real", type=Path, default=REAL_CASE, help="TCGA-FG-6692 folder (skipped when absent)")
     p.add_argument("--no-ants", action="store_true", help="skip ANTs even when antspyx is importable")
     p.add_argument("--skip-synthetic", action="store_true")
+    p.add_argument("--skull-strip", default="auto", choices=["auto", "deepbet", "morphology", "none"],
+                   help="brain extraction of our registration (default auto: deepbet when installed)")
     args = p.parse_args(argv)
     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(args.threads)
 
-    registrars = {"sitk": sitk_registrar(RegistrationSettings(threads=args.threads))}
+    registrars = {f"sitk/{args.skull_strip}": sitk_registrar(RegistrationSettings(threads=args.threads,
+                                                                               skull_strip=args.skull_strip))}
     ants = None if args.no_ants else ants_registrar(args.threads)
     if ants is not None:
         registrars["ants-affine"] = ants
