@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +138,10 @@ def _check_nifti_finite(path: str | Path) -> None:
         return
     import nibabel as nib
 
-    data = np.asanyarray(nib.load(str(p)).dataobj)
+    try:
+        data = np.asanyarray(nib.load(str(p)).dataobj)
+    except (EOFError, OSError, ValueError, zlib.error) as exc:  # SimpleITK may read a truncated .gz silently
+        raise InputError(p, f"cannot be read as an image (truncated or corrupt file): {exc}") from None
     if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
         n = int((~np.isfinite(data)).sum())
         raise InputError(p, f"{n} voxel(s) are NaN or infinite")
