@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "phantom": ("pipeline.data.phantom", "build the synthetic cohort (MNI152 anatomy, class-dependent tumours)"),
     "validate": ("pipeline.data.datalist", "check every entry of a datalist (JSON or CSV) and report all problems"),
     "split": ("pipeline.data.splits", "write seeded patient-level splits (ratio or k-fold) to a JSON file"),
+    "score": ("pipeline.score", "native-space Dice and class accuracy of an inference run against ground truth"),
     "prepare": ("pipeline.prepare", "register a whole datalist to the atlas (cached, resumable, QC pictures)"),
 }
 
