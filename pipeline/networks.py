@@ -13,7 +13,7 @@ import torch
 from monai.networks.nets import SegResNet
 from torch import nn
 
-__all__ = ["MultiTaskSegResNet", "SegmentationOutput"]
+__all__ = ["MultiTaskSegResNet", "SegmentationOutput", "BatchNorm1dOrRunning"]
 
 
 class MultiTaskSegResNet(SegResNet):
@@ -22,7 +22,8 @@ class MultiTaskSegResNet(SegResNet):
     Segmentation path: exactly :class:`monai.networks.nets.SegResNet` (``init_filters`` at the
     top level, each of the ``len(blocks_down)`` levels halves the size and doubles the filters).
     Classification path: global average pooling of the bottleneck (``init_filters * 2**(L-1)``
-    channels) -> ``Linear -> ReLU -> Dropout`` per hidden layer -> ``Linear(num_classes)``.
+    channels) -> batch norm -> ``Linear -> ReLU -> Dropout`` per hidden layer ->
+    ``Linear(num_classes)``.
 
     Args:
         spatial_dims: 3 (2 works too).
@@ -74,7 +75,11 @@ class MultiTaskSegResNet(SegResNet):
         self.classifier = self._make_classifier(list(cls_hidden), cls_dropout) if self.num_classes > 0 else None
 
     def _make_classifier(self, hidden: list[int], dropout: float) -> nn.Sequential:
-        layers: list[nn.Module] = []
+        # The pooled bottleneck has large per-feature offsets shared by every sample and small
+        # between-sample differences; fed raw to Linear+ReLU, the hidden units died within a few
+        # hundred steps (95 % inactive, constant logits, measured on the demo). Standardising
+        # each feature first (batch norm) keeps them alive.
+        layers: list[nn.Module] = [BatchNorm1dOrRunning(self.embedding_dim)]
         width = self.embedding_dim
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
@@ -89,6 +94,19 @@ class MultiTaskSegResNet(SegResNet):
         embedding = torch.flatten(self.pool(bottleneck), 1)
         logits = self.classifier(embedding) if self.classifier is not None else None
         return seg, logits, embedding
+
+
+class BatchNorm1dOrRunning(nn.BatchNorm1d):
+    """``BatchNorm1d`` that falls back to its running statistics for a training batch of one
+    sample (plain batch norm cannot estimate a variance from one sample and raises)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_batch = self.training and x.shape[0] > 1
+        if use_batch and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        momentum = 0.1 if self.momentum is None else float(self.momentum)
+        return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                        use_batch, momentum, self.eps)
 
 
 class SegmentationOutput(nn.Module):

@@ -76,3 +76,10 @@ def test_torchscript_export_matches():
 def test_metadata_declares_network_format():
     meta = json.loads((ROOT / "bundles/plgg_mtl/configs/metadata.json").read_text())
     assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
+
+
+def test_classifier_trains_with_batch_of_one():
+    net = MultiTaskSegResNet(num_classes=3, init_filters=8).train()
+    _, logits, _ = net(torch.randn(1, 1, 16, 16, 16))
+    logits.sum().backward()
+    assert logits.shape == (1, 3)
