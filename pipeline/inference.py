@@ -43,6 +43,7 @@ from pipeline.inference_io import (
     InputCase,
     case_title,
     input_fingerprint,
+    largest_component,
     log_row,
     tumour_measures,
     write_like_input,
@@ -306,14 +307,15 @@ class FolderInference:
         return out
 
     def _write(self, case: InputCase, image: sitk.Image, prob: sitk.Image, seg: sitk.Image, row: dict) -> None:
-        from pipeline.qc import save_orthogonal_slices
+        from pipeline.qc import mask_center_index, save_orthogonal_slices
 
         folder = self.options.output_dir / case.id
         write_like_input(seg, case.path, folder / "seg.nii.gz", np.uint8)
         if self.options.write_prob:
             write_like_input(prob, case.path, folder / "prob.nii.gz", np.float32)
-        if self.options.qc:
-            save_orthogonal_slices(image, folder / "qc.png", outline=seg, title=case_title(row))
+        if self.options.qc:  # planes through the largest tumour component, not between scattered blobs
+            save_orthogonal_slices(image, folder / "qc.png", outline=seg, title=case_title(row),
+                                   center_index=mask_center_index(largest_component(seg)))
 
     def process(self, case: InputCase) -> dict[str, Any]:
         """Run one case and write its outputs; raises on a bad case (see :meth:`run_case`)."""

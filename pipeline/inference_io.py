@@ -44,6 +44,7 @@ __all__ = [
     "input_fingerprint",
     "write_like_input",
     "tumour_measures",
+    "largest_component",
     "report_columns",
     "write_report",
     "case_title",
@@ -265,6 +266,12 @@ def tumour_measures(seg: sitk.Image) -> dict[str, Any]:
     out.update({"bbox_voxel_min": _triple(ijk.min(0)), "bbox_voxel_max": _triple(ijk.max(0)),
                 "bbox_ras_min_mm": _triple(ras.min(0), 1), "bbox_ras_max_mm": _triple(ras.max(0), 1)})
     return out
+
+
+def largest_component(seg: sitk.Image) -> sitk.Image:
+    """The largest connected component (26-connectivity) of a mask; an empty mask stays empty."""
+    labels = sitk.RelabelComponent(sitk.ConnectedComponent(seg > 0, True), sortByObjectSize=True)
+    return sitk.Cast(labels == 1, sitk.sitkUInt8)
 
 
 # ----------------------------------------------------------------------------- report

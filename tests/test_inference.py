@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from pipeline.errors import InputError
-from pipeline.inference_io import find_cases, tumour_measures
+from pipeline.inference_io import find_cases, largest_component, tumour_measures
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = "bundles/plgg_mtl/configs"
@@ -126,6 +126,9 @@ def test_tumour_measures_volume_and_box():
     assert m["bbox_voxel_min"] == "4 3 2" and m["bbox_voxel_max"] == "8 6 4"
     assert m["bbox_ras_min_mm"] == "-26.0 -26.0 36.0" and m["bbox_ras_max_mm"] == "-18.0 -23.0 42.0"  # LPS -> RAS
     assert tumour_measures(img * 0)["bbox_voxel_min"] == ""
+    arr[7:9, 9:11, 1:3] = 1  # a second, smaller blob
+    both = sitk.GetImageFromArray(arr)
+    assert sitk.GetArrayFromImage(largest_component(both)).sum() == 60  # the QC picture centres on this one
 
 
 # ----------------------------------------------------------------------------- the bundle, end to end
