@@ -88,9 +88,11 @@ class MultiTaskInferer(Inferer):
 
     def __init__(self, roi_size: Sequence[int], sw_batch_size: int = 1, overlap: float = 0.25,
                  mode: str = "gaussian", classify: str = "patch", threshold: float = 0.5,
-                 tta_flips: Sequence[Sequence[int]] | None = None, amp: bool = False) -> None:
+                 tta_flips: Sequence[Sequence[int]] | None = None, amp: bool = False,
+                 keep_largest: bool = True) -> None:
         super().__init__()
-        self.cfg = PredictConfig(roi_size, sw_batch_size, overlap, mode, classify, threshold, tta_flips, amp)
+        self.cfg = PredictConfig(roi_size, sw_batch_size, overlap, mode, classify, threshold, tta_flips, amp,
+                                 keep_largest)
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> dict:
         seg, cls = predict_volume(network, inputs, self.cfg)

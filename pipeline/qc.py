@@ -91,6 +91,7 @@ def save_orthogonal_slices(
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=80, facecolor="black")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, out)
     finally:
         plt.close(fig)

@@ -38,6 +38,8 @@ def native_meta(path: str | Path, image: sitk.Image | None = None) -> dict[str, 
     Returns:
         ``{"path", "size", "spacing", "origin", "direction"}`` (SimpleITK x, y, z order, LPS).
     """
+    if image is None and Path(path).is_dir():  # a DICOM series folder: no single header to read
+        image = read_volume(path, check=False)
     if image is None:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))

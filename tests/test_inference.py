@@ -272,7 +272,7 @@ def test_tta_is_mean_of_flipped_predictions(trained, tmp_path, monkeypatch):
     from pipeline.predict import crop_patch, tumour_patch_center
 
     runner, _ = build(trained, monkeypatch, input_dir=str(trained["cohort"]), output_dir=str(tmp_path),
-                      tta_flips=[[0], [1, 2]], sw_overlap=0.5)
+                      tta_flips=[[0], [1, 2]], sw_overlap=0.5, keep_largest_component=False)
     net, cfg = runner.network, runner.inferer.cfg
     assert cfg.flips == [(), (0,), (1, 2)]
     x = torch.randn(1, 1, 20, 26, 18, generator=torch.Generator().manual_seed(0))
@@ -289,7 +289,7 @@ def test_tta_is_mean_of_flipped_predictions(trained, tmp_path, monkeypatch):
         cls = torch.stack([torch.softmax(net(flip(patch, f))[1], 1) for f in ((), (0,), (1, 2))]).mean(0)
     assert torch.allclose(pred["seg"], seg, atol=1e-6)
     assert torch.allclose(pred["cls"], cls, atol=1e-6)
-    single = runner.inferer.__class__([16, 16, 16], 4, 0.5)(x, net)["seg"]
+    single = runner.inferer.__class__([16, 16, 16], 4, 0.5, keep_largest=False)(x, net)["seg"]
     assert not torch.allclose(single, seg, atol=1e-4)  # the flips do change the prediction
 
 

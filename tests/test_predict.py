@@ -34,7 +34,7 @@ def test_predict_volume_shapes_and_probabilities(classify):
     net = MultiTaskSegResNet(num_classes=3, init_filters=8, cls_hidden=(8,)).eval()
     x = torch.randn(2, 1, 30, 26, 20)
     seg, cls = predict_volume(net, x, PredictConfig(roi_size=(16, 16, 16), sw_batch_size=4, classify=classify))
-    assert seg.shape == (2, 1, 30, 26, 20) and 0 <= seg.min() and seg.max() <= 1
+    assert seg.shape == (2, 1, 30, 26, 20) and seg.min() >= 0 and seg.max() <= 1
     assert cls.shape == (2, 3)
     torch.testing.assert_close(cls.sum(1), torch.ones(2))
 
@@ -55,3 +55,14 @@ def test_single_task_network_has_no_class_output():
     net = MultiTaskSegResNet(num_classes=0, init_filters=8).eval()
     seg, cls = predict_volume(net, torch.randn(1, 1, 16, 16, 16), PredictConfig(roi_size=(16, 16, 16)))
     assert seg.shape == (1, 1, 16, 16, 16) and cls is None
+
+
+def test_keep_largest_component_zeroes_smaller_blobs():
+    from pipeline.predict import keep_largest_component
+
+    prob = torch.full((1, 1, 20, 20, 20), 0.1)
+    prob[0, 0, 2:8, 2:8, 2:8] = 0.9  # 216 voxels: kept
+    prob[0, 0, 14:16, 14:16, 14:16] = 0.8  # 8 voxels: removed
+    out = keep_largest_component(prob, 0.5)
+    assert (out >= 0.5).sum() == 216 and out[0, 0, 15, 15, 15] == 0
+    assert out[0, 0, 10, 10, 10] == pytest.approx(0.1)  # sub-threshold probabilities untouched
