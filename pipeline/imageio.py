@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ __all__ = [
     "check_mask_array",
     "check_same_grid",
     "write_image_atomic",
+    "atomic_write",
     "write_text_atomic",
     "is_dicom_dir",
 ]
@@ -165,39 +167,34 @@ def read_mask(path: str | Path, reference: sitk.Image | None = None, reference_p
     return out
 
 
-def write_image_atomic(img: sitk.Image, path: str | Path) -> Path:
-    """Write ``img`` to ``path`` through a temporary file in the same folder, then rename.
+def atomic_write(path: str | Path, write: Callable[[str], object], suffix: str = "") -> Path:
+    """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then rename it to ``path``.
 
-    A reader never sees a half-written file and an interrupted write leaves no partial output.
+    A reader never sees a half-written file and an interrupted write leaves no partial output
+    (the temporary file is removed). The result is readable like any written file (0644).
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(p.suffixes[-2:]) if p.name.endswith(".nii.gz") else p.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix, dir=p.parent)
     os.close(fd)
     try:
-        sitk.WriteImage(img, tmp, useCompression=True)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs should be readable like any written file
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return p
+
+
+def write_image_atomic(img: sitk.Image, path: str | Path) -> Path:
+    """Write ``img`` to ``path`` atomically (see :func:`atomic_write`), compressed."""
+    p = Path(path)
+    suffix = ".nii.gz" if p.name.endswith(".nii.gz") else p.suffix
+    return atomic_write(p, lambda tmp: sitk.WriteImage(img, tmp, useCompression=True), suffix)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write text through a temporary file in the same folder, then rename (never half-written)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return p
+    """Write text atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -22,8 +22,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +32,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline.errors import InputError
-from pipeline.imageio import NIFTI_SUFFIXES, is_dicom_dir, write_image_atomic, write_text_atomic
+from pipeline.imageio import NIFTI_SUFFIXES, atomic_write, is_dicom_dir, write_image_atomic, write_text_atomic
 
 __all__ = [
     "DEFAULT_PATTERNS",
@@ -223,18 +221,7 @@ _SITK_TYPES = {np.dtype(np.uint8): sitk.sitkUInt8, np.dtype(np.float32): sitk.si
 def _save_nifti_atomic(img: Any, path: Path) -> Path:
     import nibabel as nib
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: nib.save(img, tmp), ".nii.gz")
 
 
 # ----------------------------------------------------------------------------- measures

@@ -33,8 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -45,7 +43,7 @@ import SimpleITK as sitk
 
 from pipeline.atlas import Atlas, same_grid
 from pipeline.errors import InputError
-from pipeline.imageio import read_volume
+from pipeline.imageio import atomic_write, read_volume
 
 __all__ = [
     "RegistrationSettings",
@@ -171,18 +169,7 @@ def read_transform(path: str | Path) -> sitk.AffineTransform:
 
 def write_transform_atomic(transform: sitk.Transform, path: str | Path) -> Path:
     """Write an ITK ``.tfm`` through a temporary file in the same folder, then rename."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tfm", dir=p.parent)
-    os.close(fd)
-    try:
-        sitk.WriteTransform(transform, tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return p
+    return atomic_write(path, lambda tmp: sitk.WriteTransform(transform, tmp), ".tfm")
 
 
 # ----------------------------------------------------------------------------- masks

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,7 +49,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from pipeline.errors import InputError
-from pipeline.imageio import write_image_atomic
+from pipeline.imageio import write_image_atomic, write_text_atomic
+from pipeline.registration import write_transform_atomic
 
 __all__ = [
     "CLASSES",
@@ -636,29 +635,11 @@ def acquire_native(anat: Anatomy, flair: np.ndarray, mask: np.ndarray, head_mm: 
 
 
 def _write_json_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def _write_transform_atomic(tfm: sitk.Transform, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tfm", dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteTransform(tfm, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_transform_atomic(tfm, path)
 
 
 def _orientation_code(direction: np.ndarray) -> str:
