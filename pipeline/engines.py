@@ -17,7 +17,9 @@ they lack for multi-task learning is small and lives here:
 
 from __future__ import annotations
 
+import logging
 import re
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,11 @@ from typing import Any
 import torch
 from ignite.engine import Engine
 from ignite.exceptions import NotComputableError
+from ignite.handlers import DiskSaver
 from ignite.metrics import Metric
 from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents, PrepareBatch
-from monai.handlers import MeanDice
+from monai.handlers import CheckpointSaver, MeanDice
 from monai.inferers import Inferer
 from monai.metrics import compute_roc_auc
 
@@ -46,6 +49,7 @@ __all__ = [
     "loss_output",
     "latest_checkpoint",
     "checkpoint_objects",
+    "AtomicCheckpointSaver",
     "EvaluationReport",
     "print_summary",
 ]
@@ -216,13 +220,78 @@ class ClassificationMetrics(Metric):
 
 
 _EPOCH_RE = re.compile(r"epoch=(\d+)")
+logger = logging.getLogger(__name__)
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a whole ``torch.save`` archive (zip with its central directory and
+    a ``data.pkl`` record), without unpickling it. A file cut short by a kill or a full disk is not."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("data.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def latest_checkpoint(ckpt_dir: str | Path, prefix: str = "checkpoint") -> str | None:
-    """Path of the newest ``<prefix>_epoch=N.pt`` in ``ckpt_dir`` (highest N), or ``None``."""
+    """Path of the newest complete ``<prefix>_epoch=N.pt`` in ``ckpt_dir`` (highest N), or ``None``.
+
+    A truncated file (a run killed while writing it, before checkpoints were atomic, or a full
+    disk) is skipped with a warning, so the run resumes from the newest checkpoint that loads.
+    """
     d = Path(ckpt_dir)
-    found = [(int(m.group(1)), p) for p in d.glob(f"{prefix}*.pt") if (m := _EPOCH_RE.search(p.name))]
-    return str(max(found)[1]) if found else None
+    found = sorted(((int(m.group(1)), p) for p in d.glob(f"{prefix}*.pt") if (m := _EPOCH_RE.search(p.name))),
+                   reverse=True)
+    for _, path in found:
+        if is_complete_checkpoint(path):
+            return str(path)
+        logger.warning("checkpoint %s is incomplete (cut short while written?): skipped for resuming", path)
+    return None
+
+
+class _SaveThenRemoveDiskSaver(DiskSaver):
+    """Ignite ``DiskSaver`` that writes atomically and deletes a superseded checkpoint only
+    after its successor is on disk.
+
+    Ignite's ``Checkpoint`` asks its saver to remove the oldest file *before* writing the new
+    one, and MONAI's saver writes in place: a run killed during the save of epoch N+1 was left
+    with no complete checkpoint at all. Here removals are deferred until the next write has
+    succeeded. ``filename`` fixes the file name (as MONAI's own saver does for ``model.pt``).
+    """
+
+    def __init__(self, dirname: str | Path, filename: str | None = None) -> None:
+        super().__init__(dirname=str(dirname), require_empty=False, atomic=True)
+        self.filename = filename
+        self._superseded: list[str] = []
+
+    def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
+        written = self.filename or filename
+        super().__call__(checkpoint, written, metadata)  # temporary file + os.replace
+        for old in self._superseded:
+            if old != written and (self.dirname / old).exists():
+                (self.dirname / old).unlink()
+        self._superseded.clear()
+
+    def remove(self, filename: str) -> None:
+        # a fixed-name file is replaced atomically by the next write: nothing to delete
+        if self.filename is None:
+            self._superseded.append(filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` whose files are written atomically (temporary file in the same
+    folder, then ``os.replace``) and whose previous checkpoint is deleted only once the new one
+    is complete, so a run killed at any moment can resume from a whole checkpoint.
+
+    Same arguments as ``CheckpointSaver``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if ckpt is not None:
+                ckpt.save_handler = _SaveThenRemoveDiskSaver(ckpt.save_handler.dirname,
+                                                             getattr(ckpt.save_handler, "filename", None))
 
 
 def checkpoint_objects(trainer: Engine, network: torch.nn.Module, optimizer: torch.optim.Optimizer,

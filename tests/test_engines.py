@@ -13,6 +13,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from pipeline.data.missing_labels import FillMissingMaskd
 from pipeline.engines import (
+    AtomicCheckpointSaver,
     ClassificationMetrics,
     MultiTaskPrepareBatch,
     labelled_cls,
@@ -78,12 +79,51 @@ def test_prepare_batch_defaults_and_plain_tensors():
     assert y["class"].tolist() == [1, -1] and y["has_label"].tolist() == [1, 0] and y["has_class"].tolist() == [1, 1]
 
 
-def test_latest_checkpoint(tmp_path):
+def test_latest_checkpoint_takes_the_newest_complete_one(tmp_path):
     assert latest_checkpoint(tmp_path) is None
     for n in (2, 10, 9):
-        (tmp_path / f"checkpoint_epoch={n}.pt").write_bytes(b"x")
-    (tmp_path / "model.pt").write_bytes(b"x")
+        torch.save({"epoch": n, "w": torch.zeros(1000)}, tmp_path / f"checkpoint_epoch={n}.pt")
+    torch.save({"w": torch.zeros(3)}, tmp_path / "model.pt")
     assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
+    # a run killed while writing epoch 11 left a truncated file: resume from 10, not from it
+    whole = (tmp_path / "checkpoint_epoch=10.pt").read_bytes()
+    (tmp_path / "checkpoint_epoch=11.pt").write_bytes(whole[: len(whole) // 2])
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("disk full")  # stands for a save interrupted half-way
+
+
+class _State:
+    def __init__(self, payload):
+        self.payload = payload
+
+    def state_dict(self):
+        return {"w": torch.zeros(100_000), "tail": self.payload}
+
+    def load_state_dict(self, state):
+        self.payload = state["tail"]
+
+
+def test_checkpoint_saver_is_atomic(tmp_path):
+    engine = Engine(lambda e, b: None)
+    obj = _State(payload=1)
+    saver = AtomicCheckpointSaver(str(tmp_path), {"obj": obj, "trainer": engine}, file_prefix="", save_interval=1,
+                                  n_saved=1)
+    saver.attach(engine)
+    engine.run([0], max_epochs=1)
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=1.pt")
+    assert torch.load(tmp_path / "checkpoint_epoch=1.pt", weights_only=False)["obj"]["tail"] == 1
+    engine.run([0], max_epochs=2)  # n_saved=1: epoch 2 replaces epoch 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=2.pt"]
+    obj.payload = _Unpicklable()
+    with pytest.raises(RuntimeError, match="disk full"):
+        engine.run([0], max_epochs=3)
+    # the failed save of epoch 3 left no truncated or temporary file, and epoch 2 is still there
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=2.pt"]
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=2.pt")
 
 
 def test_fill_missing_mask():
