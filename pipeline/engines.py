@@ -283,6 +283,10 @@ class AtomicCheckpointSaver(CheckpointSaver):
     folder, then ``os.replace``) and whose previous checkpoint is deleted only once the new one
     is complete, so a run killed at any moment can resume from a whole checkpoint.
 
+    It also has ``state_dict`` (MONAI's saver only has ``load_state_dict``): the best key metric
+    seen so far, so a resumed run keeps ``model.pt`` unless it beats the score from before the
+    interruption (put the saver in the resumable checkpoint, :func:`checkpoint_objects`).
+
     Same arguments as ``CheckpointSaver``.
     """
 
@@ -293,14 +297,26 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 ckpt.save_handler = _SaveThenRemoveDiskSaver(ckpt.save_handler.dirname,
                                                              getattr(ckpt.save_handler, "filename", None))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The key-metric tracking list (``{"_saved": [(score, filename)]}``), or ``{}``."""
+        return dict(self._key_metric_checkpoint.state_dict()) if self._key_metric_checkpoint is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            super().load_state_dict(state_dict)
+
 
 def checkpoint_objects(trainer: Engine, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                       lr_scheduler: Any = None) -> dict[str, Any]:
+                       lr_scheduler: Any = None, best_model_saver: AtomicCheckpointSaver | None = None
+                       ) -> dict[str, Any]:
     """What a resumable checkpoint holds: network, optimizer, scheduler, AMP grad scaler (when
-    AMP is on) and the trainer's state (epoch, iteration)."""
+    AMP is on), the trainer's state (epoch, iteration) and the best key metric so far (the
+    validation ``best_model_saver``, so ``model.pt`` stays the best of the whole run)."""
     objs: dict[str, Any] = {"network": network, "optimizer": optimizer, "trainer": trainer}
     if lr_scheduler is not None:
         objs["lr_scheduler"] = lr_scheduler
+    if best_model_saver is not None:
+        objs["best_model"] = best_model_saver
     if getattr(trainer, "scaler", None) is not None:
         objs["scaler"] = trainer.scaler
     return objs

@@ -386,9 +386,9 @@ def _as_stage(previous: sitk.Transform, kind: str, center: tuple[float, float, f
         rot = u @ vt
     out = _STAGE_TYPES[kind]()
     out.SetCenter(center)
-    if kind == "similarity":
-        out.SetScale(float(np.cbrt(abs(np.linalg.det(m)))))
     out.SetMatrix(tuple(rot.ravel()))
+    if kind == "similarity":  # after SetMatrix, which resets the scale of a Similarity3DTransform to 1
+        out.SetScale(float(np.cbrt(abs(np.linalg.det(m)))))
     out.SetTranslation(tuple(t))
     return out
 

@@ -134,3 +134,47 @@ def test_fill_missing_mask():
     assert torch.equal(kept["label"], img)
     absent = FillMissingMaskd("label")({"image": img})
     assert absent["label"].sum() == 0 and absent["has_label"] == 0
+
+
+def _validation_run(saver: AtomicCheckpointSaver, net: torch.nn.Linear, scores: list[float]) -> None:
+    """Epochs of a stand-in evaluator whose key metric is ``scores[epoch - 1]``; the network's
+    bias is set to the score so the saved ``model.pt`` tells which epoch it came from."""
+    from ignite.engine import Events
+
+    ev = Engine(lambda e, b: None)
+
+    @ev.on(Events.EPOCH_COMPLETED)
+    def _score(engine):
+        s = scores[engine.state.epoch - 1]
+        net.bias.data.fill_(s)
+        engine.state.metrics["val_mean_dice"] = s
+
+    saver.attach(ev)  # after the metric: handlers run in the order attached
+    ev.run([0], max_epochs=len(scores))
+
+
+def test_best_model_tracking_survives_a_resume(tmp_path):
+    net = torch.nn.Linear(2, 1)
+
+    def saver():
+        return AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_key_metric=True,
+                                     key_metric_filename="model.pt", key_metric_name="val_mean_dice")
+
+    first = saver()
+    _validation_run(first, net, [0.5, 0.9, 0.6])
+    best = lambda: float(torch.load(tmp_path / "model.pt")["bias"])  # noqa: E731
+    assert best() == pytest.approx(0.9)
+    state = first.state_dict()
+    assert state["_saved"][0][0] == pytest.approx(0.9)
+
+    resumed = saver()
+    resumed.load_state_dict(state)
+    _validation_run(resumed, net, [0.7])
+    assert best() == pytest.approx(0.9)  # 0.7 < 0.9 from before the interruption: kept
+    _validation_run(resumed, net, [0.95])
+    assert best() == pytest.approx(0.95)
+
+    fresh = saver()  # without the state a worse epoch would overwrite the best model
+    _validation_run(fresh, net, [0.3])
+    assert best() == pytest.approx(0.3)
+    assert AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_interval=1).state_dict() == {}

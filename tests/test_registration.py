@@ -90,6 +90,32 @@ def test_known_rigid_transform_is_recovered_within_1mm(atlas: Atlas) -> None:
     assert np.median(err) < 1.0 and np.percentile(err, 95) < 1.5, (np.median(err), np.percentile(err, 95))
 
 
+def test_known_scaled_transform_is_recovered_within_1mm(atlas: Atlas) -> None:
+    """A brain 15 % smaller than the atlas (a child's): the similarity stages must keep the scale."""
+    truth = sitk.Similarity3DTransform()
+    rigid = true_transform()
+    truth.SetCenter(rigid.GetCenter())
+    truth.SetMatrix(rigid.GetMatrix())
+    truth.SetScale(0.85)
+    truth.SetTranslation(rigid.GetTranslation())
+    estimate = register_to_atlas(native_scan(atlas, truth), atlas, FAST)
+    err = tre(truth, estimate, brain_points(atlas))
+    assert np.median(err) < 1.0 and np.percentile(err, 95) < 1.5, (np.median(err), np.percentile(err, 95))
+
+
+@pytest.mark.parametrize("kind", ["similarity", "affine"])
+def test_stage_conversion_keeps_the_mapping(kind: str) -> None:
+    """Handing a similarity (scale 1.15) to the next stage must not change where points go."""
+    start = sitk.Similarity3DTransform()
+    start.SetCenter((5.0, -10.0, 20.0))
+    start.SetMatrix(true_transform().GetMatrix())
+    start.SetScale(1.15)
+    start.SetTranslation((3.0, -4.0, 7.0))
+    converted = registration._as_stage(start, kind, (1.0, 2.0, 3.0))
+    pts = np.array([[0.0, 0.0, 0.0], [60.0, -40.0, 30.0], [-70.0, 80.0, -20.0]])
+    assert tre(start, converted, pts).max() < 1e-6
+
+
 @pytest.mark.parametrize("code", ["RAS", "LAS", "LPS", "oblique"])
 def test_orientation_codes_register_to_the_same_place(atlas: Atlas, code: str, tmp_path: Path) -> None:
     truth = true_transform()
