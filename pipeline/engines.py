@@ -18,6 +18,7 @@ they lack for multi-task learning is small and lives here:
 from __future__ import annotations
 
 import logging
+import math
 import re
 import zipfile
 from collections.abc import Callable, Sequence
@@ -26,7 +27,6 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine
-from ignite.exceptions import NotComputableError
 from ignite.handlers import DiskSaver
 from ignite.metrics import Metric
 from monai.data import MetaTensor
@@ -49,6 +49,8 @@ __all__ = [
     "loss_output",
     "latest_checkpoint",
     "checkpoint_objects",
+    "resumable",
+    "cosine_schedule",
     "AtomicCheckpointSaver",
     "EvaluationReport",
     "print_summary",
@@ -93,10 +95,10 @@ class MultiTaskInferer(Inferer):
     def __init__(self, roi_size: Sequence[int], sw_batch_size: int = 1, overlap: float = 0.25,
                  mode: str = "gaussian", classify: str = "patch", threshold: float = 0.5,
                  tta_flips: Sequence[Sequence[int]] | None = None, amp: bool = False,
-                 keep_largest: bool = True) -> None:
+                 keep_largest: bool = True, class_flip_axes: Sequence[int] | None = None) -> None:
         super().__init__()
         self.cfg = PredictConfig(roi_size, sw_batch_size, overlap, mode, classify, threshold, tta_flips, amp,
-                                 keep_largest)
+                                 keep_largest, class_flip_axes)
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> dict:
         seg, cls = predict_volume(network, inputs, self.cfg)
@@ -177,17 +179,26 @@ def balanced_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int
     return sum(recalls) / len(recalls)
 
 
+CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "auc")
+
+
 class ClassificationMetrics(Metric):
     """Accuracy, balanced accuracy and macro one-vs-rest ROC AUC of a classifier (Ignite metric).
 
-    Attached under any name, it writes ``accuracy``, ``balanced_accuracy`` and ``auc`` (prefixed
-    by ``prefix``) into ``engine.state.metrics``. AUC is ``nan`` when fewer than two classes are
-    present. Cases without a class are excluded by the output transform (:func:`labelled_cls`).
+    With ``metric`` set (one of ``accuracy``, ``balanced_accuracy``, ``auc``) it is a scalar
+    metric stored under the name it is attached with (so any of them can be the evaluator's key
+    metric); without, it writes all three (prefixed by ``prefix``) into ``engine.state.metrics``.
+    Values are ``nan`` when no evaluated case has a class (a segmentation-only split), AUC also
+    when fewer than two classes are present. Cases without a class are excluded by the output
+    transform (:func:`labelled_cls`).
     """
 
-    def __init__(self, num_classes: int, prefix: str = "", output_transform: Callable = labelled_cls,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(self, num_classes: int, metric: str | None = None, prefix: str = "",
+                 output_transform: Callable = labelled_cls, device: str | torch.device = "cpu") -> None:
+        if metric is not None and metric not in CLASSIFICATION_METRICS:
+            raise ValueError(f"metric must be one of {CLASSIFICATION_METRICS}, got {metric!r}")
         self.num_classes = num_classes
+        self.metric = metric
         self.prefix = prefix
         super().__init__(output_transform=output_transform, device=device)
 
@@ -201,9 +212,9 @@ class ClassificationMetrics(Metric):
             self._probs.append(probs.detach().cpu())
             self._targets.append(target.detach().cpu())
 
-    def compute(self) -> dict[str, float]:
+    def _values(self) -> dict[str, float]:
         if not self._probs:
-            raise NotComputableError("ClassificationMetrics needs at least one case with a class")
+            return dict.fromkeys(CLASSIFICATION_METRICS, float("nan"))
         probs = torch.cat(self._probs)
         target = torch.cat(self._targets)
         pred = probs.argmax(1)
@@ -211,12 +222,34 @@ class ClassificationMetrics(Metric):
         present = onehot.sum(0) > 0
         auc = float(compute_roc_auc(probs[:, present], onehot[:, present], average="macro")) \
             if int(present.sum()) >= 2 else float("nan")
-        p = self.prefix
         return {
-            f"{p}accuracy": float((pred == target).float().mean()),
-            f"{p}balanced_accuracy": balanced_accuracy(pred, target, self.num_classes),
-            f"{p}auc": auc,
+            "accuracy": float((pred == target).float().mean()),
+            "balanced_accuracy": balanced_accuracy(pred, target, self.num_classes),
+            "auc": auc,
         }
+
+    def compute(self) -> float | dict[str, float]:
+        values = self._values()
+        if self.metric is not None:
+            return values[self.metric]
+        return {f"{self.prefix}{k}": v for k, v in values.items()}
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int, final_fraction: float = 1.0
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay of the learning rate from its initial value to ``final_fraction`` of it at
+    ``epochs`` (stepped once per epoch); ``final_fraction = 1`` keeps it constant (the study).
+
+    Hand-written as a ``LambdaLR`` rather than ``CosineAnnealingLR`` because the latter stores
+    ``T_max`` in its state: a run resumed with a larger ``--epochs`` would keep the old horizon
+    and the learning rate would climb back up. Here only the epoch count is restored.
+    """
+
+    def factor(epoch: int) -> float:
+        t = min(epoch, epochs) / max(epochs, 1)
+        return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 _EPOCH_RE = re.compile(r"epoch=(\d+)")
@@ -320,6 +353,25 @@ def checkpoint_objects(trainer: Engine, network: torch.nn.Module, optimizer: tor
     if getattr(trainer, "scaler", None) is not None:
         objs["scaler"] = trainer.scaler
     return objs
+
+
+def resumable(checkpoint: str | Path | None, objects: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``objects`` (:func:`checkpoint_objects`) that ``checkpoint`` holds.
+
+    A checkpoint from a run with AMP off has no grad scaler, one from an older version no
+    best-model state: those objects start fresh (with a warning) instead of the resume failing.
+    """
+    if checkpoint is None:
+        return objects
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    missing = [k for k in objects if k not in saved]
+    if "network" in missing or "trainer" in missing:
+        from pipeline.errors import InputError
+
+        raise InputError(checkpoint, "not a resumable training checkpoint (no network or trainer state)")
+    if missing:
+        logger.warning("checkpoint %s holds no %s: starting those fresh", checkpoint, missing)
+    return {k: v for k, v in objects.items() if k in saved}
 
 
 class EvaluationReport:

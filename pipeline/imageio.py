@@ -36,7 +36,14 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 def is_dicom_dir(path: str | Path) -> bool:
     """True when ``path`` is a folder holding at least one DICOM series."""
     p = Path(path)
-    return p.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
+    if not p.is_dir():
+        return False
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warns "No Series were found" on every other folder
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _read_any(path: str | Path, pixel_type: int) -> sitk.Image:
@@ -158,6 +165,7 @@ def read_mask(path: str | Path, reference: sitk.Image | None = None, reference_p
         InputError: missing/corrupt file, not 3-D, negative/non-integer/NaN values, grid mismatch.
     """
     img = _squeeze_to_3d(_read_any(path, sitk.sitkFloat32), path)
+    _check_nifti_finite(path)  # SimpleITK reads NaN mask voxels as 0
     arr = sitk.GetArrayViewFromImage(img)
     check_mask_array(arr, path)
     if reference is not None:

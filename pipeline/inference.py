@@ -187,7 +187,7 @@ def _registration_settings(value: Any) -> Any:
 
     if isinstance(value, RegistrationSettings):
         return value
-    return RegistrationSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in dict(value).items()})
+    return RegistrationSettings.from_dict(dict(value))
 
 
 class FolderInference:
@@ -302,8 +302,8 @@ class FolderInference:
             pred = sitk.GetArrayViewFromImage(seg) > 0
             denom = int(truth.sum()) + int(pred.sum())
             out["dice"] = round(2.0 * int((truth & pred).sum()) / denom, 4) if denom else 1.0
-        if case.cls is not None:
-            out["true_class"] = self.options.class_names[case.cls]
+        if case.true_class is not None:
+            out["true_class"] = case.true_class
         return out
 
     def _write(self, case: InputCase, image: sitk.Image, prob: sitk.Image, seg: sitk.Image, row: dict) -> None:
@@ -316,6 +316,13 @@ class FolderInference:
         if self.options.qc:  # planes through the largest tumour component, not between scattered blobs
             save_orthogonal_slices(image, folder / "qc.png", outline=seg, title=case_title(row),
                                    center_index=mask_center_index(largest_component(seg)))
+
+    def _discard_outputs(self, case: InputCase) -> None:
+        """Remove what an earlier run (other settings or input, or ``overwrite``) or this failed
+        attempt left in the case's folder, so no mask stands beside a 'failed' report row."""
+        folder = self.options.output_dir / case.id
+        for path in (*self._outputs(folder), folder / "prob.nii.gz", folder / "result.json"):
+            path.unlink(missing_ok=True)
 
     def process(self, case: InputCase) -> dict[str, Any]:
         """Run one case and write its outputs; raises on a bad case (see :meth:`run_case`)."""
@@ -349,6 +356,7 @@ class FolderInference:
         try:
             return self.process(case)
         except Exception as exc:  # one bad case never stops the others
+            self._discard_outputs(case)
             err = find_input_error(exc)
             if err is None:
                 logger.debug("case %s failed", case.id, exc_info=True)

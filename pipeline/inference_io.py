@@ -64,14 +64,14 @@ class InputCase:
         id: output folder name and report id.
         path: NIfTI file or DICOM series folder.
         label: optional ground-truth mask on the input's grid (datalist input only).
-        cls: optional true class index (datalist input only).
+        true_class: optional true class name (datalist input only).
         problem: set when discovery already knows the case cannot run (reported as failed).
     """
 
     id: str
     path: Path
     label: Path | None = None
-    cls: int | None = None
+    true_class: str | None = None
     problem: str | None = None
 
 
@@ -102,7 +102,7 @@ def _match(folder: Path, patterns: Sequence[str]) -> list[Path]:
     return []
 
 
-def _sub_folder_case(folder: Path, patterns: Sequence[str]) -> InputCase | None:
+def _sub_folder_case(folder: Path, patterns: Sequence[str]) -> InputCase:
     found = _match(folder, patterns)
     if len(found) == 1:
         return InputCase(folder.name, found[0])
@@ -112,19 +112,17 @@ def _sub_folder_case(folder: Path, patterns: Sequence[str]) -> InputCase | None:
                                                       "give a more specific --pattern")
     if is_dicom_dir(folder):
         return InputCase(folder.name, folder)
-    logger.warning("skipped sub-folder %s: nothing matches the file pattern %s", folder, list(patterns))
-    return None
+    # listed as a failed case, not skipped: the report names every sub-folder of the input
+    return InputCase(folder.name, folder, problem=f"nothing in this folder matches the file pattern {list(patterns)} "
+                                                  "and it holds no DICOM series; give --pattern")
 
 
 def _folder_cases(root: Path, patterns: Sequence[str], exclude: set[Path]) -> list[InputCase]:
     entries = _visible(root, exclude)
     cases = [InputCase(case_id(p), p) for p in entries if _is_nifti(p)]
-    for sub in (p for p in entries if p.is_dir()):
-        case = _sub_folder_case(sub, patterns)
-        if case is not None:
-            cases.append(case)
-    if not cases and is_dicom_dir(root):
-        cases.append(InputCase(root.name, root))
+    cases += [_sub_folder_case(sub, patterns) for sub in entries if sub.is_dir()]
+    if all(c.problem for c in cases) and is_dicom_dir(root):  # the folder itself is one DICOM series
+        return [InputCase(root.name, root)]
     return cases
 
 
@@ -156,7 +154,7 @@ def find_cases(input_dir: str | Path | None = None, datalist: str | Path | None 
         from pipeline.data.datalist import load_datalist
 
         dl = load_datalist(datalist, check_files=False)  # a missing file fails its own case only
-        return [InputCase(c.id, c.image, c.label, c.cls) for c in dl.cases]
+        return [InputCase(c.id, c.image, c.label, None if c.cls is None else dl.classes[c.cls]) for c in dl.cases]
     root = Path(input_dir)
     if not root.is_dir():
         raise InputError(root, "input folder not found")

@@ -35,6 +35,9 @@ class PredictConfig:
         tta_flips: spatial axes (0, 1, 2 of H, W, D) flipped in each TTA pass; ``()`` = identity.
             ``None``/empty list: no TTA.
         amp: autocast on CUDA.
+        class_flip_axes: the axes flipped in training (``flip_axes``); the classifier's TTA only
+            uses the flip sets within them, because the class follows the tumour's location (an
+            up-down flip turns a cerebellar tumour into a supratentorial one). ``None``: all.
         keep_largest: keep only the largest connected component of the thresholded mask (the
             probability outside it is set to 0). pLGG is one lesion; on the demo this removed
             8-40 scattered false-positive blobs per case and raised mean Dice from 0.73 to 0.86.
@@ -50,6 +53,7 @@ class PredictConfig:
     tta_flips: Sequence[Sequence[int]] | None = None
     amp: bool = False
     keep_largest: bool = True
+    class_flip_axes: Sequence[int] | None = None
     flips: list[tuple[int, ...]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -59,6 +63,14 @@ class PredictConfig:
         self.flips = flips if flips else [()]
         if () not in self.flips:
             self.flips = [(), *self.flips]
+
+    @property
+    def class_flips(self) -> list[tuple[int, ...]]:
+        """The flip sets the classifier's TTA averages over (identity always included)."""
+        if self.class_flip_axes is None:
+            return self.flips
+        allowed = {int(a) for a in self.class_flip_axes}
+        return [f for f in self.flips if set(f) <= allowed]
 
 
 def tumour_patch_center(prob: torch.Tensor, threshold: float = 0.5) -> list[int]:
@@ -158,7 +170,7 @@ def _classify(network: torch.nn.Module, image: torch.Tensor, seg_prob: torch.Ten
         size = [((s + k - 1) // k) * k for s in image.shape[2:]]
         patches = torch.stack([SpatialPad(spatial_size=size)(image[b]) for b in range(image.shape[0])])
     probs = []
-    for f in cfg.flips:
+    for f in cfg.class_flips:
         logits = network(_flip(patches, f))[1]
         if logits is None:
             return None

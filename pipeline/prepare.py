@@ -10,8 +10,10 @@ The default atlas grid is MNI152 at 1 mm (the study's resolution: on the real TC
 tumour mask's atlas round trip keeps Dice 0.985 at 1 mm against 0.936 at 2 mm); ``--spacing 2``
 is the quick CPU demo grid.
 
-Every file is written atomically and ``to_atlas.tfm`` last, so a case whose outputs are all
-present is finished: a second run skips it (``--overwrite`` redoes it). A failing case is
+Every file is written atomically and ``prepared.json`` last: it records the content hashes of
+the input image and mask, the atlas fingerprint and the registration settings. A second run
+skips a case only when all of these are unchanged (``--overwrite`` redoes it anyway), so a run
+with another atlas, grid or setting, or after an input changed, never keeps stale results. A failing case is
 reported with its reason and does not stop the others; the exit status is 1 if any failed.
 """
 
@@ -22,7 +24,6 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -35,9 +36,10 @@ from tqdm import tqdm
 from pipeline.atlas import load_atlas
 from pipeline.data.datalist import Case, load_datalist
 from pipeline.errors import InputError
-from pipeline.imageio import read_mask, read_volume, write_image_atomic
+from pipeline.imageio import read_mask, read_volume, write_image_atomic, write_text_atomic
 from pipeline.registration import (
     RegistrationSettings,
+    file_sha256,
     register_to_atlas,
     resample_image_to_atlas,
     resample_mask_to_atlas,
@@ -71,6 +73,20 @@ def _outputs(folder: Path, has_mask: bool) -> list[Path]:
     return [folder / n for n in names]
 
 
+def _stamp(case: Case, atlas_fingerprint: str, settings: RegistrationSettings) -> dict[str, Any]:
+    """What a case's outputs depend on (see the module docstring)."""
+    return {"image": file_sha256(case.image), "label": file_sha256(case.label) if case.label is not None else None,
+            "atlas": atlas_fingerprint, "settings": settings.key()}
+
+
+def _finished(folder: Path, case: Case, stamp: dict[str, Any]) -> bool:
+    try:
+        done = json.loads((folder / "prepared.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return done == stamp and all(p.exists() for p in _outputs(folder, case.label is not None))
+
+
 def prepare_case(case: Case, out: Path, atlas_spec: AtlasSpec, settings: RegistrationSettings,
                  overwrite: bool = False) -> CaseResult:
     """Register one case and write its outputs into ``out/<id>/``; never raises for a bad case.
@@ -80,17 +96,24 @@ def prepare_case(case: Case, out: Path, atlas_spec: AtlasSpec, settings: Registr
     """
     t0 = time.perf_counter()
     folder = out / case.id
-    if not overwrite and all(p.exists() for p in _outputs(folder, case.label is not None)):
-        return CaseResult(case.id, "skipped")
     try:
         from pipeline.qc import save_orthogonal_slices
 
+        if not case.image.exists():
+            raise InputError(case.image, "image file not found")
+        if case.label is not None and not case.label.exists():
+            raise InputError(case.label, "mask file not found")
+        atlas = load_atlas(atlas_spec.path, atlas_spec.mask, atlas_spec.spacing)
+        stamp = _stamp(case, atlas.fingerprint(), settings)
+        if not overwrite and _finished(folder, case, stamp):
+            return CaseResult(case.id, "skipped")
         if settings.threads:
             sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(settings.threads)
-        atlas = load_atlas(atlas_spec.path, atlas_spec.mask, atlas_spec.spacing)
         image = read_volume(case.image)
         mask = read_mask(case.label, image, case.image) if case.label is not None else None
-        (folder / "to_atlas.tfm").unlink(missing_ok=True)  # the "finished" marker goes last
+        (folder / "prepared.json").unlink(missing_ok=True)  # the "finished" marker goes last
+        if mask is None:
+            (folder / "mask.nii.gz").unlink(missing_ok=True)  # from an earlier version of the datalist
         transform = register_to_atlas(image, atlas, settings)
         registered = resample_image_to_atlas(image, transform, atlas)
         write_image_atomic(registered, folder / "image.nii.gz")
@@ -99,6 +122,7 @@ def prepare_case(case: Case, out: Path, atlas_spec: AtlasSpec, settings: Registr
         save_orthogonal_slices(registered, folder / "qc.png", outline=atlas.brain_mask,
                                title=f"{case.id} on {atlas.name} (red: atlas brain)")
         write_transform_atomic(transform, folder / "to_atlas.tfm")
+        write_text_atomic(folder / "prepared.json", json.dumps(stamp, indent=1))
     except InputError as exc:
         message = str(exc) if exc.path else f"{case.image}: {exc.problem}"
         return CaseResult(case.id, "failed", message, time.perf_counter() - t0)
@@ -118,18 +142,6 @@ def _entry(case: Case, out: Path) -> dict[str, Any]:
         entry["native_label"] = str(case.label)
     entry["to_atlas"] = f"{case.id}/to_atlas.tfm"
     return entry
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _run_all(cases: list[Case], out: Path, atlas_spec: AtlasSpec, settings: RegistrationSettings,
@@ -178,15 +190,19 @@ def prepare_datalist(datalist: str | Path, out: str | Path, atlas_spec: AtlasSpe
         from dataclasses import replace
 
         settings = replace(settings, threads=max(1, (os.cpu_count() or 1) // workers))
+    atlas = load_atlas(atlas_spec.path, atlas_spec.mask, atlas_spec.spacing)  # a bad --atlas fails here, once
     results = {r.id: r for r in _run_all(list(dl.cases), out, atlas_spec, settings, workers, overwrite)}
     ordered = [results[c.id] for c in dl.cases]
-    atlas = load_atlas(atlas_spec.path, atlas_spec.mask, atlas_spec.spacing)
     entries = [_entry(c, out) for c in dl.cases if results[c.id].status != "failed"]
     _write_json_atomic({"classes": list(dl.classes), "training": entries,
                         "atlas": {"name": atlas.name, "fingerprint": atlas.fingerprint(), "path": atlas_spec.path,
                                   "size": list(atlas.image.GetSize()), "spacing": list(atlas.image.GetSpacing())},
                         "registration": {"settings_key": settings.key()}}, out / "datalist.json")
     return ordered
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +10,8 @@ matplotlib.use("Agg")  # headless: no display on servers / CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
+
+from pipeline.imageio import atomic_write  # noqa: E402
 
 __all__ = ["save_orthogonal_slices", "mask_center_index"]
 
@@ -40,8 +40,9 @@ def save_orthogonal_slices(
     """Save axial, coronal and sagittal slices of ``image`` with ``outline``'s contour in red.
 
     Args:
-        image: 3-D scalar image (any orientation; shown in radiological-neutral LPS order,
-            with physical aspect ratio so thick slices look thick).
+        image: 3-D scalar image (any orientation; shown in the radiological convention, the
+            patient's right on the picture's left, with R/L and A/P marked, at the physical
+            aspect ratio so thick slices look thick).
         path: PNG file to write (through a temporary file, then renamed).
         outline: optional mask on the same grid as ``image``; its boundary is drawn.
         center_index: voxel index (x, y, z) in ``image`` where the three planes cross;
@@ -68,33 +69,29 @@ def save_orthogonal_slices(
         mask_arr = sitk.GetArrayFromImage(mimg)
 
     lo, hi = np.percentile(arr, [1, 99.5]) if arr.size else (0, 1)
-    planes = [
-        ("axial", lambda a: a[cz, ::-1, ::-1], sy / sx),       # rows: anterior at top, R on left
-        ("coronal", lambda a: a[::-1, cy, ::-1], sz / sx),
-        ("sagittal", lambda a: a[::-1, :, cx], sz / sy),
+    # Radiological convention, as clinical viewers show it. The LPS array's x index runs from the
+    # patient's right to left, y from anterior to posterior, z from inferior to superior; imshow
+    # draws row 0 at the top and column 0 at the left.
+    planes = [  # (name, slice of the z, y, x array, aspect, label at the left edge, at the right edge)
+        ("axial", lambda a: a[cz, :, :], sy / sx, "R", "L"),         # anterior at top, patient right on the left
+        ("coronal", lambda a: a[::-1, cy, :], sz / sx, "R", "L"),    # superior at top
+        ("sagittal", lambda a: a[::-1, :, cx], sz / sy, "A", "P"),   # superior at top, anterior on the left
     ]
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), facecolor="black")
-    for ax, (name, take, aspect) in zip(axes, planes, strict=True):
+    for ax, (name, take, aspect, left, right) in zip(axes, planes, strict=True):
         ax.imshow(take(arr), cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
         if mask_arr is not None:
             m = take(mask_arr)
             if m.any():
                 ax.contour(m, levels=[0.5], colors="red", linewidths=1.0)
         ax.set_title(name, color="white", fontsize=9)
+        for x, text, ha in ((0.01, left, "left"), (0.99, right, "right")):
+            ax.text(x, 0.5, text, color="yellow", fontsize=9, ha=ha, va="center", transform=ax.transAxes)
         ax.axis("off")
     if title:
         fig.suptitle(title, color="white", fontsize=10)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=80, facecolor="black")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, out)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, facecolor="black", format="png"), ".png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out

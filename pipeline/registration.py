@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -59,6 +61,8 @@ __all__ = [
     "write_transform_atomic",
     "file_sha256",
 ]
+
+logger = logging.getLogger(__name__)
 
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline, "nearest": sitk.sitkNearestNeighbor}
 
@@ -128,11 +132,30 @@ class RegistrationSettings:
             raise InputError(None, "shrink_factors and smoothing_sigmas need one value per level")
         if self.skull_strip not in _SKULL_STRIP:
             raise InputError(None, f"skull_strip must be one of {_SKULL_STRIP}, got {self.skull_strip!r}")
+        if self.working_spacing <= 0 or not 0 < self.sampling_percentage <= 1 or self.iterations < 1:
+            raise InputError(None, "registration settings: working_spacing must be > 0, sampling_percentage in "
+                                   "(0, 1] and iterations >= 1")
+        lo, hi = self.initial_scale_range
+        if not 0 < lo <= hi:
+            raise InputError(None, f"registration settings: initial_scale_range must be 0 < low <= high, got "
+                                   f"{self.initial_scale_range}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RegistrationSettings:
+        """Settings from a config dict (lists become tuples); an unknown key is an ``InputError``."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(None, f"unknown registration setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     def key(self) -> str:
-        """Hex digest (16 chars) of every setting except ``threads`` (it does not change the result's meaning)."""
+        """Hex digest (16 chars) of every setting except ``threads`` (it does not change the result's
+        meaning); ``skull_strip="auto"`` counts as the method it resolves to on this machine."""
         d = asdict(self)
         d.pop("threads")
+        if d["skull_strip"] == "auto":
+            d["skull_strip"] = "deepbet" if deepbet_available() else "morphology"
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -288,6 +311,10 @@ def _moving_brain(native: sitk.Image, working: sitk.Image, head: sitk.Image,
         except ImportError:
             if method == "deepbet":
                 raise InputError(None, "skull_strip='deepbet' needs the deepbet package (pip install deepbet)") from None
+            mask = None
+        except Exception as exc:  # the network failed on this scan: morphology instead, as documented
+            logger.warning("deepbet brain extraction failed (%s): morphological brain estimate used instead",
+                           str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
             mask = None
         if mask is not None and _plausible_brain(mask):
             on_working = sitk.Resample(sitk.Cast(mask, sitk.sitkFloat32), working, sitk.Transform(), sitk.sitkLinear)
@@ -486,13 +513,19 @@ def register_to_atlas(moving: sitk.Image, atlas: Atlas, settings: RegistrationSe
     moving_n = _normalise(moving, head, s.clip_percentiles)
     brain = _moving_brain(native, moving_n, head, s)
     masked = sitk.Mask(moving_n, brain)
-    start = _initial_transform(fixed, fixed_brain, fixed_mask, masked, brain, s)
-    transform = _run_stages(fixed, fixed_mask, masked, None, start, s.stages, s)
-    for _ in range(s.refine_passes):
-        back = map_to_native(fixed_brain, transform, moving, is_mask=True)  # on the working grid
-        back = _grow(back, s.refine_dilation)
-        masked = sitk.Mask(moving_n, sitk.And(back, brain))
-        transform = _run_stages(fixed, fixed_mask, masked, None, transform, s.stages[-1:], s)
+    try:
+        start = _initial_transform(fixed, fixed_brain, fixed_mask, masked, brain, s)
+        transform = _run_stages(fixed, fixed_mask, masked, None, start, s.stages, s)
+        for _ in range(s.refine_passes):
+            back = map_to_native(fixed_brain, transform, moving, is_mask=True)  # on the working grid
+            back = _grow(back, s.refine_dilation)
+            masked = sitk.Mask(moving_n, sitk.And(back, brain))
+            transform = _run_stages(fixed, fixed_mask, masked, None, transform, s.stages[-1:], s)
+    except RuntimeError as exc:  # ITK optimiser failures, e.g. too little overlap with the atlas
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        detail = next((ln for ln in reversed(lines) if not ln.startswith("Exception thrown")), lines[-1] if lines else "")
+        raise InputError(None, f"registration to the atlas failed: {detail[:200]} (is the scan a brain MRI "
+                               "volume with enough of the head in view?)") from None
     return to_affine(transform)
 
 

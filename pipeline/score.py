@@ -54,6 +54,9 @@ def score_predictions(pred_dir: str | Path, datalist: str | Path, ids: list[str]
         row = rows[case.id]
         entry: dict = {"id": case.id, "status": row.get("status", "")}
         seg_path = pred_dir / case.id / "seg.nii.gz"
+        if entry["status"] != "ok":  # a failed case has no prediction to score; counted apart
+            cases.append(entry)
+            continue
         if case.label is not None and seg_path.is_file():
             truth = read_mask(case.label)
             pred = read_mask(seg_path, reference=truth, reference_path=case.label)  # same grid, or an error
@@ -71,6 +74,7 @@ def score_predictions(pred_dir: str | Path, datalist: str | Path, ids: list[str]
             recalls.append(np.mean([c["predicted_class"] == name for c in of_class]))
     return {
         "n": len(cases),
+        "n_failed": sum(c["status"] != "ok" for c in cases),
         "dice": float(np.mean(dices)) if dices else None,
         "dice_std": float(np.std(dices)) if dices else None,
         "accuracy": float(np.mean([c["predicted_class"] == c["true_class"] for c in classified])) if classified else None,
@@ -86,13 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", help="split file to take the case ids from")
     p.add_argument("--part", default="test", help="part of the split (default test)")
     a = p.parse_args(argv)
-    ids = load_splits(a.split)[0][a.part] if a.split else None
+    ids = None
+    if a.split:
+        split = load_splits(a.split)[0]
+        if a.part not in split:
+            raise InputError(a.split, f"no part {a.part!r} in the split; parts: {[k for k in split if k != 'name']}")
+        ids = split[a.part]
     s = score_predictions(a.predictions, a.datalist, ids)
     write_text_atomic(Path(a.predictions) / "score.json", json.dumps(s, indent=1))
 
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
-    print(f"native space, {s['n']} cases: Dice {fmt(s['dice'])} (sd {fmt(s['dice_std'])}), "
+    failed = f" ({s['n_failed']} failed, not scored)" if s["n_failed"] else ""
+    print(f"native space, {s['n']} cases{failed}: Dice {fmt(s['dice'])} (sd {fmt(s['dice_std'])}), "
           f"accuracy {fmt(s['accuracy'])}, balanced accuracy {fmt(s['balanced_accuracy'])}")
     return 0

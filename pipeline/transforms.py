@@ -106,7 +106,7 @@ class RegisterToAtlasd(MapTransform):
         self._atlas_spec = (None if atlas is None or isinstance(atlas, Atlas) else str(atlas),
                             None if atlas_mask is None else str(atlas_mask), atlas_spacing)
         if isinstance(settings, Mapping):  # from a bundle config
-            settings = RegistrationSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+            settings = RegistrationSettings.from_dict(settings)
         self.settings = settings or RegistrationSettings()
         self.cache = RegistrationCache(Path(cache_dir))
         self.already_registered = already_registered
@@ -133,19 +133,28 @@ class RegisterToAtlasd(MapTransform):
             return self._pass_through(d)
         return self._register(d)
 
+    def _inputs_exist(self, d: dict[Hashable, Any]) -> None:
+        for key in (self.image_key, *self.mask_keys):
+            if d.get(key) not in (None, "") and not Path(d[key]).exists():
+                raise InputError(d[key], f"{'image' if key == self.image_key else 'mask'} file not found")
+
     def _pass_through(self, d: dict[Hashable, Any]) -> dict[Hashable, Any]:
+        self._inputs_exist(d)
         path = Path(d[self.image_key])
+        for p in (path, *(Path(d[k]) for k in self.mask_keys if d.get(k) not in (None, ""))):
+            meta = native_meta(p)
+            ref = sitk.Image([int(v) for v in meta["size"]], sitk.sitkUInt8)
+            ref.SetSpacing(meta["spacing"])
+            ref.SetOrigin(meta["origin"])
+            ref.SetDirection(meta["direction"])
+            check_on_atlas_grid(ref, self.atlas, p)
         meta = native_meta(path)
-        ref = sitk.Image([int(v) for v in meta["size"]], sitk.sitkUInt8)
-        ref.SetSpacing(meta["spacing"])
-        ref.SetOrigin(meta["origin"])
-        ref.SetDirection(meta["direction"])
-        check_on_atlas_grid(ref, self.atlas, path)
         d["to_atlas"] = ""
         d["native_meta"] = meta
         return d
 
     def _register(self, d: dict[Hashable, Any]) -> dict[Hashable, Any]:
+        self._inputs_exist(d)
         atlas = self.atlas
         path = Path(d[self.image_key])
         tfm_path = self.cache.path_for(path, atlas, self.settings)

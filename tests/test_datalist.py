@@ -73,6 +73,7 @@ def test_missing_datalist_file(tmp_path):
         ("mask_shape", "mask shape"),
         ("mask_negative", "negative"),
         ("mask_fraction", "non-integer"),
+        ("mask_nan", "NaN"),
     ],
 )
 def test_content_problems_name_the_file(tmp_path, problem, expected):
@@ -91,6 +92,8 @@ def test_content_problems_name_the_file(tmp_path, problem, expected):
         m[0, 0, 0] = -1
     elif problem == "mask_fraction":
         m[0, 0, 0] = 0.5
+    elif problem == "mask_nan":
+        m[0, 0, 0] = np.nan
     write_volume(mask_path, m)
     dl = load_datalist(_write(tmp_path, [{"id": "a", "image": "a/image.nii.gz", "label": "a/mask.nii.gz", "class": 0}]))
     with pytest.raises(InputErrors) as err:
@@ -116,3 +119,27 @@ def test_class_weights_inverse_frequency(tiny_cohort):
     w = class_weights(cases, 3)
     assert w[2] == pytest.approx(4 * w[0]) and w[0] == pytest.approx(w[1])
     assert np.mean(w) == pytest.approx(1.0)
+
+
+def test_float_class_indices_and_unsafe_ids(tiny_cohort):
+    csv = tiny_cohort.parent / "datalist.csv"
+    csv.write_text("id,image,class\nc000,c000/image.nii.gz,1.0\nc001,c001/image.nii.gz,\n")  # as pandas writes
+    assert [c.cls for c in load_datalist(csv).cases] == [1, None]
+    csv.write_text("id,image,class\nc000,c000/image.nii.gz,1.5\n../evil,c001/image.nii.gz,0\n")
+    with pytest.raises(InputErrors) as err:
+        load_datalist(csv)
+    msg = str(err.value)
+    assert "unknown class name '1.5'" in msg and "case '../evil'" in msg and "cannot contain '/'" in msg
+
+
+def test_classes_matched_to_the_model_by_name(tiny_cohort):
+    data = json.loads(tiny_cohort.read_text())
+    data["classes"] = ["other", "BRAF V600E", "BRAF fusion"]  # another order
+    data["training"][0]["class"] = "other"
+    data["training"][1]["class"] = 2
+    tiny_cohort.write_text(json.dumps(data))
+    dl = load_datalist(tiny_cohort).with_classes(["BRAF V600E", "BRAF fusion", "other"])
+    assert dl.classes == ("BRAF V600E", "BRAF fusion", "other")
+    assert dl.cases[0].cls == 2 and dl.cases[1].cls == 1  # 'other' and 'BRAF fusion' in the model's order
+    with pytest.raises(InputError, match=r"classes \['other'\] of the datalist are not among"):
+        load_datalist(tiny_cohort).with_classes(["BRAF V600E", "BRAF fusion"])

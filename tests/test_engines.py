@@ -16,10 +16,13 @@ from pipeline.engines import (
     AtomicCheckpointSaver,
     ClassificationMetrics,
     MultiTaskPrepareBatch,
+    cosine_schedule,
     labelled_cls,
     labelled_seg,
     latest_checkpoint,
+    resumable,
 )
+from pipeline.errors import InputError
 
 
 def run_metric(probs: torch.Tensor, target: torch.Tensor, has_class: torch.Tensor, batch: int = 5) -> dict:
@@ -54,6 +57,57 @@ def test_auc_nan_with_one_class():
     probs = torch.softmax(torch.randn(6, 3), 1)
     m = run_metric(probs, torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.long))
     assert math.isnan(m["val_auc"]) and 0 <= m["val_accuracy"] <= 1
+
+
+def test_single_metric_mode_and_no_labelled_case():
+    probs = torch.softmax(torch.randn(8, 3), 1)
+    target = torch.randint(0, 3, (8,))
+    engine = Engine(lambda e, i: {"pred": {"seg": None, "cls": probs}, "label": {"class": target,
+                                                                                  "has_class": torch.ones(8)}})
+    ClassificationMetrics(3, metric="balanced_accuracy").attach(engine, "val_balanced_accuracy")
+    engine.run([0], max_epochs=1)
+    assert engine.state.metrics["val_balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(target.numpy(), probs.argmax(1).numpy()))
+    m = run_metric(probs, target, torch.zeros(8, dtype=torch.long))  # a split where no case has a class
+    assert all(math.isnan(m[k]) for k in ("val_accuracy", "val_balanced_accuracy", "val_auc"))
+    with pytest.raises(ValueError, match="metric must be one of"):
+        ClassificationMetrics(3, metric="f1")
+
+
+def test_cosine_schedule_follows_the_current_epoch_count_after_a_resume():
+    def lr_at(epochs: int, start_state=None, steps: int = 0) -> tuple[float, dict]:
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = cosine_schedule(opt, epochs, final_fraction=0.1)
+        if start_state is not None:
+            sched.load_state_dict(start_state)
+        for _ in range(steps):
+            opt.step()
+            sched.step()
+        return opt.param_groups[0]["lr"], sched.state_dict()
+
+    lr, state = lr_at(10, steps=5)
+    assert lr == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))  # half-way: 0.55
+    assert lr_at(10, steps=10)[0] == pytest.approx(0.1) and lr_at(10, steps=15)[0] == pytest.approx(0.1)
+    resumed, _ = lr_at(20, start_state=state, steps=1)  # the run continued with --epochs 20: epoch 6 of 20
+    assert resumed == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 6 / 20)))
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    sched = cosine_schedule(opt, 4, final_fraction=1.0)  # the study: constant
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+def test_resumable_keeps_what_the_checkpoint_holds(tmp_path):
+    net, engine = torch.nn.Linear(2, 1), Engine(lambda e, b: None)
+    torch.save({"network": net.state_dict(), "trainer": engine.state_dict()}, tmp_path / "old.pt")
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    objs = {"network": net, "trainer": engine, "scaler": scaler}
+    assert resumable(tmp_path / "old.pt", objs) == {"network": net, "trainer": engine}
+    assert resumable(None, objs) is objs
+    torch.save({"w": 1}, tmp_path / "other.pt")
+    with pytest.raises(InputError, match="not a resumable training checkpoint"):
+        resumable(tmp_path / "other.pt", objs)
 
 
 def test_output_transforms_drop_unlabelled():

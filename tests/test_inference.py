@@ -102,15 +102,19 @@ def test_find_cases_rules(tmp_path):
         for n in names:
             (tmp_path / sub / n).touch()
     cases = {c.id: c for c in find_cases(tmp_path, exclude=[tmp_path / "out"])}
-    assert sorted(cases) == ["a", "b", "p1", "p2", "p3"]  # "empty" skipped, "out" excluded, hidden ignored
+    assert sorted(cases) == ["a", "b", "empty", "p1", "p2", "p3"]  # "out" excluded, hidden ignored
     assert cases["p1"].path.name == "P1_FLAIR.nii.gz" and cases["p2"].path.name == "t2f.nii.gz"
     assert cases["p3"].problem and "2 entries match" in cases["p3"].problem
-    assert find_cases(tmp_path, pattern="t1n*", exclude=[tmp_path / "out"])[2].path.name == "t1n.nii.gz"
+    assert "nothing in this folder matches" in cases["empty"].problem  # reported as failed, not dropped
+    by_t1n = {c.id: c for c in find_cases(tmp_path, pattern="t1n*", exclude=[tmp_path / "out"])}
+    assert by_t1n["p2"].path.name == "t1n.nii.gz" and by_t1n["p1"].problem
     (tmp_path / "a.nii").touch()
     with pytest.raises(InputError, match="same case id"):
         find_cases(tmp_path)
     with pytest.raises(InputError, match="no input volumes"):
         find_cases(tmp_path / "empty")
+    with pytest.raises(InputError, match="input folder not found"):
+        find_cases(tmp_path / "nowhere")
     with pytest.raises(InputError, match="either --input_dir"):
         find_cases(None, None)
 
@@ -269,8 +273,6 @@ def test_native_geometry_for_las_ras_lps_and_dicom_inputs(trained, tmp_path, mon
 def test_tta_is_mean_of_flipped_predictions(trained, tmp_path, monkeypatch):
     from monai.inferers import sliding_window_inference
 
-    from pipeline.predict import crop_patch, tumour_patch_center
-
     runner, _ = build(trained, monkeypatch, input_dir=str(trained["cohort"]), output_dir=str(tmp_path),
                       tta_flips=[[0], [1, 2]], sw_overlap=0.5, keep_largest_component=False)
     net, cfg = runner.network, runner.inferer.cfg
@@ -285,8 +287,15 @@ def test_tta_is_mean_of_flipped_predictions(trained, tmp_path, monkeypatch):
         seg = torch.stack([flip(torch.sigmoid(sliding_window_inference(
             flip(x, f), [16, 16, 16], 4, lambda v: net(v)[0], overlap=0.5, mode="gaussian")), f)
             for f in ((), (0,), (1, 2))]).mean(0)
-        patch = crop_patch(x[0], tumour_patch_center(seg[0], 0.5), [16, 16, 16])[None]
-        cls = torch.stack([torch.softmax(net(flip(patch, f))[1], 1) for f in ((), (0,), (1, 2))]).mean(0)
+        # the classifier's patch: 16-cubed, centred on the predicted tumour's centre of mass
+        # (most probable voxel if none), shifted to stay inside the 20 x 26 x 18 volume
+        prob = seg[0, 0].numpy()
+        centre = np.argwhere(prob >= 0.5).mean(0) if (prob >= 0.5).any() else \
+            np.array(np.unravel_index(prob.argmax(), prob.shape), float)
+        lo = [int(np.clip(round(c) - 8, 0, n - 16)) for c, n in zip(centre, prob.shape, strict=True)]
+        patch = x[:, :, lo[0]:lo[0] + 16, lo[1]:lo[1] + 16, lo[2]:lo[2] + 16]
+        # the class follows the location: only the flips within training's flip_axes ([0]) are averaged
+        cls = torch.stack([torch.softmax(net(flip(patch, f))[1], 1) for f in ((), (0,))]).mean(0)
     assert torch.allclose(pred["seg"], seg, atol=1e-6)
     assert torch.allclose(pred["cls"], cls, atol=1e-6)
     single = runner.inferer.__class__([16, 16, 16], 4, 0.5, keep_largest=False)(x, net)["seg"]
@@ -335,3 +344,32 @@ def test_real_flairs_in_one_run(trained, real_data, tmp_path, monkeypatch):
         src, seg = nib.load(real_data / REAL_FLAIRS[row["id"]]), nib.load(out / row["id"] / "seg.nii.gz")
         assert seg.shape == src.shape and np.array_equal(seg.affine, src.affine)
         assert (out / row["id"] / "qc.png").is_file()
+
+
+@pytest.mark.parametrize("kind", ["2-D", "NaN", "constant"])
+def test_bad_case_fails_alone_and_leaves_no_stale_outputs(trained, tmp_path, monkeypatch, kind):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    copy_case(trained, "c002", inputs / "c002.nii.gz")
+    copy_case(trained, "c003", inputs / "c003.nii.gz")
+    runner, cases = build(trained, monkeypatch, input_dir=str(inputs), output_dir=str(out))
+    assert [r["status"] for r in runner.run(cases)] == ["ok", "ok"]
+    assert (out / "c003" / "seg.nii.gz").exists()
+
+    # c003 is replaced by a bad file: the re-run fails it and removes the earlier outputs
+    src = nib.load(inputs / "c003.nii.gz")
+    data = np.asarray(src.dataobj, dtype=np.float32)
+    if kind == "2-D":
+        bad = nib.Nifti1Image(data[:, :, data.shape[2] // 2], src.affine)
+    elif kind == "NaN":
+        data[3, 3, 3] = np.nan
+        bad = nib.Nifti1Image(data, src.affine)
+    else:
+        bad = nib.Nifti1Image(np.full(data.shape, 7.0, np.float32), src.affine)
+    nib.save(bad, inputs / "c003.nii.gz")
+    runner, cases = build(trained, monkeypatch, input_dir=str(inputs), output_dir=str(out))
+    rows = {r["id"]: r for r in runner.run(cases)}
+    assert rows["c002"]["status"] == "ok" and rows["c002"]["reused"]
+    assert rows["c003"]["status"].startswith("failed: "), rows["c003"]
+    assert str(inputs / "c003.nii.gz") in rows["c003"]["input"]
+    assert not any((out / "c003").glob("*")), list((out / "c003").glob("*"))  # no mask beside 'failed'
+    assert {r["id"]: r["status"][:6] for r in read_report(out)} == {"c002": "ok", "c003": "failed"}

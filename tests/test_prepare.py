@@ -83,6 +83,18 @@ def test_prepare_end_to_end_with_a_bad_case_and_resume(tmp_path: Path, capsys) -
     assert "0 registered, 2 already done, 1 failed of 3" in capsys.readouterr().out
     assert (out / "c1" / "to_atlas.tfm").stat().st_mtime_ns == stamp
 
+    # another grid: nothing may be kept from the first run
+    other = ["prepare", "--datalist", str(datalist), "--out", str(out), "--spacing", str(SPACING + 1),
+             "--skull-strip", "morphology"]
+    assert cli(other) == 1
+    assert "2 registered, 0 already done, 1 failed of 3" in capsys.readouterr().out
+    assert sitk.ReadImage(str(out / "c1" / "image.nii.gz")).GetSize() == load_atlas(spacing=SPACING + 1).image.GetSize()
+    # a changed input is registered again, the unchanged one is not
+    write_scan(tmp_path / "in" / "c2" / "flair.nii.gz", 3.0)
+    assert cli(other) == 1
+    assert "1 registered, 1 already done, 1 failed of 3" in capsys.readouterr().out
+    assert oct((out / "datalist.json").stat().st_mode & 0o777) == "0o644"
+
 
 def test_prepare_csv_datalist(tmp_path: Path, capsys) -> None:
     write_scan(tmp_path / "x" / "flair.nii.gz", 0.0)

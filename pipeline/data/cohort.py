@@ -67,6 +67,7 @@ def load_cohort(
     seed: int = 0,
     validate: bool = True,
     brain_mask: str | None = None,
+    class_names: list[str] | tuple[str, ...] | None = None,
 ) -> Cohort:
     """Validate a datalist and return the items of one train/val/test split.
 
@@ -80,6 +81,8 @@ def load_cohort(
         ratios, seed: how a new split is made.
         validate: open every image/mask and check it (NaN, 3-D, mask grid/values).
         brain_mask: path added to every item as ``brain`` (see :func:`atlas_brain_mask_file`).
+        class_names: the model's classes (config ``class_names``); the datalist's classes are
+            matched to them by name (another order is fine, an unknown class is an error).
 
     Raises:
         InputError / InputErrors: bad datalist, files or split.
@@ -87,6 +90,8 @@ def load_cohort(
     if not datalist:
         raise InputError(None, "no datalist given: pass --datalist PATH (JSON or CSV)")
     dl = load_datalist(datalist)
+    if class_names is not None:
+        dl = dl.with_classes(class_names)
     if validate:
         validate_datalist(dl)
     own = Path(output_dir) / "split.json"

@@ -61,6 +61,23 @@ class Datalist:
     def by_id(self) -> dict[str, Case]:
         return {c.id: c for c in self.cases}
 
+    def with_classes(self, names: list[str] | tuple[str, ...]) -> Datalist:
+        """The same datalist with class indices re-expressed in the order of ``names`` (the
+        model's classes, matched by name, case-insensitively).
+
+        Raises:
+            InputError: a class of the datalist is not among ``names``.
+        """
+        lookup = {n.lower(): i for i, n in enumerate(names)}
+        unknown = [c for c in self.classes if c.lower() not in lookup]
+        if unknown:
+            raise InputError(self.path, f"classes {unknown} of the datalist are not among the model's class_names "
+                                        f"{list(names)}: fix the datalist's 'classes' or set --class_names")
+        order = [lookup[c.lower()] for c in self.classes]
+        cases = tuple(Case(c.id, c.image, c.label, None if c.cls is None else order[c.cls], c.extra)
+                      for c in self.cases)
+        return Datalist(self.path, tuple(names), cases, self.meta)
+
     def subset(self, ids: list[str]) -> list[Case]:
         """Cases with these ids, in the given order."""
         index = self.by_id()
@@ -70,6 +87,13 @@ class Datalist:
         return [index[i] for i in ids]
 
 
+def _whole_number(text: str) -> bool:
+    try:
+        return float(text.strip()).is_integer()
+    except ValueError:
+        return False
+
+
 def _parse_class(value: Any, classes: tuple[str, ...], where: str, path: Path) -> tuple[int | None, InputError | None]:
     if value is None or (isinstance(value, str) and value.strip() == ""):
         return None, None
@@ -77,8 +101,8 @@ def _parse_class(value: Any, classes: tuple[str, ...], where: str, path: Path) -
         return None, InputError(path, f"{where}: class {value!r} is not an index or a class name")
     if isinstance(value, int | float) and float(value).is_integer():
         idx = int(value)
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        idx = int(value.strip())
+    elif isinstance(value, str) and _whole_number(value):
+        idx = int(float(value.strip()))  # "1" or "1.0" (a CSV written by pandas with blank cells)
     elif isinstance(value, str):
         names = {c.lower(): i for i, c in enumerate(classes)}
         if value.strip().lower() not in names:
@@ -150,6 +174,10 @@ def load_datalist(path: str | Path, check_files: bool = True) -> Datalist:
         cid = str(row.get("id") or (Path(str(image)).name.split(".")[0] if image else f"#{n}"))
         where = f"case {cid!r}"
         seen[cid] += 1
+        if any(sep in cid for sep in ("/", "\\")) or cid in (".", ".."):
+            errors.append(InputError(path, f"{where}: an id names the case's output folder, so it cannot "
+                                           "contain '/' or '\\' or be '.' or '..'"))
+            continue
         if not image:
             errors.append(InputError(path, f"{where}: no 'image'"))
             continue
