@@ -68,7 +68,17 @@ class MultiTaskPrepareBatch(PrepareBatch):
     """Batch dict -> ``(image, {"label", "class", "has_label", "has_class"})`` on ``device``.
 
     Missing keys get defaults: every mask present, class ``-1`` (unknown).
+
+    Args:
+        cls_needs_tumour: training on patches: a patch of a case with a mask that holds no
+            tumour voxel gets ``has_class = 0``, so the classifier learns the tumour's class from
+            patches that show the tumour (a background patch carries no evidence of its genotype,
+            and at validation/inference the classifier only sees tumour-centred patches). Cases
+            without a mask keep their class.
     """
+
+    def __init__(self, cls_needs_tumour: bool = False) -> None:
+        self.cls_needs_tumour = cls_needs_tumour
 
     def __call__(self, batchdata: dict[str, Any], device: str | torch.device | None = None,
                  non_blocking: bool = False, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -83,6 +93,10 @@ class MultiTaskPrepareBatch(PrepareBatch):
             "has_label": torch.as_tensor(batchdata.get("has_label", [1] * b)).view(-1).to(device),
             "has_class": torch.as_tensor(batchdata.get("has_class", [1] * b)).view(-1).to(device),
         }
+        if self.cls_needs_tumour:
+            shows_tumour = (target["label"] > 0).flatten(1).any(1)
+            target["has_class"] = target["has_class"] * (shows_tumour | (target["has_label"] == 0)).to(
+                target["has_class"].dtype)
         return image, target
 
 

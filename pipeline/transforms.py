@@ -176,3 +176,4 @@ class RegisterToAtlasd(MapTransform):
         d["to_atlas"] = str(tfm_path)
         d["native_meta"] = native_meta(path, image)
         return d
+

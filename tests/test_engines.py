@@ -180,6 +180,17 @@ def test_checkpoint_saver_is_atomic(tmp_path):
     assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=2.pt")
 
 
+def test_prepare_batch_drops_the_class_of_patches_without_tumour():
+    label = torch.zeros(3, 1, 4, 4, 4)
+    label[0, 0, 1, 1, 1] = 1  # patch 0 shows tumour, patch 1 does not, case 2 has no mask at all
+    batch = {"image": torch.randn(3, 1, 4, 4, 4), "label": label, "class": torch.tensor([0, 1, 2]),
+             "has_label": torch.tensor([1, 1, 0]), "has_class": torch.tensor([1, 1, 1])}
+    _, y = MultiTaskPrepareBatch(cls_needs_tumour=True)(batch, "cpu")
+    assert y["has_class"].tolist() == [1, 0, 1]
+    _, y = MultiTaskPrepareBatch()(batch, "cpu")
+    assert y["has_class"].tolist() == [1, 1, 1]
+
+
 def test_fill_missing_mask():
     img = torch.rand(1, 4, 4, 4)
     out = FillMissingMaskd("label")({"image": img, "label": img.clone(), "has_label": 0})
