@@ -12,7 +12,9 @@ increase (ru_maxrss); on CUDA, torch.cuda.max_memory_allocated.
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,24 +76,43 @@ def time_steps(net: torch.nn.Module, multitask: bool, batch: int, patch: list[in
     return sorted(times)[len(times) // 2], mem
 
 
+def build_networks(overlay: str) -> tuple[dict[str, torch.nn.Module], int, list[int]]:
+    """The multi-task network of the config and the plain SegResNet of the same sizes."""
+    p = parse(overlay)
+    patch = list(p.get_parsed_content("patch_size"))
+    batch = int(p.get_parsed_content("batch_size")) * int(p.get_parsed_content("num_samples"))
+    mt = p.get_parsed_content("network_def")
+    plain = SegResNet(init_filters=mt.init_filters, in_channels=1, out_channels=1,
+                      blocks_down=tuple(mt.blocks_down), blocks_up=tuple(mt.blocks_up))
+    return {"MultiTaskSegResNet": mt, "SegResNet (plain)": plain}, batch, patch
+
+
+def measure_one(overlay: str, name: str, device: torch.device, iters: int, amp: bool, batch: int) -> dict:
+    nets, _, patch = build_networks(overlay)
+    torch.manual_seed(0)
+    s, mem = time_steps(nets[name], name.startswith("MultiTask"), batch, patch, device, amp, iters)
+    return {"s": s, "mem": mem, "params": sum(q.numel() for q in nets[name].parameters()), "patch": patch}
+
+
 def bench_networks(device: torch.device, iters: int, amp: bool, overlays: list[str], cpu_paper_batch: int = 1) -> None:
+    """On CPU each measurement runs in a fresh process: the peak RSS (ru_maxrss) only ever grows,
+    so in one process the second network's peak would hide behind the first one's."""
     print(f"{'config':8} {'network':24} {'params':>11} {'batch x patch':>22} {'s/iter':>8} {'peak MB':>9}")
     for overlay in overlays:
-        p = parse(overlay)
-        patch = list(p.get_parsed_content("patch_size"))
-        batch = int(p.get_parsed_content("batch_size")) * int(p.get_parsed_content("num_samples"))
+        nets, batch, patch = build_networks(overlay)
         if overlay == "paper.json" and device.type == "cpu" and cpu_paper_batch:
             batch = cpu_paper_batch  # the study's batch of 4 x 128x128x112 needs > 24 GB in fp32 on CPU
-        mt = p.get_parsed_content("network_def")
-        plain = SegResNet(init_filters=mt.init_filters, in_channels=1, out_channels=1,
-                          blocks_down=tuple(mt.blocks_down), blocks_up=tuple(mt.blocks_up))
         rows = []
-        for name, net, multitask in (("MultiTaskSegResNet", mt, True), ("SegResNet (plain)", plain, False)):
-            torch.manual_seed(0)
-            s, mem = time_steps(net, multitask, batch, patch, device, amp, iters)
-            n = sum(q.numel() for q in net.parameters())
-            rows.append(s)
-            print(f"{overlay[:-5]:8} {name:24} {n:>11,} {f'{batch} x {patch}':>22} {s:>8.3f} {mem:>9.0f}")
+        for name in nets:
+            if device.type == "cpu":
+                cmd = [sys.executable, __file__, "--one", overlay, name, str(batch), "--iters", str(iters),
+                       "--device", "cpu"]
+                r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            else:
+                r = measure_one(overlay, name, device, iters, amp, batch)
+            rows.append(r["s"])
+            print(f"{overlay[:-5]:8} {name:24} {r['params']:>11,} {f'{batch} x {patch}':>22} {r['s']:>8.3f} "
+                  f"{r['mem']:>9.0f}", flush=True)
         print(f"{'':8} classifier overhead: {100 * (rows[0] / rows[1] - 1):+.1f} % time per iteration")
 
 
@@ -127,8 +148,12 @@ def main() -> None:
     ap.add_argument("--skip-data", action="store_true")
     ap.add_argument("--cpu-paper-batch", type=int, default=1,
                     help="batch for the paper sizes on CPU (0 = the config's 4; needs > 24 GB)")
+    ap.add_argument("--one", nargs=3, metavar=("OVERLAY", "NETWORK", "BATCH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     device = torch.device(a.device)
+    if a.one:  # one measurement in this (fresh) process, as JSON
+        print(json.dumps(measure_one(a.one[0], a.one[1], device, a.iters, a.amp, int(a.one[2]))))
+        return
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, amp {a.amp}")
     bench_networks(device, a.iters, a.amp, ["demo.json"] + ([] if a.skip_paper else ["paper.json"]), a.cpu_paper_batch)
     if not a.skip_data:

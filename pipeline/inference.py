@@ -94,7 +94,10 @@ def load_network(network: torch.nn.Module, ckpt: str | Path | None, device: str 
     if not path.is_file():
         raise InputError(path, "checkpoint not found (pass --ckpt PATH)")
     if path.suffix == ".ts":
-        return torch.jit.load(str(path), map_location=device).eval()
+        try:
+            return torch.jit.load(str(path), map_location=device).eval()
+        except Exception as exc:  # noqa: BLE001 - any loading problem is a bad file
+            raise InputError(path, f"cannot be read as a TorchScript model: {str(exc).splitlines()[0][:200]}") from None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file
@@ -235,6 +238,8 @@ class FolderInference:
         reg = self._registerer
         doc = {"ckpt": _file_stamp(self.options.ckpt), "predict": repr(asdict(self.inferer.cfg)),
                "registration": reg.settings.key(), "already_registered": reg.already_registered,
+               "interpolator": reg.interpolator,
+               "normalisation": [type(t).__name__ for t in getattr(self.normalise, "transforms", [])],
                "atlas": reg.atlas.fingerprint(), "brain_mask": self.options.brain_mask,
                "classes": self.options.class_names, "prob": self.options.write_prob, "qc": self.options.qc}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -298,10 +303,15 @@ class FolderInference:
         """Native-space Dice against a datalist's mask, and the true class, when given."""
         out: dict[str, Any] = {}
         if case.label is not None:
-            truth = sitk.GetArrayViewFromImage(read_mask(case.label, image, case.path)) > 0
-            pred = sitk.GetArrayViewFromImage(seg) > 0
-            denom = int(truth.sum()) + int(pred.sum())
-            out["dice"] = round(2.0 * int((truth & pred).sum()) / denom, 4) if denom else 1.0
+            try:
+                truth = sitk.GetArrayViewFromImage(read_mask(case.label, image, case.path)) > 0
+            except InputError as exc:  # a bad ground truth does not cost the case its prediction
+                out["dice_error"] = str(exc)[:300]
+                truth = None
+            if truth is not None:
+                pred = sitk.GetArrayViewFromImage(seg) > 0
+                denom = int(truth.sum()) + int(pred.sum())
+                out["dice"] = round(2.0 * int((truth & pred).sum()) / denom, 4) if denom else 1.0
         if case.true_class is not None:
             out["true_class"] = case.true_class
         return out

@@ -89,12 +89,15 @@ def test_train_two_iterations_then_evaluate(cohort, overlay, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"dice", "accuracy", "balanced_accuracy", "auc"} <= set(metrics)
     assert 0.0 <= metrics["dice"] <= 1.0 and metrics["n_cases"] == 1
+    assert metrics["accuracy"] in (0.0, 1.0) and metrics["balanced_accuracy"] == metrics["accuracy"]  # one case
     assert (run / "cases.csv").read_text().startswith("id,dice")
 
 
 def test_killed_training_resumes_at_saved_epoch(cohort, overlay, tmp_path):
     run = tmp_path / "run"
-    proc = bundle(["training"], [TRAIN, "configs/demo.json"], overlay, datalist=cohort, output_dir=run, epochs=50)
+    # the key metric may be any validation metric; the best model follows it across the resume
+    proc = bundle(["training"], [TRAIN, "configs/demo.json"], overlay, datalist=cohort, output_dir=run, epochs=50,
+                  key_metric="val_balanced_accuracy")
     deadline = time.time() + 240
     ckpt_dir = run / "models"
     while time.time() < deadline and not list(ckpt_dir.glob("checkpoint_epoch=*.pt")):
@@ -109,11 +112,12 @@ def test_killed_training_resumes_at_saved_epoch(cohort, overlay, tmp_path):
     assert epoch < 50
 
     out = finish(bundle(["training"], [TRAIN, "configs/demo.json"], overlay, datalist=cohort, output_dir=run,
-                        epochs=epoch + 1))
+                        epochs=epoch + 1, key_metric="val_balanced_accuracy"))
     assert f"Restored all variables from {ckpt_dir / f'checkpoint_epoch={epoch}.pt'}" in out, out[-3000:]
     assert f"Epoch: {epoch + 1}/{epoch + 1}, Iter: 1/2" in out
     assert f"Epoch: 1/{epoch + 1}," not in out  # nothing re-trained from the start
     assert (ckpt_dir / f"checkpoint_epoch={epoch + 1}.pt").exists()
+    assert (ckpt_dir / "model.pt").exists() and "Key metric: val_balanced_accuracy" in out
 
 
 def test_bad_input_stops_before_training_with_clear_message(cohort, overlay, tmp_path):

@@ -67,3 +67,12 @@ def test_bad_inputs():
         kfold_split(cohort(4, 0), k=5)
     with pytest.raises(InputError, match="split file not found"):
         load_splits("/nonexistent/split.json")
+
+
+def test_overlapping_split_file_is_rejected(tmp_path):
+    import json
+
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"splits": [{"name": "x", "train": ["a", "b"], "val": ["c"], "test": ["b"]}]}))
+    with pytest.raises(InputError, match=r"ids in both train and test: \['b'\]"):
+        load_splits(path)

@@ -8,6 +8,7 @@ and writes the atlas brain mask next to the run's cache so the transform chain c
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from pipeline.data.splits import load_splits, ratio_split, save_splits
 from pipeline.errors import InputError
 
 __all__ = ["Cohort", "load_cohort", "atlas_brain_mask_file"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,6 +108,10 @@ def load_cohort(
         split = {"name": f"seed{seed}", **ratio_split(dl.cases, ratios, seed)}
         save_splits(own, [split], kind="ratio", ratios=list(ratios), seed=seed, datalist=str(dl.path))
         source = own
+    unassigned = set(dl.by_id()) - set(split["train"]) - set(split["val"]) - set(split["test"])
+    if unassigned:  # e.g. cases added to the datalist after the split was made
+        logger.warning("%d case(s) of %s are in no part of split %s and are not used: %s", len(unassigned), dl.path,
+                       source, sorted(unassigned)[:10])
     parts = {k: to_monai_dicts(dl.subset(split[k])) for k in ("train", "val", "test")}
     if brain_mask:
         for items in parts.values():

@@ -139,6 +139,12 @@ def load_splits(path: str | Path) -> list[dict]:
             s["train"], s["val"], s["test"]  # noqa: B018 - presence check
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise InputError(p, f"not a split file written by `python -m pipeline split` ({exc})") from None
+    for k, s in enumerate(splits):
+        parts = {name: set(s[name]) for name in ("train", "val", "test")}
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            shared = parts[a] & parts[b]
+            if shared:  # the same patient on both sides would leak into the evaluation
+                raise InputError(p, f"split {k} ({s.get('name', '')}): ids in both {a} and {b}: {sorted(shared)[:5]}")
     return splits
 
 
