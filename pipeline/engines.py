@@ -343,6 +343,16 @@ class AtomicCheckpointSaver(CheckpointSaver):
             if ckpt is not None:
                 ckpt.save_handler = _SaveThenRemoveDiskSaver(ckpt.save_handler.dirname,
                                                              getattr(ckpt.save_handler, "filename", None))
+        if self._key_metric_checkpoint is not None:
+            # a NaN key metric (no validation case could be scored) would stay "best" for ever, as
+            # nothing compares greater than NaN: count it as the worst score instead
+            score = self._key_metric_checkpoint.score_function
+
+            def finite_score(engine: Engine) -> float:
+                value = score(engine)
+                return -math.inf if value != value else value
+
+            self._key_metric_checkpoint.score_function = finite_score
 
     def state_dict(self) -> dict[str, Any]:
         """The key-metric tracking list (``{"_saved": [(score, filename)]}``), or ``{}``."""

@@ -239,7 +239,13 @@ def test_best_model_tracking_survives_a_resume(tmp_path):
     _validation_run(resumed, net, [0.95])
     assert best() == pytest.approx(0.95)
 
+    _validation_run(resumed, net, [float("nan")])  # no case could be scored: not a new best
+    assert best() == pytest.approx(0.95)
+
     fresh = saver()  # without the state a worse epoch would overwrite the best model
     _validation_run(fresh, net, [0.3])
     assert best() == pytest.approx(0.3)
     assert AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_interval=1).state_dict() == {}
+    nan_first = saver()  # a NaN first epoch is replaced by the first real score
+    _validation_run(nan_first, net, [float("nan"), 0.2])
+    assert best() == pytest.approx(0.2)
