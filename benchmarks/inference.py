@@ -1,10 +1,11 @@
 """Seconds per case of the inference bundle, split into registration, network and writing.
 
 Runs the real ``bundles/plgg_mtl/configs/inference.json`` in-process (:func:`pipeline.inference.runner_from_config`)
-on one 1 mm volume, once with each overlay (``configs/demo.json``: 2 mm atlas, 8 filters, 64-cubed
-patches; ``configs/paper.json``: 1 mm atlas, 32 filters, 128 x 128 x 112 patches), with RANDOMLY
-INITIALISED weights (speed does not depend on them). Each configuration runs twice: the first
-run registers the scan (default registration settings), the second re-uses the cached transform
+on one 1 mm volume, once with each overlay (``configs/demo.json``: 2 mm atlas, 8 filters, 48-cubed
+patches, the demo's quick phantom registration; ``configs/paper.json``: 1 mm atlas, 32 filters,
+128 x 128 x 112 patches, the default registration with deepbet), with RANDOMLY INITIALISED
+weights (speed does not depend on them). Each configuration runs twice: the first run registers
+the scan, the second re-uses the cached transform
 (``--overwrite``), which is what a re-run or a second model on the same scans costs.
 
     python benchmarks/inference.py                      # a 1 mm isotropic synthetic native case, CPU
