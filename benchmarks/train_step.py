@@ -2,18 +2,19 @@
 ``paper.json`` and ``demo.json`` sizes, plus patches per second from the data pipeline on cached
 volumes. Prints a table; not a test.
 
-    python benchmarks/train_step.py [--device cpu|cuda] [--iters 3] [--skip-paper] [--amp]
+    python benchmarks/train_step.py [--device cpu|cuda] [--iters 5] [--skip-paper] [--amp]
 
 Sizes come from the bundle configs themselves (network_def, patch_size, batch_size x num_samples),
 so the figures follow any change made there. On CPU, peak memory is the process's peak RSS
-increase (ru_maxrss); on CUDA, torch.cuda.max_memory_allocated.
+increase (VmHWM, each network in a fresh process); on CUDA, torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,41 +40,46 @@ def parse(overlay: str) -> ConfigParser:
 def peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    # VmHWM: the peak RSS of this process image. ru_maxrss would do, but after fork + exec a child
+    # starts from its parent's peak, which hides the child's own when the parent is larger.
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_steps(net: torch.nn.Module, multitask: bool, batch: int, patch: list[int], device: torch.device,
-               amp: bool, iters: int) -> tuple[float, float]:
-    """Median seconds per Adam step (forward, loss, backward, step) and peak memory in MB."""
-    net = net.to(device).train()
-    opt = torch.optim.Adam(net.parameters(), 1e-4)
-    loss = MultiTaskLoss(cls_weight=0.3 if multitask else 0.0)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
-    x = torch.randn(batch, 1, *patch, device=device)
-    y = (torch.rand(batch, 1, *patch, device=device) > 0.9).float()
-    cls = torch.randint(0, 3, (batch,), device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    base = peak_mb(device)
-    times = []
-    for i in range(iters + 1):
-        if device.type == "cuda":
+class Stepper:
+    """One network's training step (forward, loss, backward, Adam step) on fixed random data."""
+
+    def __init__(self, net: torch.nn.Module, multitask: bool, batch: int, patch: list[int], device: torch.device,
+                 amp: bool) -> None:
+        self.net = net.to(device).train()
+        self.device, self.amp = device, amp and device.type == "cuda"
+        self.opt = torch.optim.Adam(self.net.parameters(), 1e-4)
+        self.loss = MultiTaskLoss(cls_weight=0.3 if multitask else 0.0)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.x = torch.randn(batch, 1, *patch, device=device)
+        self.y = (torch.rand(batch, 1, *patch, device=device) > 0.9).float()
+        self.cls = torch.randint(0, 3, (batch,), device=device)
+
+    def step(self) -> float:
+        """Seconds of one training step."""
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            out = net(x)
+        with torch.autocast(self.device.type, enabled=self.amp):
+            out = self.net(self.x)
             seg, logits = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
-            total = loss.compute(seg, logits, y, cls)["loss"]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(opt)
-        scaler.update()
-        if device.type == "cuda":
+            total = self.loss.compute(seg, logits, self.y, self.cls)["loss"]
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-        if i:  # the first step warms up (allocations, cudnn autotune)
-            times.append(time.perf_counter() - t)
-    mem = peak_mb(device) - (0 if device.type == "cuda" else base)
-    return sorted(times)[len(times) // 2], mem
+        return time.perf_counter() - t
 
 
 def build_networks(overlay: str) -> tuple[dict[str, torch.nn.Module], int, list[int]]:
@@ -87,33 +93,66 @@ def build_networks(overlay: str) -> tuple[dict[str, torch.nn.Module], int, list[
     return {"MultiTaskSegResNet": mt, "SegResNet (plain)": plain}, batch, patch
 
 
-def measure_one(overlay: str, name: str, device: torch.device, iters: int, amp: bool, batch: int) -> dict:
+def training_flops(net: torch.nn.Module, patch: list[int]) -> float:
+    """FLOPs of one forward + backward pass at batch 1, counted on the meta device (no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = copy.deepcopy(net).to("meta")
+    with FlopCounterMode(display=False) as counter:
+        out = net(torch.randn(1, 1, *patch, device="meta"))
+        outs = out if isinstance(out, tuple) else (out,)
+        sum(o.sum() for o in outs if o is not None).backward()
+    return float(counter.get_total_flops())
+
+
+def peak_memory_one(overlay: str, name: str, device: torch.device, amp: bool, batch: int) -> float:
+    """Peak memory (MB) of training steps of one network, in a process of its own on CPU."""
     nets, _, patch = build_networks(overlay)
     torch.manual_seed(0)
-    s, mem = time_steps(nets[name], name.startswith("MultiTask"), batch, patch, device, amp, iters)
-    return {"s": s, "mem": mem, "params": sum(q.numel() for q in nets[name].parameters()), "patch": patch}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base = peak_mb(device)
+    stepper = Stepper(nets[name], name.startswith("MultiTask"), batch, patch, device, amp)
+    stepper.step()
+    stepper.step()
+    return peak_mb(device) - (0 if device.type == "cuda" else base)
 
 
 def bench_networks(device: torch.device, iters: int, amp: bool, overlays: list[str], cpu_paper_batch: int = 1) -> None:
-    """On CPU each measurement runs in a fresh process: the peak RSS (ru_maxrss) only ever grows,
-    so in one process the second network's peak would hide behind the first one's."""
-    print(f"{'config':8} {'network':24} {'params':>11} {'batch x patch':>22} {'s/iter':>8} {'peak MB':>9}")
+    """Time per step with the two networks' steps interleaved (so a drift of the machine's speed
+    hits both alike), the head's share of the FLOPs, and peak memory. On CPU each memory figure
+    comes from a fresh process: the peak RSS only ever grows."""
+    print(f"{'config':8} {'network':24} {'params':>11} {'batch x patch':>22} {'s/iter':>8} {'peak MB':>9} {'GFLOP/step':>11}")
     for overlay in overlays:
         nets, batch, patch = build_networks(overlay)
         if overlay == "paper.json" and device.type == "cpu" and cpu_paper_batch:
             batch = cpu_paper_batch  # the study's batch of 4 x 128x128x112 needs > 24 GB in fp32 on CPU
-        rows = []
-        for name in nets:
+        torch.manual_seed(0)
+        flops = {name: training_flops(net, patch) * batch for name, net in nets.items()}
+        steppers = {name: Stepper(net, name.startswith("MultiTask"), batch, patch, device, amp)
+                    for name, net in nets.items()}
+        times: dict[str, list[float]] = {name: [] for name in nets}
+        for r in range(iters + 1):
+            for name, stepper in steppers.items():
+                t = stepper.step()
+                if r:  # the first round warms up (allocations, cudnn autotune)
+                    times[name].append(t)
+        del steppers
+        medians = {}
+        for name, net in nets.items():
             if device.type == "cpu":
-                cmd = [sys.executable, __file__, "--one", overlay, name, str(batch), "--iters", str(iters),
-                       "--device", "cpu"]
-                r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+                cmd = [sys.executable, __file__, "--memory-of", overlay, name, str(batch), "--device", "cpu"]
+                mem = float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             else:
-                r = measure_one(overlay, name, device, iters, amp, batch)
-            rows.append(r["s"])
-            print(f"{overlay[:-5]:8} {name:24} {r['params']:>11,} {f'{batch} x {patch}':>22} {r['s']:>8.3f} "
-                  f"{r['mem']:>9.0f}", flush=True)
-        print(f"{'':8} classifier overhead: {100 * (rows[0] / rows[1] - 1):+.1f} % time per iteration")
+                mem = peak_memory_one(overlay, name, device, amp, batch)
+            medians[name] = statistics.median(times[name])
+            n = sum(q.numel() for q in net.parameters())
+            print(f"{overlay[:-5]:8} {name:24} {n:>11,} {f'{batch} x {patch}':>22} {medians[name]:>8.3f} {mem:>9.0f} "
+                  f"{flops[name] / 1e9:>11.1f}", flush=True)
+        mt, plain = medians["MultiTaskSegResNet"], medians["SegResNet (plain)"]
+        extra = flops["MultiTaskSegResNet"] / flops["SegResNet (plain)"] - 1
+        print(f"{'':8} classifier overhead: {100 * (mt / plain - 1):+.1f} % time per iteration (median of {iters} "
+              f"interleaved steps each), {100 * extra:.5f} % FLOPs")
 
 
 def bench_data(iters: int) -> None:
@@ -142,17 +181,17 @@ def bench_data(iters: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=5, help="timed steps per network (after one warm-up)")
     ap.add_argument("--amp", action="store_true", help="autocast float16 + grad scaling (CUDA only)")
     ap.add_argument("--skip-paper", action="store_true", help="only the demo sizes (paper sizes take minutes on CPU)")
     ap.add_argument("--skip-data", action="store_true")
     ap.add_argument("--cpu-paper-batch", type=int, default=1,
                     help="batch for the paper sizes on CPU (0 = the config's 4; needs > 24 GB)")
-    ap.add_argument("--one", nargs=3, metavar=("OVERLAY", "NETWORK", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--memory-of", nargs=3, metavar=("OVERLAY", "NETWORK", "BATCH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     device = torch.device(a.device)
-    if a.one:  # one measurement in this (fresh) process, as JSON
-        print(json.dumps(measure_one(a.one[0], a.one[1], device, a.iters, a.amp, int(a.one[2]))))
+    if a.memory_of:  # one memory measurement in this (fresh) process
+        print(peak_memory_one(a.memory_of[0], a.memory_of[1], device, a.amp, int(a.memory_of[2])))
         return
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, amp {a.amp}")
     bench_networks(device, a.iters, a.amp, ["demo.json"] + ([] if a.skip_paper else ["paper.json"]), a.cpu_paper_batch)
