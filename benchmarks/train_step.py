@@ -132,9 +132,10 @@ def bench_networks(device: torch.device, iters: int, amp: bool, overlays: list[s
         steppers = {name: Stepper(net, name.startswith("MultiTask"), batch, patch, device, amp)
                     for name, net in nets.items()}
         times: dict[str, list[float]] = {name: [] for name in nets}
+        order = list(steppers)
         for r in range(iters + 1):
-            for name, stepper in steppers.items():
-                t = stepper.step()
+            for name in (order if r % 2 else order[::-1]):  # A B, B A, ...: neither always goes first
+                t = steppers[name].step()
                 if r:  # the first round warms up (allocations, cudnn autotune)
                     times[name].append(t)
         del steppers
