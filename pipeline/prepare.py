@@ -194,15 +194,11 @@ def prepare_datalist(datalist: str | Path, out: str | Path, atlas_spec: AtlasSpe
     results = {r.id: r for r in _run_all(list(dl.cases), out, atlas_spec, settings, workers, overwrite)}
     ordered = [results[c.id] for c in dl.cases]
     entries = [_entry(c, out) for c in dl.cases if results[c.id].status != "failed"]
-    _write_json_atomic({"classes": list(dl.classes), "training": entries,
+    write_text_atomic(out / "datalist.json", json.dumps({"classes": list(dl.classes), "training": entries,
                         "atlas": {"name": atlas.name, "fingerprint": atlas.fingerprint(), "path": atlas_spec.path,
                                   "size": list(atlas.image.GetSize()), "spacing": list(atlas.image.GetSpacing())},
-                        "registration": {"settings_key": settings.key()}}, out / "datalist.json")
+                        "registration": {"settings_key": settings.key()}}, indent=1))
     return ordered
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -141,14 +141,14 @@ class RegisterToAtlasd(MapTransform):
     def _pass_through(self, d: dict[Hashable, Any]) -> dict[Hashable, Any]:
         self._inputs_exist(d)
         path = Path(d[self.image_key])
-        for p in (path, *(Path(d[k]) for k in self.mask_keys if d.get(k) not in (None, ""))):
-            meta = native_meta(p)
-            ref = sitk.Image([int(v) for v in meta["size"]], sitk.sitkUInt8)
-            ref.SetSpacing(meta["spacing"])
-            ref.SetOrigin(meta["origin"])
-            ref.SetDirection(meta["direction"])
+        metas = {p: native_meta(p) for p in (path, *(Path(d[k]) for k in self.mask_keys if d.get(k) not in (None, "")))}
+        for p, m in metas.items():
+            ref = sitk.Image([int(v) for v in m["size"]], sitk.sitkUInt8)
+            ref.SetSpacing(m["spacing"])
+            ref.SetOrigin(m["origin"])
+            ref.SetDirection(m["direction"])
             check_on_atlas_grid(ref, self.atlas, p)
-        meta = native_meta(path)
+        meta = metas[path]
         d["to_atlas"] = ""
         d["native_meta"] = meta
         return d
