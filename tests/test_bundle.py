@@ -41,7 +41,8 @@ def bundle(args: list[str], configs: list[str], overlay: Path, **kw) -> subproce
     for k, v in kw.items():
         cmd += [f"--{k}", str(v)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            encoding="utf-8", errors="replace", env=env)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:

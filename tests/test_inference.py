@@ -38,7 +38,8 @@ def bundle(command: list[str], configs: list[str | Path], timeout: float = 300, 
     for k, v in kw.items():
         cmd += [f"--{k}", str(v)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

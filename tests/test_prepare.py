@@ -118,5 +118,6 @@ def test_real_pair_passes_the_shared_agreement_check(real_data: Path, tmp_path: 
     checker = real_data.parents[1] / "tools" / "registration_agreement.py"  # ../shared/tools
     if not checker.exists():
         pytest.skip(f"{checker} is absent")
-    run = subprocess.run([sys.executable, str(checker), str(out), str(case)], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, str(checker), str(out), str(case)], capture_output=True, text=True,
+                         encoding="utf-8", errors="replace")
     assert run.returncode == 0, run.stdout + run.stderr
