@@ -12,26 +12,25 @@ they lack for multi-task learning is small and lives here:
   iteration's output so Stats/TensorBoard handlers log them.
 - :class:`ClassificationMetrics`: accuracy, balanced accuracy and macro one-vs-rest AUC
   (MONAI ``compute_roc_auc``) over the cases that have a class.
-- output transforms for the metric handlers, and checkpoint helpers for resuming.
+- output transforms for the metric handlers.
+
+Checkpoint handling lives in :mod:`pipeline.checkpoints`, evaluation outputs in
+:mod:`pipeline.evaluation`; both are re-exported here so overlays written against
+``pipeline.engines.AtomicCheckpointSaver`` etc. keep working.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import re
-import zipfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from ignite.engine import Engine
-from ignite.handlers import DiskSaver
 from ignite.metrics import Metric
 from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents, PrepareBatch
-from monai.handlers import CheckpointSaver, MeanDice
+from monai.handlers import MeanDice
 from monai.inferers import Inferer
 from monai.metrics import compute_roc_auc
 
@@ -266,232 +265,10 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int, final_fractio
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-_EPOCH_RE = re.compile(r"epoch=(\d+)")
-logger = logging.getLogger(__name__)
-
-
-def is_complete_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a whole ``torch.save`` archive (zip with its central directory and
-    a ``data.pkl`` record), without unpickling it. A file cut short by a kill or a full disk is not."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("data.pkl") for n in z.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
-def latest_checkpoint(ckpt_dir: str | Path, prefix: str = "checkpoint") -> str | None:
-    """Path of the newest complete ``<prefix>_epoch=N.pt`` in ``ckpt_dir`` (highest N), or ``None``.
-
-    A truncated file (a run killed while writing it, before checkpoints were atomic, or a full
-    disk) is skipped with a warning, so the run resumes from the newest checkpoint that loads.
-    """
-    d = Path(ckpt_dir)
-    found = sorted(((int(m.group(1)), p) for p in d.glob(f"{prefix}*.pt") if (m := _EPOCH_RE.search(p.name))),
-                   reverse=True)
-    for _, path in found:
-        if is_complete_checkpoint(path):
-            return str(path)
-        logger.warning("checkpoint %s is incomplete (cut short while written?): skipped for resuming", path)
-    return None
-
-
-class _SaveThenRemoveDiskSaver(DiskSaver):
-    """Ignite ``DiskSaver`` that writes atomically and deletes a superseded checkpoint only
-    after its successor is on disk.
-
-    Ignite's ``Checkpoint`` asks its saver to remove the oldest file *before* writing the new
-    one, and MONAI's saver writes in place: a run killed during the save of epoch N+1 was left
-    with no complete checkpoint at all. Here removals are deferred until the next write has
-    succeeded. ``filename`` fixes the file name (as MONAI's own saver does for ``model.pt``).
-    """
-
-    def __init__(self, dirname: str | Path, filename: str | None = None) -> None:
-        super().__init__(dirname=str(dirname), require_empty=False, atomic=True)
-        self.filename = filename
-        self._superseded: list[str] = []
-
-    def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
-        written = self.filename or filename
-        super().__call__(checkpoint, written, metadata)  # temporary file + os.replace
-        for old in self._superseded:
-            if old != written and (self.dirname / old).exists():
-                (self.dirname / old).unlink()
-        self._superseded.clear()
-
-    def remove(self, filename: str) -> None:
-        # a fixed-name file is replaced atomically by the next write: nothing to delete
-        if self.filename is None:
-            self._superseded.append(filename)
-
-
-class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI's ``CheckpointSaver`` whose files are written atomically (temporary file in the same
-    folder, then ``os.replace``) and whose previous checkpoint is deleted only once the new one
-    is complete, so a run killed at any moment can resume from a whole checkpoint.
-
-    It also has ``state_dict`` (MONAI's saver only has ``load_state_dict``): the best key metric
-    seen so far, so a resumed run keeps ``model.pt`` unless it beats the score from before the
-    interruption (put the saver in the resumable checkpoint, :func:`checkpoint_objects`).
-
-    Same arguments as ``CheckpointSaver``.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
-            if ckpt is not None:
-                ckpt.save_handler = _SaveThenRemoveDiskSaver(ckpt.save_handler.dirname,
-                                                             getattr(ckpt.save_handler, "filename", None))
-        if self._key_metric_checkpoint is not None:
-            # a NaN key metric (no validation case could be scored) would stay "best" for ever, as
-            # nothing compares greater than NaN: count it as the worst score instead
-            score = self._key_metric_checkpoint.score_function
-
-            def finite_score(engine: Engine) -> float:
-                value = score(engine)
-                return -math.inf if value != value else value
-
-            self._key_metric_checkpoint.score_function = finite_score
-
-    def state_dict(self) -> dict[str, Any]:
-        """The key-metric tracking list (``{"_saved": [(score, filename)]}``), or ``{}``."""
-        return dict(self._key_metric_checkpoint.state_dict()) if self._key_metric_checkpoint is not None else {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict:
-            super().load_state_dict(state_dict)
-
-
-def checkpoint_objects(trainer: Engine, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                       lr_scheduler: Any = None, best_model_saver: AtomicCheckpointSaver | None = None
-                       ) -> dict[str, Any]:
-    """What a resumable checkpoint holds: network, optimizer, scheduler, AMP grad scaler (when
-    AMP is on), the trainer's state (epoch, iteration) and the best key metric so far (the
-    validation ``best_model_saver``, so ``model.pt`` stays the best of the whole run)."""
-    objs: dict[str, Any] = {"network": network, "optimizer": optimizer, "trainer": trainer}
-    if lr_scheduler is not None:
-        objs["lr_scheduler"] = lr_scheduler
-    if best_model_saver is not None:
-        objs["best_model"] = best_model_saver
-    if getattr(trainer, "scaler", None) is not None:
-        objs["scaler"] = trainer.scaler
-    return objs
-
-
-def resumable(checkpoint: str | Path | None, objects: dict[str, Any]) -> dict[str, Any]:
-    """The part of ``objects`` (:func:`checkpoint_objects`) that ``checkpoint`` holds.
-
-    A checkpoint from a run with AMP off has no grad scaler, one from an older version no
-    best-model state: those objects start fresh (with a warning) instead of the resume failing.
-    """
-    if checkpoint is None:
-        return objects
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-    missing = [k for k in objects if k not in saved]
-    if "network" in missing or "trainer" in missing:
-        from pipeline.errors import InputError
-
-        raise InputError(checkpoint, "not a resumable training checkpoint (no network or trainer state)")
-    if missing:
-        logger.warning("checkpoint %s holds no %s: starting those fresh", checkpoint, missing)
-    return {k: v for k, v in objects.items() if k in saved}
-
-
-class EvaluationReport:
-    """Evaluator handler: per-case Dice and class probabilities to ``cases.csv`` and the run's
-    summary (every metric of ``engine.state.metrics`` plus ``dice`` and counts) to
-    ``metrics.json``, both written atomically in ``output_dir`` when the evaluation completes.
-
-    Args:
-        output_dir: folder for ``metrics.json`` and ``cases.csv``.
-        class_names: names of the classes (CSV columns ``p_<name>``).
-        threshold: tumour probability threshold.
-        key_map: summary name -> ``engine.state.metrics`` name (e.g. ``dice`` -> ``val_mean_dice``).
-    """
-
-    def __init__(self, output_dir: str | Path, class_names: Sequence[str], threshold: float = 0.5,
-                 key_map: dict[str, str] | None = None) -> None:
-        self.output_dir = Path(output_dir)
-        self.class_names = list(class_names)
-        self.threshold = threshold
-        self.key_map = key_map or {"dice": "val_mean_dice", "accuracy": "val_accuracy",
-                                   "balanced_accuracy": "val_balanced_accuracy", "auc": "val_auc"}
-        self.rows: list[dict[str, Any]] = []
-
-    def attach(self, engine: Engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
-
-    def record(self, engine: Engine) -> None:
-        from monai.metrics import compute_dice
-
-        out, batch = engine.state.output, engine.state.batch
-        seg, cls_prob, target = out["pred"]["seg"], out["pred"]["cls"], out["label"]
-        ids = batch.get("id", [f"case{len(self.rows) + i}" for i in range(seg.shape[0])])
-        for b, cid in enumerate(ids):
-            row: dict[str, Any] = {"id": cid}
-            pred_mask = (seg[b:b + 1] >= self.threshold).float()
-            if int(target["has_label"][b]):
-                truth = (target["label"][b:b + 1] > 0).float()
-                row["dice"] = float(compute_dice(pred_mask, truth, include_background=True, ignore_empty=False).item())
-                row["true_volume_vox"] = int(truth.sum())
-            row["pred_volume_vox"] = int(pred_mask.sum())
-            c = int(target["class"][b])
-            row["true_class"] = self.class_names[c] if c >= 0 else ""
-            if cls_prob is not None:
-                for k, name in enumerate(self.class_names):
-                    row[f"p_{name}"] = round(float(cls_prob[b, k]), 6)
-                row["predicted_class"] = self.class_names[int(cls_prob[b].argmax())]
-            self.rows.append(row)
-
-    def write(self, engine: Engine) -> None:
-        import csv
-        import io
-        import json
-        import math
-
-        from pipeline.imageio import write_text_atomic
-
-        metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, int | float)}
-        summary: dict[str, Any] = {name: metrics.get(src, float("nan")) for name, src in self.key_map.items()}
-        dices = [r["dice"] for r in self.rows if "dice" in r]
-        summary.update({
-            "dice_std": float(torch.tensor(dices).std()) if len(dices) > 1 else float("nan"),
-            "n_cases": len(self.rows),
-            "n_with_mask": len(dices),
-            "n_with_class": sum(1 for r in self.rows if r.get("true_class")),
-            "metrics": metrics,
-        })
-        clean = json.loads(json.dumps(summary, default=float), parse_constant=lambda _: None)
-        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in clean.items()}
-        write_text_atomic(self.output_dir / "metrics.json", json.dumps(clean, indent=1))
-        fields: list[str] = []
-        for r in self.rows:
-            fields += [k for k in r if k not in fields]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=fields)
-        w.writeheader()
-        w.writerows(self.rows)
-        write_text_atomic(self.output_dir / "cases.csv", buf.getvalue())
-
-
-def print_summary(eval_dir: str | Path) -> dict[str, Any]:
-    """Print the headline figures of ``eval_dir/metrics.json`` (written by :class:`EvaluationReport`)."""
-    import json
-
-    path = Path(eval_dir) / "metrics.json"
-    summary = json.loads(path.read_text())
-
-    def fmt(key: str) -> str:
-        v = summary.get(key)
-        return "n/a" if v is None else f"{v:.3f}"
-
-    print(f"evaluation on {summary['n_cases']} cases ({summary['n_with_mask']} with mask, "
-          f"{summary['n_with_class']} with class): Dice {fmt('dice')} (sd {fmt('dice_std')}), "
-          f"accuracy {fmt('accuracy')}, balanced accuracy {fmt('balanced_accuracy')}, AUC {fmt('auc')}")
-    print(f"per-case results: {Path(eval_dir) / 'cases.csv'}; summary: {path}")
-    return summary
+from pipeline.checkpoints import (  # noqa: E402  (re-exported, see the module docstring)
+    AtomicCheckpointSaver,
+    checkpoint_objects,
+    latest_checkpoint,
+    resumable,
+)
+from pipeline.evaluation import EvaluationReport, print_summary  # noqa: E402

@@ -1,0 +1,112 @@
+"""Evaluation outputs: per-case ``cases.csv`` and the run's ``metrics.json`` (Ignite handler),
+and the console summary of them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+
+__all__ = ["EvaluationReport", "print_summary"]
+
+
+class EvaluationReport:
+    """Evaluator handler: per-case Dice and class probabilities to ``cases.csv`` and the run's
+    summary (every metric of ``engine.state.metrics`` plus ``dice`` and counts) to
+    ``metrics.json``, both written atomically in ``output_dir`` when the evaluation completes.
+
+    Args:
+        output_dir: folder for ``metrics.json`` and ``cases.csv``.
+        class_names: names of the classes (CSV columns ``p_<name>``).
+        threshold: tumour probability threshold.
+        key_map: summary name -> ``engine.state.metrics`` name (e.g. ``dice`` -> ``val_mean_dice``).
+    """
+
+    def __init__(self, output_dir: str | Path, class_names: Sequence[str], threshold: float = 0.5,
+                 key_map: dict[str, str] | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.class_names = list(class_names)
+        self.threshold = threshold
+        self.key_map = key_map or {"dice": "val_mean_dice", "accuracy": "val_accuracy",
+                                   "balanced_accuracy": "val_balanced_accuracy", "auc": "val_auc"}
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def record(self, engine: Engine) -> None:
+        from monai.metrics import compute_dice
+
+        out, batch = engine.state.output, engine.state.batch
+        seg, cls_prob, target = out["pred"]["seg"], out["pred"]["cls"], out["label"]
+        ids = batch.get("id", [f"case{len(self.rows) + i}" for i in range(seg.shape[0])])
+        for b, cid in enumerate(ids):
+            row: dict[str, Any] = {"id": cid}
+            pred_mask = (seg[b:b + 1] >= self.threshold).float()
+            if int(target["has_label"][b]):
+                truth = (target["label"][b:b + 1] > 0).float()
+                row["dice"] = float(compute_dice(pred_mask, truth, include_background=True, ignore_empty=False).item())
+                row["true_volume_vox"] = int(truth.sum())
+            row["pred_volume_vox"] = int(pred_mask.sum())
+            c = int(target["class"][b])
+            row["true_class"] = self.class_names[c] if c >= 0 else ""
+            if cls_prob is not None:
+                for k, name in enumerate(self.class_names):
+                    row[f"p_{name}"] = round(float(cls_prob[b, k]), 6)
+                row["predicted_class"] = self.class_names[int(cls_prob[b].argmax())]
+            self.rows.append(row)
+
+    def write(self, engine: Engine) -> None:
+        import csv
+        import io
+        import json
+        import math
+
+        from pipeline.imageio import write_text_atomic
+
+        metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, int | float)}
+        summary: dict[str, Any] = {name: metrics.get(src, float("nan")) for name, src in self.key_map.items()}
+        dices = [r["dice"] for r in self.rows if "dice" in r]
+        summary.update({
+            "dice_std": float(torch.tensor(dices).std()) if len(dices) > 1 else float("nan"),
+            "n_cases": len(self.rows),
+            "n_with_mask": len(dices),
+            "n_with_class": sum(1 for r in self.rows if r.get("true_class")),
+            "metrics": metrics,
+        })
+        clean = json.loads(json.dumps(summary, default=float), parse_constant=lambda _: None)
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in clean.items()}
+        write_text_atomic(self.output_dir / "metrics.json", json.dumps(clean, indent=1))
+        fields: list[str] = []
+        for r in self.rows:
+            fields += [k for k in r if k not in fields]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=fields)
+        w.writeheader()
+        w.writerows(self.rows)
+        write_text_atomic(self.output_dir / "cases.csv", buf.getvalue())
+
+
+def print_summary(eval_dir: str | Path) -> dict[str, Any]:
+    """Print the headline figures of ``eval_dir/metrics.json`` (written by :class:`EvaluationReport`)."""
+    import json
+
+    path = Path(eval_dir) / "metrics.json"
+    summary = json.loads(path.read_text())
+
+    def fmt(key: str) -> str:
+        v = summary.get(key)
+        return "n/a" if v is None else f"{v:.3f}"
+
+    print(f"evaluation on {summary['n_cases']} cases ({summary['n_with_mask']} with mask, "
+          f"{summary['n_with_class']} with class): Dice {fmt('dice')} (sd {fmt('dice_std')}), "
+          f"accuracy {fmt('accuracy')}, balanced accuracy {fmt('balanced_accuracy')}, AUC {fmt('auc')}")
+    print(f"per-case results: {Path(eval_dir) / 'cases.csv'}; summary: {path}")
+    return summary
