@@ -1,5 +1,11 @@
-"""Evaluation outputs: per-case ``cases.csv`` and the run's ``metrics.json`` (Ignite handler),
-and the console summary of them."""
+"""Evaluation outputs: per-case ``cases.csv``, the run's ``metrics.json`` and the classifier's
+``reliability.png`` (Ignite handler), and the console summary of them.
+
+Besides the Dice of the masks as predicted (after the run's component rule), every case is
+scored under each rule of :data:`pipeline.postprocess.RULES` (columns ``dice[<rule>]``, summary
+``dice_by_postprocessing``), so one evaluation credits each rule on the same trained model.
+The classifier's calibration is reported as top-label expected calibration error (``ece``, of the
+probabilities as reported, i.e. after the temperature; ``ece_uncalibrated`` at temperature 1)."""
 
 from __future__ import annotations
 
@@ -23,29 +29,46 @@ class EvaluationReport:
         class_names: names of the classes (CSV columns ``p_<name>``).
         threshold: tumour probability threshold.
         key_map: summary name -> ``engine.state.metrics`` name (e.g. ``dice`` -> ``val_mean_dice``).
+        postprocess: the component rule the predictions were made with (reported).
+        temperature: the classifier temperature the probabilities were made with (reported).
+        min_mass_fraction: parameter of the ``confident`` rule when re-scoring the rules.
+        ece_bins: confidence bins of the calibration error and reliability diagram.
     """
 
     def __init__(self, output_dir: str | Path, class_names: Sequence[str], threshold: float = 0.5,
-                 key_map: dict[str, str] | None = None) -> None:
+                 key_map: dict[str, str] | None = None, postprocess: str | None = None,
+                 temperature: float = 1.0, min_mass_fraction: float = 0.2, ece_bins: int = 10) -> None:
         self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
         self.threshold = threshold
         self.key_map = key_map or {"dice": "val_mean_dice", "accuracy": "val_accuracy",
                                    "balanced_accuracy": "val_balanced_accuracy", "auc": "val_auc"}
+        self.postprocess = postprocess
+        self.temperature = float(temperature)
+        self.min_mass_fraction = min_mass_fraction
+        self.ece_bins = ece_bins
         self.rows: list[dict[str, Any]] = []
+        self._logits: list[torch.Tensor] = []
 
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
 
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self.rows.clear()
+        self._logits.clear()
 
     def record(self, engine: Engine) -> None:
         from monai.metrics import compute_dice
 
+        from pipeline.postprocess import RULES, apply_rule
+
         out, batch = engine.state.output, engine.state.batch
         seg, cls_prob, target = out["pred"]["seg"], out["pred"]["cls"], out["label"]
+        seg_raw, logits = out["pred"].get("seg_raw"), out["pred"].get("cls_logits")
         ids = batch.get("id", [f"case{len(self.rows) + i}" for i in range(seg.shape[0])])
         for b, cid in enumerate(ids):
             row: dict[str, Any] = {"id": cid}
@@ -54,6 +77,11 @@ class EvaluationReport:
                 truth = (target["label"][b:b + 1] > 0).float()
                 row["dice"] = float(compute_dice(pred_mask, truth, include_background=True, ignore_empty=False).item())
                 row["true_volume_vox"] = int(truth.sum())
+                if seg_raw is not None:
+                    for rule in RULES:
+                        mask = apply_rule(seg_raw[b:b + 1], rule, self.threshold, self.min_mass_fraction) >= self.threshold
+                        row[f"dice[{rule}]"] = float(compute_dice(mask.float(), truth, include_background=True,
+                                                                  ignore_empty=False).item())
             row["pred_volume_vox"] = int(pred_mask.sum())
             c = int(target["class"][b])
             row["true_class"] = self.class_names[c] if c >= 0 else ""
@@ -61,6 +89,9 @@ class EvaluationReport:
                 for k, name in enumerate(self.class_names):
                     row[f"p_{name}"] = round(float(cls_prob[b, k]), 6)
                 row["predicted_class"] = self.class_names[int(cls_prob[b].argmax())]
+                if logits is not None and c >= 0:
+                    self._logits.append(logits[b].detach().float().cpu())
+                    row["_class_index"] = c
             self.rows.append(row)
 
     def write(self, engine: Engine) -> None:
@@ -74,8 +105,15 @@ class EvaluationReport:
         metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, int | float)}
         summary: dict[str, Any] = {name: metrics.get(src, float("nan")) for name, src in self.key_map.items()}
         dices = [r["dice"] for r in self.rows if "dice" in r]
+        by_rule = {k[5:-1]: [r[k] for r in self.rows if k in r] for k in {k for r in self.rows for k in r}
+                   if k.startswith("dice[")}
         summary.update({
             "dice_std": float(torch.tensor(dices).std()) if len(dices) > 1 else float("nan"),
+            "dice_min": min(dices) if dices else float("nan"),
+            "postprocessing": self.postprocess,
+            "dice_by_postprocessing": {k: sum(v) / len(v) for k, v in sorted(by_rule.items()) if v},
+            "temperature": self.temperature,
+            **self._calibration(),
             "n_cases": len(self.rows),
             "n_with_mask": len(dices),
             "n_with_class": sum(1 for r in self.rows if r.get("true_class")),
@@ -86,12 +124,29 @@ class EvaluationReport:
         write_text_atomic(self.output_dir / "metrics.json", json.dumps(clean, indent=1))
         fields: list[str] = []
         for r in self.rows:
-            fields += [k for k in r if k not in fields]
+            fields += [k for k in r if k not in fields and not k.startswith("_")]
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=fields)
+        w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(self.rows)
         write_text_atomic(self.output_dir / "cases.csv", buf.getvalue())
+
+    def _calibration(self) -> dict[str, Any]:
+        """ECE of the reported probabilities and at temperature 1; writes ``reliability.png``."""
+        import numpy as np
+
+        from pipeline.calibration import expected_calibration_error, reliability_diagram
+
+        if not self._logits:
+            return {"ece": float("nan"), "ece_uncalibrated": float("nan")}
+        logits = torch.stack(self._logits)
+        target = np.array([r["_class_index"] for r in self.rows if "_class_index" in r])
+        probs = torch.softmax(logits / self.temperature, 1).numpy()
+        reliability_diagram(probs, target, self.output_dir / "reliability.png", self.ece_bins,
+                            title=f"T = {self.temperature:.2f}: ")
+        return {"ece": expected_calibration_error(probs, target, self.ece_bins),
+                "ece_uncalibrated": expected_calibration_error(torch.softmax(logits, 1).numpy(), target,
+                                                               self.ece_bins)}
 
 
 def print_summary(eval_dir: str | Path) -> dict[str, Any]:
@@ -107,6 +162,11 @@ def print_summary(eval_dir: str | Path) -> dict[str, Any]:
 
     print(f"evaluation on {summary['n_cases']} cases ({summary['n_with_mask']} with mask, "
           f"{summary['n_with_class']} with class): Dice {fmt('dice')} (sd {fmt('dice_std')}), "
-          f"accuracy {fmt('accuracy')}, balanced accuracy {fmt('balanced_accuracy')}, AUC {fmt('auc')}")
+          f"accuracy {fmt('accuracy')}, balanced accuracy {fmt('balanced_accuracy')}, AUC {fmt('auc')}, "
+          f"ECE {fmt('ece')}")
+    by_rule = summary.get("dice_by_postprocessing") or {}
+    if by_rule:
+        rules = ", ".join(f"{k} {v:.3f}" for k, v in by_rule.items())
+        print(f"post-processing {summary.get('postprocessing')!r} applied; Dice under each rule: {rules}")
     print(f"per-case results: {Path(eval_dir) / 'cases.csv'}; summary: {path}")
     return summary

@@ -13,7 +13,7 @@ import torch
 from monai.networks.nets import SegResNet
 from torch import nn
 
-__all__ = ["MultiTaskSegResNet", "SegmentationOutput", "BatchNorm1dOrRunning"]
+__all__ = ["MultiTaskSegResNet", "SegmentationOutput", "BatchNorm1dOrRunning", "PositionAwareHead"]
 
 
 class MultiTaskSegResNet(SegResNet):
@@ -21,9 +21,22 @@ class MultiTaskSegResNet(SegResNet):
 
     Segmentation path: exactly :class:`monai.networks.nets.SegResNet` (``init_filters`` at the
     top level, each of the ``len(blocks_down)`` levels halves the size and doubles the filters).
-    Classification path: global average pooling of the bottleneck (``init_filters * 2**(L-1)``
-    channels) -> batch norm -> ``Linear -> ReLU -> Dropout`` per hidden layer ->
-    ``Linear(num_classes)``.
+    Classification path: pooling of the bottleneck (``init_filters * 2**(L-1)`` channels)
+    [+ the tumour's atlas position] -> batch norm -> ``Linear -> ReLU -> Dropout`` per hidden
+    layer -> ``Linear(num_classes)``. Pooling:
+
+    - ``cls_pooling="mean"``: global average over the patch (the study's head);
+    - ``cls_pooling="tumour"``: average weighted by the network's own tumour probability
+      (``sigmoid(seg)``, detached, area-resampled to the bottleneck grid, plus a floor of
+      ``tumour_floor`` so a patch without tumour falls back to the plain mean): a soft RoI pooling
+      of the tumour's features, as in tumour retrieval (Pisov et al.).
+
+    With ``coord_channels = n > 0`` the input carries ``n`` extra channels after the image: the
+    voxel's atlas coordinates (MONAI ``AddCoordinateChannelsd`` on the atlas grid). They do not
+    enter the encoder (the segmentation path stays the study's); the head receives their
+    tumour-probability-weighted mean, i.e. where in the atlas the predicted tumour lies (the
+    genetic class of pLGG follows the tumour's anatomical region), past the batch norm
+    (:class:`PositionAwareHead`).
 
     Args:
         spatial_dims: 3 (2 works too).
@@ -36,9 +49,13 @@ class MultiTaskSegResNet(SegResNet):
         cls_dropout: dropout before each hidden layer's output.
         dropout_prob: SegResNet's dropout after the first convolution.
         norm: SegResNet normalisation (group norm by default).
+        cls_pooling: ``"mean"`` (study) or ``"tumour"`` (tumour-weighted pooling).
+        coord_channels: atlas coordinate channels appended to the input (0: none).
+        tumour_floor: weight added to every voxel's tumour probability in the pooling.
 
     Forward:
-        ``x``: ``(B, in_channels, H, W, D)``, each spatial size divisible by ``2**(L-1)``.
+        ``x``: ``(B, in_channels + coord_channels, H, W, D)``, each spatial size divisible by
+        ``2**(L-1)``.
 
         Returns ``(seg_logits, class_logits, embedding)``: ``(B, out_channels, H, W, D)``,
         ``(B, num_classes)`` or ``None`` when the head is off, and ``(B, C_bottleneck)`` (the
@@ -58,7 +75,12 @@ class MultiTaskSegResNet(SegResNet):
         cls_dropout: float = 0.3,
         dropout_prob: float | None = None,
         norm: tuple | str = ("GROUP", {"num_groups": 8}),
+        cls_pooling: str = "mean",
+        coord_channels: int = 0,
+        tumour_floor: float = 1e-3,
     ) -> None:
+        if cls_pooling not in ("mean", "tumour"):
+            raise ValueError(f"cls_pooling must be 'mean' or 'tumour', got {cls_pooling!r}")
         super().__init__(
             spatial_dims=spatial_dims,
             init_filters=init_filters,
@@ -72,28 +94,71 @@ class MultiTaskSegResNet(SegResNet):
         self.num_classes = int(num_classes)
         self.embedding_dim = init_filters * 2 ** (len(blocks_down) - 1)
         self.pool = nn.AdaptiveAvgPool3d(1) if spatial_dims == 3 else nn.AdaptiveAvgPool2d(1)
+        self.image_channels = int(in_channels)
+        self.coord_channels = int(coord_channels)
+        self.cls_pooling = cls_pooling
+        self.tumour_floor = float(tumour_floor)
         self.classifier = self._make_classifier(list(cls_hidden), cls_dropout) if self.num_classes > 0 else None
 
-    def _make_classifier(self, hidden: list[int], dropout: float) -> nn.Sequential:
+    def _make_classifier(self, hidden: list[int], dropout: float) -> nn.Module:
         # The pooled bottleneck has large per-feature offsets shared by every sample and small
         # between-sample differences; fed raw to Linear+ReLU, the hidden units died within a few
         # hundred steps (95 % inactive, constant logits, measured on the demo). Standardising
         # each feature first (batch norm) keeps them alive.
-        layers: list[nn.Module] = [BatchNorm1dOrRunning(self.embedding_dim)]
-        width = self.embedding_dim
+        width = self.embedding_dim + self.coord_channels
+        layers: list[nn.Module] = [] if self.coord_channels else [BatchNorm1dOrRunning(width)]
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
             width = h
         layers.append(nn.Linear(width, self.num_classes))
+        if self.coord_channels:
+            return PositionAwareHead(self.embedding_dim, nn.Sequential(*layers))
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:  # type: ignore[override]
-        bottleneck, down_x = self.encode(x)
+        bottleneck, down_x = self.encode(x[:, : self.image_channels])
         down_x.reverse()
         seg = self.decode(bottleneck, down_x)
-        embedding = torch.flatten(self.pool(bottleneck), 1)
-        logits = self.classifier(embedding) if self.classifier is not None else None
+        if self.cls_pooling == "mean" and self.coord_channels == 0:
+            embedding = torch.flatten(self.pool(bottleneck), 1)
+            logits = self.classifier(embedding) if self.classifier is not None else None
+            return seg, logits, embedding
+        # the class loss must not move the mask: the weights are the detached tumour probability
+        weight = torch.sigmoid(seg.detach()[:, :1].float()) + self.tumour_floor
+        if self.cls_pooling == "tumour":
+            w = nn.functional.interpolate(weight, size=bottleneck.shape[2:], mode="area")
+            embedding = (bottleneck.float() * w).flatten(2).sum(-1) / w.flatten(2).sum(-1)
+        else:
+            embedding = torch.flatten(self.pool(bottleneck), 1).float()
+        features = embedding
+        if self.coord_channels > 0:
+            coords = x[:, self.image_channels : self.image_channels + self.coord_channels].float()
+            centre = (coords * weight).flatten(2).sum(-1) / weight.flatten(2).sum(-1)
+            features = torch.cat([embedding, centre], dim=1)
+        logits = self.classifier(features) if self.classifier is not None else None
         return seg, logits, embedding
+
+
+class PositionAwareHead(nn.Module):
+    """Classifier on ``[pooled features (n_features), tumour position (the rest)]``.
+
+    Batch norm standardises the pooled features only. The position (atlas coordinates, already
+    in -0.5 .. 0.5) bypasses it, scaled by 2: with training batches of 2-4 patches, batch
+    statistics would turn each tumour's absolute atlas position into its position relative to
+    the other tumours of the batch, and the class follows the absolute position.
+
+    Input ``(B, n_features + n_position)``; output ``mlp``'s ``(B, num_classes)``.
+    """
+
+    def __init__(self, n_features: int, mlp: nn.Module) -> None:
+        super().__init__()
+        self.n_features = int(n_features)
+        self.norm = BatchNorm1dOrRunning(self.n_features)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.norm(x[:, : self.n_features])
+        return self.mlp(torch.cat([features, 2.0 * x[:, self.n_features :]], dim=1))
 
 
 class BatchNorm1dOrRunning(nn.BatchNorm1d):

@@ -4,7 +4,9 @@ Segmentation: ``sliding_window_inference`` over the volume (ROI = training patch
 Classification: by default one forward pass on a patch of the training size centred on the
 predicted tumour, so the classifier sees what it saw in training; ``classify="whole"`` runs it
 on the whole (padded) volume instead. Optional test-time augmentation by flips: the mean of the
-un-flipped predictions over every flip set in ``tta_flips`` (identity included).
+un-flipped tumour probabilities, and of the class logits, over every flip set in ``tta_flips``
+(identity included). Then the connected-component rule (:mod:`pipeline.postprocess`) and the
+classifier's temperature (:mod:`pipeline.calibration`), both normally decided on validation cases.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import SpatialPad
 
 from pipeline.networks import SegmentationOutput
+from pipeline.postprocess import RULES, apply_rule, top_component_mask
 
-__all__ = ["PredictConfig", "predict_volume", "tumour_patch_center", "crop_patch", "keep_largest_component"]
+__all__ = ["PredictConfig", "predict_volume", "predict_raw", "tumour_patch_center", "crop_patch",
+           "keep_largest_component"]
 
 
 @dataclass
@@ -38,10 +42,11 @@ class PredictConfig:
         class_flip_axes: the axes flipped in training (``flip_axes``); the classifier's TTA only
             uses the flip sets within them, because the class follows the tumour's location (an
             up-down flip turns a cerebellar tumour into a supratentorial one). ``None``: all.
-        keep_largest: keep only the largest connected component of the thresholded mask (the
-            probability outside it is set to 0). pLGG is one lesion; on the demo this removed
-            8-40 scattered false-positive blobs per case and raised mean Dice from 0.73 to 0.86.
-            Switch it off for multifocal disease.
+        postprocess: connected-component rule of :mod:`pipeline.postprocess` (``none``,
+            ``largest``, ``confident``); the bundles pass the rule decided on validation cases.
+        min_mass_fraction: the ``confident`` rule keeps components with at least this fraction
+            of the most confident component's summed probability.
+        temperature: class probabilities are ``softmax(logits / temperature)``.
     """
 
     roi_size: Sequence[int] = (128, 128, 112)
@@ -52,13 +57,19 @@ class PredictConfig:
     threshold: float = 0.5
     tta_flips: Sequence[Sequence[int]] | None = None
     amp: bool = False
-    keep_largest: bool = True
+    postprocess: str = "none"
     class_flip_axes: Sequence[int] | None = None
+    min_mass_fraction: float = 0.2
+    temperature: float = 1.0
     flips: list[tuple[int, ...]] = field(init=False)
 
     def __post_init__(self) -> None:
         if self.classify not in ("patch", "whole"):
             raise ValueError(f"classify must be 'patch' or 'whole', got {self.classify!r}")
+        if self.postprocess not in RULES:
+            raise ValueError(f"postprocess must be one of {RULES}, got {self.postprocess!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         flips = [tuple(int(a) for a in f) for f in (self.tta_flips or [])]
         self.flips = flips if flips else [()]
         if () not in self.flips:
@@ -76,11 +87,13 @@ class PredictConfig:
 def tumour_patch_center(prob: torch.Tensor, threshold: float = 0.5) -> list[int]:
     """Voxel centre (H, W, D) of the predicted tumour in a ``(1, H, W, D)`` probability map.
 
-    Centre of mass of the thresholded mask; if it is empty, the most probable voxel.
+    Centre of mass of the most confident component (largest summed probability) of the
+    thresholded mask, so a false-positive blob elsewhere cannot pull the patch off the tumour;
+    if nothing reaches ``threshold``, the most probable voxel.
     """
     p = prob[0]
-    mask = p >= threshold
-    if mask.any():
+    mask = top_component_mask(prob, threshold)
+    if mask is not None:
         idx = mask.nonzero().float().mean(0)
         return [int(round(float(v))) for v in idx]
     flat = int(torch.argmax(p))
@@ -101,23 +114,9 @@ def crop_patch(image: torch.Tensor, center: Sequence[int], size: Sequence[int]) 
 
 def keep_largest_component(prob: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Zero the probability outside the largest connected component (26-connectivity) of
-    ``prob >= threshold``, per sample of a ``(B, 1, H, W, D)`` map.
-
-    Hand-written with ``scipy.ndimage.label`` because MONAI's ``KeepLargestConnectedComponent``
-    needs scikit-image or cuCIM, neither of which this project otherwise depends on.
-    """
-    import numpy as np
-    from scipy import ndimage
-
-    out = prob.clone()
-    for b in range(prob.shape[0]):
-        mask = (prob[b, 0] >= threshold).cpu().numpy()
-        labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-        if n > 1:
-            sizes = np.bincount(labels.ravel())[1:]
-            keep = torch.from_numpy(labels == (int(np.argmax(sizes)) + 1)).to(prob.device)
-            out[b, 0] = torch.where(keep | (prob[b, 0] < threshold), prob[b, 0], torch.zeros_like(prob[b, 0]))
-    return out
+    ``prob >= threshold``, per sample of a ``(B, 1, H, W, D)`` map (the ``largest`` rule of
+    :func:`pipeline.postprocess.apply_rule`)."""
+    return apply_rule(prob, "largest", threshold)
 
 
 def _flip(x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
@@ -128,7 +127,29 @@ def _flip(x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
 @torch.no_grad()
 def predict_volume(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfig
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Predict one or more whole volumes.
+    """Predict one or more whole volumes: :func:`predict_raw`, then the component rule
+    ``cfg.postprocess`` and ``softmax(logits / cfg.temperature)``.
+
+    Returns:
+        ``(seg_prob, class_prob)``: ``(B, 1, H, W, D)`` tumour probabilities and ``(B, K)``
+        class probabilities (``None`` for a segmentation-only network).
+    """
+    seg_raw, logits = predict_raw(network, image, cfg)
+    return finish(seg_raw, logits, cfg)
+
+
+def finish(seg_raw: torch.Tensor, logits: torch.Tensor | None, cfg: PredictConfig
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Raw prediction -> ``(post-processed tumour probability, calibrated class probabilities)``."""
+    seg = apply_rule(seg_raw, cfg.postprocess, cfg.threshold, cfg.min_mass_fraction)
+    probs = None if logits is None else torch.softmax(logits.float() / cfg.temperature, dim=1)
+    return seg, probs
+
+
+@torch.no_grad()
+def predict_raw(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfig
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Predict one or more whole volumes before post-processing and calibration.
 
     Args:
         network: a :class:`~pipeline.networks.MultiTaskSegResNet` (or any module returning
@@ -137,8 +158,9 @@ def predict_volume(network: torch.nn.Module, image: torch.Tensor, cfg: PredictCo
         cfg: :class:`PredictConfig`.
 
     Returns:
-        ``(seg_prob, class_prob)``: ``(B, 1, H, W, D)`` tumour probabilities and ``(B, K)``
-        class probabilities (``None`` for a segmentation-only network).
+        ``(seg_prob, class_logits)``: ``(B, 1, H, W, D)`` tumour probabilities (no component
+        rule) and ``(B, K)`` class logits (mean over the classifier's TTA flips; ``None`` for a
+        segmentation-only network).
     """
     was_training = network.training
     network.eval()
@@ -151,11 +173,9 @@ def predict_volume(network: torch.nn.Module, image: torch.Tensor, cfg: PredictCo
                 overlap=cfg.overlap, mode=cfg.mode).float()), f)
             for f in cfg.flips
         ]).mean(0)
-        if cfg.keep_largest:
-            seg_prob = keep_largest_component(seg_prob, cfg.threshold)
-        class_prob = _classify(network, image, seg_prob, cfg)
+        class_logits = _classify(network, image, seg_prob, cfg)
     network.train(was_training)
-    return seg_prob, class_prob
+    return seg_prob, class_logits
 
 
 def _classify(network: torch.nn.Module, image: torch.Tensor, seg_prob: torch.Tensor, cfg: PredictConfig
@@ -169,10 +189,10 @@ def _classify(network: torch.nn.Module, image: torch.Tensor, seg_prob: torch.Ten
         k = 2 ** (len(getattr(network, "blocks_down", (1, 2, 2, 4))) - 1)
         size = [((s + k - 1) // k) * k for s in image.shape[2:]]
         patches = torch.stack([SpatialPad(spatial_size=size)(image[b]) for b in range(image.shape[0])])
-    probs = []
+    all_logits = []
     for f in cfg.class_flips:
         logits = network(_flip(patches, f))[1]
         if logits is None:
             return None
-        probs.append(torch.softmax(logits.float(), dim=1))
-    return torch.stack(probs).mean(0)
+        all_logits.append(logits.float())
+    return torch.stack(all_logits).mean(0)

@@ -85,6 +85,10 @@ def test_train_two_iterations_then_evaluate(cohort, overlay, tmp_path):
     assert {"loss", "loss_seg", "loss_cls", "lr", "val_mean_dice", "val_balanced_accuracy", "val_auc"} <= tags, tags
     assert any(t.startswith("image:") for t in tags)
     assert json.loads((run / "split.json").read_text())["splits"][0]["test"]
+    # after training, model.pt's post-processing rule and temperature were decided on validation
+    decision = json.loads((run / "models" / "postprocessing.json").read_text())
+    assert decision["postprocess"] in ("none", "largest", "confident") and decision["temperature"] > 0
+    assert "[decide] on" in out
 
     out = finish(bundle([], [TRAIN, EVALUATE, "configs/demo.json"], overlay, datalist=cohort, output_dir=run))
     metrics = json.loads((run / "metrics.json").read_text())
@@ -92,6 +96,13 @@ def test_train_two_iterations_then_evaluate(cohort, overlay, tmp_path):
     assert 0.0 <= metrics["dice"] <= 1.0 and metrics["n_cases"] == 1
     assert metrics["accuracy"] in (0.0, 1.0) and metrics["balanced_accuracy"] == metrics["accuracy"]  # one case
     assert (run / "cases.csv").read_text().startswith("id,dice")
+    assert metrics["postprocessing"] == decision["postprocess"]  # "auto" read the decision back
+    assert metrics["temperature"] == pytest.approx(decision["temperature"])
+    if metrics["n_with_mask"]:
+        assert set(metrics["dice_by_postprocessing"]) == {"none", "largest", "confident"}
+        assert metrics["dice_by_postprocessing"][decision["postprocess"]] == pytest.approx(metrics["dice"], abs=1e-6)
+    if metrics["n_with_class"]:
+        assert 0.0 <= metrics["ece"] <= 1.0 and (run / "reliability.png").is_file()
 
 
 def test_killed_training_resumes_at_saved_epoch(cohort, overlay, tmp_path):

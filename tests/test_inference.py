@@ -275,10 +275,11 @@ def test_tta_is_mean_of_flipped_predictions(trained, tmp_path, monkeypatch):
     from monai.inferers import sliding_window_inference
 
     runner, _ = build(trained, monkeypatch, input_dir=str(trained["cohort"]), output_dir=str(tmp_path),
-                      tta_flips=[[0], [1, 2]], sw_overlap=0.5, keep_largest_component=False)
+                      tta_flips=[[0], [1, 2]], sw_overlap=0.5, postprocess="none")
     net, cfg = runner.network, runner.inferer.cfg
     assert cfg.flips == [(), (0,), (1, 2)]
-    x = torch.randn(1, 1, 20, 26, 18, generator=torch.Generator().manual_seed(0))
+    channels = 1 + net.coord_channels  # FLAIR + the atlas coordinate channels of the default head
+    x = torch.randn(1, channels, 20, 26, 18, generator=torch.Generator().manual_seed(0))
     pred = runner.inferer(x, net)
 
     def flip(t, axes):
@@ -288,18 +289,26 @@ def test_tta_is_mean_of_flipped_predictions(trained, tmp_path, monkeypatch):
         seg = torch.stack([flip(torch.sigmoid(sliding_window_inference(
             flip(x, f), [16, 16, 16], 4, lambda v: net(v)[0], overlap=0.5, mode="gaussian")), f)
             for f in ((), (0,), (1, 2))]).mean(0)
-        # the classifier's patch: 16-cubed, centred on the predicted tumour's centre of mass
-        # (most probable voxel if none), shifted to stay inside the 20 x 26 x 18 volume
+        # the classifier's patch: 16-cubed, centred on the centre of mass of the predicted tumour
+        # component with the largest summed probability (most probable voxel if none), shifted to
+        # stay inside the 20 x 26 x 18 volume
+        from scipy import ndimage
+
         prob = seg[0, 0].numpy()
-        centre = np.argwhere(prob >= 0.5).mean(0) if (prob >= 0.5).any() else \
-            np.array(np.unravel_index(prob.argmax(), prob.shape), float)
+        labels, n = ndimage.label(prob >= 0.5, structure=np.ones((3, 3, 3)))
+        if n:
+            top = 1 + int(np.argmax(ndimage.sum(prob, labels, index=range(1, n + 1))))
+            centre = np.argwhere(labels == top).mean(0)
+        else:
+            centre = np.array(np.unravel_index(prob.argmax(), prob.shape), float)
         lo = [int(np.clip(round(c) - 8, 0, n - 16)) for c, n in zip(centre, prob.shape, strict=True)]
         patch = x[:, :, lo[0]:lo[0] + 16, lo[1]:lo[1] + 16, lo[2]:lo[2] + 16]
-        # the class follows the location: only the flips within training's flip_axes ([0]) are averaged
-        cls = torch.stack([torch.softmax(net(flip(patch, f))[1], 1) for f in ((), (0,))]).mean(0)
+        # the class follows the location: only the flips within training's flip_axes ([0]) are
+        # averaged (their logits), then softmax at the decided temperature (1: no decision file)
+        cls = torch.softmax(torch.stack([net(flip(patch, f))[1] for f in ((), (0,))]).mean(0), 1)
     assert torch.allclose(pred["seg"], seg, atol=1e-6)
     assert torch.allclose(pred["cls"], cls, atol=1e-6)
-    single = runner.inferer.__class__([16, 16, 16], 4, 0.5, keep_largest=False)(x, net)["seg"]
+    single = runner.inferer.__class__([16, 16, 16], 4, 0.5, postprocess="none")(x, net)["seg"]
     assert not torch.allclose(single, seg, atol=1e-4)  # the flips do change the prediction
 
 
@@ -313,7 +322,7 @@ def test_torchscript_export_matches_checkpoint(trained, tmp_path, monkeypatch):
     runner, _ = build(trained, monkeypatch, input_dir=str(trained["cohort"]), output_dir=str(tmp_path))
     scripted = load_network(None, ts)  # a .ts checkpoint is loaded as TorchScript
     assert isinstance(scripted, torch.jit.ScriptModule)
-    x = torch.randn(2, 1, 16, 24, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 1 + runner.network.coord_channels, 16, 24, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for a, b in zip(runner.network(x), scripted(x), strict=True):
             assert torch.allclose(a, b, atol=1e-5)

@@ -75,7 +75,11 @@ def test_torchscript_export_matches():
 
 def test_metadata_declares_network_format():
     meta = json.loads((ROOT / "bundles/plgg_mtl/configs/metadata.json").read_text())
-    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "bundles/plgg_mtl/configs/train.json")])
+    net = parser.get_parsed_content("network_def")
+    declared = meta["network_data_format"]["inputs"]["image"]
+    assert declared["num_channels"] == net.image_channels + net.coord_channels == len(declared["channel_def"])
 
 
 def test_classifier_trains_with_batch_of_one():
@@ -83,3 +87,53 @@ def test_classifier_trains_with_batch_of_one():
     _, logits, _ = net(torch.randn(1, 1, 16, 16, 16))
     logits.sum().backward()
     assert logits.shape == (1, 3)
+
+
+def test_tumour_pooling_and_atlas_position_match_a_hand_computation():
+    torch.manual_seed(0)
+    net = MultiTaskSegResNet(init_filters=8, cls_hidden=(16,), cls_pooling="tumour", coord_channels=3).eval()
+    image = torch.randn(2, 1, 32, 32, 16)
+    coords = torch.rand(2, 3, 32, 32, 16) - 0.5
+    seen = {}
+    net.classifier.register_forward_pre_hook(lambda _m, args: seen.setdefault("head_input", args[0]))
+    seg, logits, emb = net(torch.cat([image, coords], 1))
+
+    bottleneck = net.encode(image)[0]  # (2, 64, 4, 4, 2): each bottleneck voxel covers 8^3 input voxels
+    weight = torch.sigmoid(seg) + net.tumour_floor
+    w_block = weight.reshape(2, 1, 4, 8, 4, 8, 2, 8).mean(dim=(3, 5, 7))  # area resampling by hand
+    expected = (bottleneck * w_block).sum(dim=(2, 3, 4)) / w_block.sum(dim=(2, 3, 4))
+    torch.testing.assert_close(emb, expected)
+    centre = (coords * weight).sum(dim=(2, 3, 4)) / weight.sum(dim=(2, 3, 4))
+    torch.testing.assert_close(seen["head_input"], torch.cat([expected, centre], 1))
+    assert logits.shape == (2, 3)
+    # the encoder never sees the coordinate channels: the mask is the image's alone
+    torch.testing.assert_close(seg, net(torch.cat([image, torch.zeros_like(coords)], 1))[0])
+
+
+def test_tumour_pooling_concentrates_on_the_tumour():
+    """With a confident tumour in one corner, the pooled features are (nearly) those of that corner."""
+    torch.manual_seed(0)
+    net = MultiTaskSegResNet(init_filters=8, cls_pooling="tumour").eval()
+    x = torch.randn(1, 1, 32, 32, 16)
+    bottleneck = net.encode(x)[0]
+
+    def confident_corner(_module, _inputs, out):  # background everywhere but a confident 8^3 block
+        logits = torch.full_like(out, -30.0)
+        logits[:, :, :8, :8, :8] = 30.0
+        return logits
+
+    hook = net.conv_final.register_forward_hook(confident_corner)
+    _, _, emb = net(x)
+    hook.remove()
+    torch.testing.assert_close(emb, bottleneck[:, :, 0, 0, 0], atol=0.05, rtol=0.05)
+
+
+def test_the_studys_head_is_unchanged_by_the_new_options():
+    torch.manual_seed(0)
+    plain = MultiTaskSegResNet(init_filters=8).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    seg, logits, emb = plain(x)
+    torch.testing.assert_close(emb, plain.encode(x)[0].mean(dim=(2, 3, 4)))
+    torch.testing.assert_close(logits, plain.classifier(emb))
+    with pytest.raises(ValueError, match="cls_pooling"):
+        MultiTaskSegResNet(cls_pooling="max")

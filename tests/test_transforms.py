@@ -103,3 +103,47 @@ def test_picklable_without_the_atlas_images(tmp_path: Path) -> None:
     assert len(blob) < 10_000  # ... but not shipped to workers
     clone = pickle.loads(blob)
     assert clone.atlas.fingerprint() == reg.atlas.fingerprint()
+
+
+def test_coordinate_channels_of_the_bundle_chain_match_the_atlas_grid(tmp_path):
+    """The bundle's chains (default head) append 3 coordinate channels: at the voxel of any atlas
+    point they hold that voxel's index on the atlas grid scaled to -0.5 .. 0.5; the training
+    chain's random crop and flip move them with the image and its intensity augmentation leaves
+    them exact."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    root = Path(__file__).resolve().parents[1]
+    atlas = load_atlas(spacing=6.0)
+    image = sitk.Cast(atlas.image, sitk.sitkFloat32)
+    sitk.WriteImage(image, str(tmp_path / "flair.nii.gz"))
+    mask = sitk.Cast(atlas.brain_mask > 0, sitk.sitkUInt8)
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    parser = ConfigParser()
+    parser.read_config([str(root / "bundles/plgg_mtl/configs/train.json")])
+    parser.update({"atlas_spacing": 6.0, "already_registered": True, "output_dir": str(tmp_path / "run"),
+                   "patch_size": [8, 8, 8]})
+    case = {"image": str(tmp_path / "flair.nii.gz"), "label": str(tmp_path / "mask.nii.gz"),
+            "brain": parser.get_parsed_content("brain_mask_file")}
+    x = parser.get_parsed_content("validate#preprocessing")(dict(case))["image"]
+    size = image.GetSize()
+    assert tuple(x.shape) == (4, *size)
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # physical atlas points -> atlas voxel -> expected coordinates
+        point = image.TransformIndexToPhysicalPoint([int(rng.integers(0, n)) for n in size])
+        i, j, k = image.TransformPhysicalPointToIndex(point)
+        expected = [-0.5 + v / (n - 1) for v, n in zip((i, j, k), size, strict=True)]
+        assert torch.allclose(x[1:, i, j, k].float(), torch.tensor(expected), atol=1e-5)
+
+    train = parser.get_parsed_content("train#preprocessing")
+    train.set_random_state(3)
+    for patch in [p["image"] for p in train(dict(case))]:
+        assert patch.shape == (4, 8, 8, 8)
+        coords = patch[1:].float()
+        # each coordinate channel still varies along its own axis only, in exact grid steps
+        # (flipped along axis 0 when RandFlipd fired): no intensity scale or shift reached it
+        for a in range(3):
+            steps = torch.diff(coords[a], dim=a).abs()
+            assert torch.allclose(steps, torch.full_like(steps, 1.0 / (size[a] - 1)), atol=1e-5)
+        corner = [round(float((coords[a].amin() + 0.5) * (size[a] - 1))) for a in range(3)]
+        assert all(0 <= c <= n - 8 for c, n in zip(corner, size, strict=True))
