@@ -41,11 +41,14 @@ def test_temperature_fit_matches_scipy_and_softens_an_overconfident_classifier()
     logits[torch.arange(40), target] += 1.0
     logits = logits * 4.0  # right two times in three, but with near-certain probabilities
     t = fit_temperature(logits, target)
-    ref = minimize_scalar(lambda lt: nll(logits, target, float(np.exp(lt))), bounds=(np.log(0.05), np.log(20)),
+    ref = minimize_scalar(lambda lt: nll(logits, target, float(np.exp(lt))), bounds=(np.log(0.5), np.log(10)),
                           method="bounded", options={"xatol": 1e-6})
     assert t == pytest.approx(float(np.exp(ref.x)), rel=1e-3)
     assert t > 1.0 and nll(logits, target, t) < nll(logits, target)
     assert fit_temperature(logits[:1], target[:1]) == 1.0  # nothing to fit on one case
+    # every validation case right: the NLL falls for ever as T -> 0; the fit stops at its bound
+    right = torch.nn.functional.one_hot(target, 3).float() * 3.0
+    assert fit_temperature(right, target) == pytest.approx(0.5, rel=1e-3)
 
 
 def test_reliability_diagram_is_a_png(tmp_path):

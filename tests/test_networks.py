@@ -137,3 +137,25 @@ def test_the_studys_head_is_unchanged_by_the_new_options():
     torch.testing.assert_close(logits, plain.classifier(emb))
     with pytest.raises(ValueError, match="cls_pooling"):
         MultiTaskSegResNet(cls_pooling="max")
+
+
+def test_position_reaches_the_head_in_absolute_terms_whatever_the_batch():
+    """In training mode a sample's logits must not depend on where the *other* tumours of its
+    batch lie (batch norm over the position would make it relative to them)."""
+    from pipeline.networks import PositionAwareHead
+
+    torch.manual_seed(0)
+    net = MultiTaskSegResNet(init_filters=8, cls_hidden=(16,), cls_pooling="tumour", coord_channels=3)
+    head = net.classifier.train()
+    assert isinstance(head, PositionAwareHead)
+    features = torch.randn(4, net.embedding_dim)
+    position = torch.rand(4, 3) - 0.5
+    others_moved = position.clone()
+    others_moved[1:] = -others_moved[1:]
+    head.mlp[2].p = 0.0  # no dropout noise in the comparison
+    a = head(torch.cat([features, position], 1))
+    b = head(torch.cat([features, others_moved], 1))
+    torch.testing.assert_close(a[0], b[0])
+    moved_self = position.clone()
+    moved_self[0] = -moved_self[0]
+    assert not torch.allclose(head(torch.cat([features, moved_self], 1))[0], a[0])
