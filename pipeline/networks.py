@@ -52,6 +52,9 @@ class MultiTaskSegResNet(SegResNet):
         cls_pooling: ``"mean"`` (study) or ``"tumour"`` (tumour-weighted pooling).
         coord_channels: atlas coordinate channels appended to the input (0: none).
         tumour_floor: weight added to every voxel's tumour probability in the pooling.
+        coord_mirror_axes: coordinates whose sign the head does not see (``|c|``: the distance
+            from the grid's mid-plane): the axes training flips (``flip_axes``, left-right), so
+            the head reads a position and its mirror image alike, as the flips already assume.
 
     Forward:
         ``x``: ``(B, in_channels + coord_channels, H, W, D)``, each spatial size divisible by
@@ -78,6 +81,7 @@ class MultiTaskSegResNet(SegResNet):
         cls_pooling: str = "mean",
         coord_channels: int = 0,
         tumour_floor: float = 1e-3,
+        coord_mirror_axes: Sequence[int] = (),
     ) -> None:
         if cls_pooling not in ("mean", "tumour"):
             raise ValueError(f"cls_pooling must be 'mean' or 'tumour', got {cls_pooling!r}")
@@ -98,6 +102,13 @@ class MultiTaskSegResNet(SegResNet):
         self.coord_channels = int(coord_channels)
         self.cls_pooling = cls_pooling
         self.tumour_floor = float(tumour_floor)
+        mirror = torch.zeros(max(self.coord_channels, 1), dtype=torch.bool)
+        for a in coord_mirror_axes:
+            if self.coord_channels and not 0 <= int(a) < self.coord_channels:
+                raise ValueError(f"coord_mirror_axes {list(coord_mirror_axes)} outside the {coord_channels} coordinates")
+            if self.coord_channels:
+                mirror[int(a)] = True
+        self.register_buffer("coord_mirror", mirror, persistent=False)
         self.classifier = self._make_classifier(list(cls_hidden), cls_dropout) if self.num_classes > 0 else None
 
     def _make_classifier(self, hidden: list[int], dropout: float) -> nn.Module:
@@ -134,6 +145,7 @@ class MultiTaskSegResNet(SegResNet):
         if self.coord_channels > 0:
             coords = x[:, self.image_channels : self.image_channels + self.coord_channels].float()
             centre = (coords * weight).flatten(2).sum(-1) / weight.flatten(2).sum(-1)
+            centre = torch.where(self.coord_mirror[: self.coord_channels], centre.abs(), centre)
             features = torch.cat([embedding, centre], dim=1)
         logits = self.classifier(features) if self.classifier is not None else None
         return seg, logits, embedding

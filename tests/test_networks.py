@@ -159,3 +159,21 @@ def test_position_reaches_the_head_in_absolute_terms_whatever_the_batch():
     moved_self = position.clone()
     moved_self[0] = -moved_self[0]
     assert not torch.allclose(head(torch.cat([features, moved_self], 1))[0], a[0])
+
+
+def test_mirrored_position_reads_alike_along_the_flip_axes_only():
+    torch.manual_seed(0)
+    net = MultiTaskSegResNet(init_filters=8, cls_hidden=(16,), cls_pooling="tumour", coord_channels=3,
+                             coord_mirror_axes=(0,)).eval()
+    image = torch.randn(1, 1, 16, 16, 16)
+    coords = torch.rand(1, 3, 16, 16, 16) - 0.5
+    logits = net(torch.cat([image, coords], 1))[1]
+    mirrored = coords.clone()
+    mirrored[:, 0] = -mirrored[:, 0]  # the tumour's mirror image across the mid-sagittal plane
+    torch.testing.assert_close(net(torch.cat([image, mirrored], 1))[1], logits)
+    flipped_up = coords.clone()
+    flipped_up[:, 2] = -flipped_up[:, 2]  # not a flip axis: a different position
+    assert not torch.allclose(net(torch.cat([image, flipped_up], 1))[1], logits)
+    torch.testing.assert_close(torch.jit.script(net)(torch.cat([image, mirrored], 1))[1], logits)
+    with pytest.raises(ValueError, match="coord_mirror_axes"):
+        MultiTaskSegResNet(coord_channels=3, coord_mirror_axes=(3,))
