@@ -59,7 +59,7 @@ def expected_calibration_error(probs: np.ndarray, target: np.ndarray, n_bins: in
 
 def nll(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of ``softmax(logits / temperature)``."""
-    return float(torch.nn.functional.cross_entropy(logits.float() / temperature, target.long()))
+    return float(torch.nn.functional.cross_entropy(logits.double() / temperature, target.long()))  # float64: a flat optimum
 
 
 def fit_temperature(logits: torch.Tensor, target: torch.Tensor, bounds: tuple[float, float] = (0.5, 10.0)
