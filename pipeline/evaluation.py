@@ -64,7 +64,7 @@ class EvaluationReport:
     def record(self, engine: Engine) -> None:
         from monai.metrics import compute_dice
 
-        from pipeline.postprocess import RULES, apply_rule
+        from pipeline.postprocess import dice_by_rule
 
         out, batch = engine.state.output, engine.state.batch
         seg, cls_prob, target = out["pred"]["seg"], out["pred"]["cls"], out["label"]
@@ -78,10 +78,9 @@ class EvaluationReport:
                 row["dice"] = float(compute_dice(pred_mask, truth, include_background=True, ignore_empty=False).item())
                 row["true_volume_vox"] = int(truth.sum())
                 if seg_raw is not None:
-                    for rule in RULES:
-                        mask = apply_rule(seg_raw[b:b + 1], rule, self.threshold, self.min_mass_fraction) >= self.threshold
-                        row[f"dice[{rule}]"] = float(compute_dice(mask.float(), truth, include_background=True,
-                                                                  ignore_empty=False).item())
+                    scores = dice_by_rule(seg_raw[b:b + 1], target["label"][b:b + 1], self.threshold,
+                                          self.min_mass_fraction)
+                    row.update({f"dice[{rule}]": value for rule, value in scores.items()})
             row["pred_volume_vox"] = int(pred_mask.sum())
             c = int(target["class"][b])
             row["true_class"] = self.class_names[c] if c >= 0 else ""

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from pipeline.calibration import expected_calibration_error, fit_temperature, nll
-from pipeline.postprocess import RULES, apply_rule, choose_rule
+from pipeline.postprocess import RULES, choose_rule, dice_by_rule
 from pipeline.predict import PredictConfig, predict_raw
 
 __all__ = ["DECISION_FILE", "decision_path", "load_decisions", "resolve_postprocess", "resolve_temperature",
@@ -90,13 +90,6 @@ def resolve_temperature(value: float | str, ckpt: str | Path | None) -> float:
     return float(doc["temperature"]) if doc and doc.get("temperature") else 1.0
 
 
-def _dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
-    """Dice of two boolean masks; 1 when both are empty."""
-    inter = float((pred & truth).sum())
-    total = float(pred.sum() + truth.sum())
-    return 1.0 if total == 0 else 2.0 * inter / total
-
-
 @torch.no_grad()
 def decide_on_validation(network: torch.nn.Module, ckpt: str | Path, dataloader: Any, cfg: PredictConfig,
                          device: str | torch.device, prepare_batch: Callable, calibrate: bool = True,
@@ -132,10 +125,9 @@ def decide_on_validation(network: torch.nn.Module, ckpt: str | Path, dataloader:
         seg_raw, logits = predict_raw(network, image, cfg)
         for b in range(image.shape[0]):
             if int(target["has_label"][b]):
-                truth = target["label"][b, 0] > 0
-                for rule in RULES:
-                    pred = apply_rule(seg_raw[b:b + 1], rule, cfg.threshold, cfg.min_mass_fraction)[0, 0]
-                    dice[rule].append(_dice(pred >= cfg.threshold, truth))
+                scores = dice_by_rule(seg_raw[b:b + 1], target["label"][b:b + 1], cfg.threshold, cfg.min_mass_fraction)
+                for rule, value in scores.items():
+                    dice[rule].append(value)
             c = int(target["class"][b])
             if logits is not None and c >= 0 and int(target["has_class"][b]):
                 logits_all.append(logits[b].float().cpu())

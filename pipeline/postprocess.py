@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["RULES", "components", "apply_rule", "top_component_mask", "choose_rule"]
+__all__ = ["RULES", "components", "apply_rule", "top_component_mask", "choose_rule", "dice_by_rule"]
 
 RULES: tuple[str, ...] = ("none", "largest", "confident")
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)
@@ -115,3 +115,22 @@ def choose_rule(dice_by_rule: Mapping[str, Sequence[float]], min_gain: float = 1
     caution = {"none": 2, "confident": 1}
     best = max(means, key=lambda r: (means[r], caution.get(r, 0)))
     return best if best == "none" or means[best] > base + min_gain else "none"
+
+
+def dice_by_rule(prob: torch.Tensor, truth: torch.Tensor, threshold: float = 0.5, min_mass_fraction: float = 0.2
+                 ) -> dict[str, float]:
+    """Dice of each rule's mask against ``truth``, for one case.
+
+    Args:
+        prob: ``(1, 1, *spatial)`` tumour probability before any rule.
+        truth: ``(1, 1, *spatial)`` ground-truth mask (> 0 is tumour).
+
+    Returns:
+        rule -> Dice (MONAI ``compute_dice``; 1 when both masks are empty).
+    """
+    from monai.metrics import compute_dice
+
+    target = (truth > 0).float()
+    return {rule: float(compute_dice((apply_rule(prob, rule, threshold, min_mass_fraction) >= threshold).float(),
+                                     target, include_background=True, ignore_empty=False).item())
+            for rule in RULES}
