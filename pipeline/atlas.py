@@ -164,3 +164,13 @@ def load_atlas(path: str | Path | None = None, mask: str | Path | None = None,
     if path is None:
         return _mni152(float(spacing or 2.0))
     return _user_atlas(str(path), None if mask is None else str(mask), None if spacing is None else float(spacing))
+
+
+def grid_patch_size(path: str | Path | None = None, mask: str | Path | None = None, spacing: float | None = None,
+                    multiple: int = 8) -> list[int]:
+    """The atlas grid size (x, y, z, the array order of MONAI's loaders) rounded up to a multiple of
+    ``multiple``: a "patch" that is the whole registered volume, for a network that reads the whole
+    brain (the classifier alone, ``configs/classify_only.json``). ``multiple`` is the network's
+    total down-sampling, ``2 ** (len(blocks_down) - 1)``."""
+    size = load_atlas(path, mask, spacing).size
+    return [int(-(-s // multiple) * multiple) for s in size]

@@ -43,6 +43,7 @@ __all__ = [
     "ClassificationMetrics",
     "balanced_accuracy",
     "labelled_seg",
+    "seg_picture",
     "LabelledMeanDice",
     "labelled_cls",
     "loss_output",
@@ -155,10 +156,19 @@ def labelled_seg(threshold: float = 0.5) -> Callable[[dict], tuple[torch.Tensor,
 
     def transform(output: dict) -> tuple[torch.Tensor, torch.Tensor]:
         target = output["label"]
+        if output["pred"]["seg"] is None:  # the classifier alone: no mask to score
+            return torch.zeros(0), torch.zeros(0)
         keep = target["has_label"].bool()
         return (output["pred"]["seg"][keep] >= threshold).float(), (target["label"][keep] > 0).float()
 
     return transform
+
+
+def seg_picture(output: dict) -> Any:
+    """Output transform for ``TensorBoardImageHandler``: the predicted tumour probabilities, or
+    ``[None]`` (no picture) for a network without decoder."""
+    seg = output["pred"]["seg"]
+    return [None] if seg is None else seg
 
 
 def labelled_cls(output: dict) -> tuple[torch.Tensor, torch.Tensor]:

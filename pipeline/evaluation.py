@@ -69,11 +69,11 @@ class EvaluationReport:
         out, batch = engine.state.output, engine.state.batch
         seg, cls_prob, target = out["pred"]["seg"], out["pred"]["cls"], out["label"]
         seg_raw, logits = out["pred"].get("seg_raw"), out["pred"].get("cls_logits")
-        ids = batch.get("id", [f"case{len(self.rows) + i}" for i in range(seg.shape[0])])
+        ids = batch.get("id", [f"case{len(self.rows) + i}" for i in range(target["class"].shape[0])])
         for b, cid in enumerate(ids):
             row: dict[str, Any] = {"id": cid}
-            pred_mask = (seg[b:b + 1] >= self.threshold).float()
-            if int(target["has_label"][b]):
+            pred_mask = None if seg is None else (seg[b:b + 1] >= self.threshold).float()
+            if pred_mask is not None and int(target["has_label"][b]):
                 truth = (target["label"][b:b + 1] > 0).float()
                 row["dice"] = float(compute_dice(pred_mask, truth, include_background=True, ignore_empty=False).item())
                 row["true_volume_vox"] = int(truth.sum())
@@ -81,7 +81,8 @@ class EvaluationReport:
                     scores = dice_by_rule(seg_raw[b:b + 1], target["label"][b:b + 1], self.threshold,
                                           self.min_mass_fraction)
                     row.update({f"dice[{rule}]": value for rule, value in scores.items()})
-            row["pred_volume_vox"] = int(pred_mask.sum())
+            if pred_mask is not None:
+                row["pred_volume_vox"] = int(pred_mask.sum())
             c = int(target["class"][b])
             row["true_class"] = self.class_names[c] if c >= 0 else ""
             if cls_prob is not None:

@@ -212,6 +212,10 @@ class FolderInference:
 
     def __init__(self, network: torch.nn.Module, inferer: Callable, preprocessing: Any, options: InferenceOptions,
                  device: str | torch.device = "cpu", registration_settings: Any = None) -> None:
+        if not getattr(network, "has_decoder", True):
+            raise InputError(options.ckpt, "this model is the classifier alone (configs/classify_only.json, the "
+                                           "experiment's single-task arm): it has no segmentation output, and folder "
+                                           "inference writes masks; use a multi-task model")
         self.network = network
         self.inferer = inferer
         self.register, self.normalise = split_at_registration(preprocessing)

@@ -62,7 +62,7 @@ class MultiTaskLoss(nn.Module):
 
     def compute(
         self,
-        seg_logits: torch.Tensor,
+        seg_logits: torch.Tensor | None,
         cls_logits: torch.Tensor | None,
         mask: torch.Tensor,
         cls: torch.Tensor,
@@ -71,13 +71,19 @@ class MultiTaskLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Args: ``seg_logits`` / ``mask`` ``(B, 1, H, W, D)``; ``cls_logits`` ``(B, K)`` or None;
         ``cls`` ``(B,)`` int (``-1`` = unknown); ``has_label`` / ``has_class`` ``(B,)`` 0/1
-        (default: every mask present; class present where ``cls >= 0``)."""
-        b = seg_logits.shape[0]
-        dev = seg_logits.device
+        (default: every mask present; class present where ``cls >= 0``). ``seg_logits`` is ``None``
+        for a network without decoder (the classifier alone): no segmentation term."""
+        if seg_logits is None and cls_logits is None:
+            raise ValueError("the network returned neither segmentation nor class logits")
+        ref = seg_logits if seg_logits is not None else cls_logits
+        b = ref.shape[0]
+        dev = ref.device
         has_label = torch.ones(b, dtype=torch.bool, device=dev) if has_label is None else has_label.to(dev).bool().view(-1)
+        if seg_logits is None:
+            has_label = torch.zeros_like(has_label)
         cls = cls.to(dev).long().view(-1)
         has_class = (cls >= 0) if has_class is None else (has_class.to(dev).bool().view(-1) & (cls >= 0))
-        zero = seg_logits.float().sum() * 0.0  # keeps the graph: a valid loss with zero gradients
+        zero = ref.float().sum() * 0.0  # keeps the graph: a valid loss with zero gradients
 
         n_seg = int(has_label.sum())
         seg = self.dice(seg_logits[has_label].float(), (mask[has_label] > 0).float()) if n_seg else zero

@@ -124,7 +124,7 @@ def decide_on_validation(network: torch.nn.Module, ckpt: str | Path, dataloader:
         image, target = prepare_batch(batch, device)
         seg_raw, logits = predict_raw(network, image, cfg)
         for b in range(image.shape[0]):
-            if int(target["has_label"][b]):
+            if seg_raw is not None and int(target["has_label"][b]):
                 scores = dice_by_rule(seg_raw[b:b + 1], target["label"][b:b + 1], cfg.threshold, cfg.min_mass_fraction)
                 for rule, value in scores.items():
                     dice[rule].append(value)

@@ -55,14 +55,18 @@ class MultiTaskSegResNet(SegResNet):
         coord_mirror_axes: coordinates whose sign the head does not see (``|c|``: the distance
             from the grid's mid-plane): the axes training flips (``flip_axes``, left-right), so
             the head reads a position and its mirror image alike, as the flips already assume.
+        decoder: ``False`` = the classifier alone on the shared encoder (the single-task
+            classification arm of the experiment, ``configs/classify_only.json``): the decoder is
+            neither built nor computed and the segmentation output is ``None``. It needs
+            ``cls_pooling="mean"`` and no coordinate channels (both read the predicted tumour).
 
     Forward:
         ``x``: ``(B, in_channels + coord_channels, H, W, D)``, each spatial size divisible by
         ``2**(L-1)``.
 
-        Returns ``(seg_logits, class_logits, embedding)``: ``(B, out_channels, H, W, D)``,
-        ``(B, num_classes)`` or ``None`` when the head is off, and ``(B, C_bottleneck)`` (the
-        pooled bottleneck, used for retrieval of similar cases).
+        Returns ``(seg_logits, class_logits, embedding)``: ``(B, out_channels, H, W, D)`` or
+        ``None`` without a decoder, ``(B, num_classes)`` or ``None`` when the head is off, and
+        ``(B, C_bottleneck)`` (the pooled bottleneck, used for retrieval of similar cases).
     """
 
     def __init__(
@@ -82,9 +86,14 @@ class MultiTaskSegResNet(SegResNet):
         coord_channels: int = 0,
         tumour_floor: float = 1e-3,
         coord_mirror_axes: Sequence[int] = (),
+        decoder: bool = True,
     ) -> None:
         if cls_pooling not in ("mean", "tumour"):
             raise ValueError(f"cls_pooling must be 'mean' or 'tumour', got {cls_pooling!r}")
+        if not decoder and (cls_pooling != "mean" or coord_channels or num_classes <= 0):
+            raise ValueError("a network without decoder is the classifier alone: it needs num_classes > 0, "
+                             f"cls_pooling='mean' and coord_channels=0 (got {num_classes}, {cls_pooling!r}, "
+                             f"{coord_channels})")
         super().__init__(
             spatial_dims=spatial_dims,
             init_filters=init_filters,
@@ -110,6 +119,9 @@ class MultiTaskSegResNet(SegResNet):
                 mirror[int(a)] = True
         self.register_buffer("coord_mirror", mirror, persistent=False)
         self.classifier = self._make_classifier(list(cls_hidden), cls_dropout) if self.num_classes > 0 else None
+        self.has_decoder = bool(decoder)
+        if not self.has_decoder:  # SegResNet builds them in __init__; drop them so no weight is unused
+            self.up_layers, self.up_samples, self.conv_final = nn.ModuleList(), nn.ModuleList(), nn.Identity()
 
     def _make_classifier(self, hidden: list[int], dropout: float) -> nn.Module:
         # The pooled bottleneck has large per-feature offsets shared by every sample and small
@@ -126,8 +138,12 @@ class MultiTaskSegResNet(SegResNet):
             return PositionAwareHead(self.embedding_dim, nn.Sequential(*layers))
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:  # type: ignore[override]
         bottleneck, down_x = self.encode(x[:, : self.image_channels])
+        if not self.has_decoder:
+            embedding = torch.flatten(self.pool(bottleneck), 1)
+            logits = self.classifier(embedding) if self.classifier is not None else None
+            return None, logits, embedding
         down_x.reverse()
         seg = self.decode(bottleneck, down_x)
         if self.cls_pooling == "mean" and self.coord_channels == 0:

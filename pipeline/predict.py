@@ -138,17 +138,18 @@ def predict_volume(network: torch.nn.Module, image: torch.Tensor, cfg: PredictCo
     return finish(seg_raw, logits, cfg)
 
 
-def finish(seg_raw: torch.Tensor, logits: torch.Tensor | None, cfg: PredictConfig
-           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Raw prediction -> ``(post-processed tumour probability, calibrated class probabilities)``."""
-    seg = apply_rule(seg_raw, cfg.postprocess, cfg.threshold, cfg.min_mass_fraction)
+def finish(seg_raw: torch.Tensor | None, logits: torch.Tensor | None, cfg: PredictConfig
+           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Raw prediction -> ``(post-processed tumour probability, calibrated class probabilities)``
+    (``None`` for a missing output)."""
+    seg = None if seg_raw is None else apply_rule(seg_raw, cfg.postprocess, cfg.threshold, cfg.min_mass_fraction)
     probs = None if logits is None else torch.softmax(logits.float() / cfg.temperature, dim=1)
     return seg, probs
 
 
 @torch.no_grad()
 def predict_raw(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfig
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Predict one or more whole volumes before post-processing and calibration.
 
     Args:
@@ -160,12 +161,18 @@ def predict_raw(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfi
     Returns:
         ``(seg_prob, class_logits)``: ``(B, 1, H, W, D)`` tumour probabilities (no component
         rule) and ``(B, K)`` class logits (mean over the classifier's TTA flips; ``None`` for a
-        segmentation-only network).
+        segmentation-only network). A network without decoder (``has_decoder = False``, the
+        classifier alone) gives ``None`` for the tumour and is classified on the whole volume.
     """
     was_training = network.training
     network.eval()
     seg_net = SegmentationOutput(network)
     device_type = image.device.type
+    if not getattr(network, "has_decoder", True):
+        with torch.autocast(device_type=device_type, enabled=cfg.amp and device_type == "cuda"):
+            logits = _classify(network, image, None, PredictConfig(**{**_fields(cfg), "classify": "whole"}))
+        network.train(was_training)
+        return None, logits
     with torch.autocast(device_type=device_type, enabled=cfg.amp and device_type == "cuda"):
         seg_prob = torch.stack([
             _flip(torch.sigmoid(sliding_window_inference(
@@ -178,9 +185,16 @@ def predict_raw(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfi
     return seg_prob, class_logits
 
 
-def _classify(network: torch.nn.Module, image: torch.Tensor, seg_prob: torch.Tensor, cfg: PredictConfig
+def _fields(cfg: PredictConfig) -> dict:
+    """The constructor arguments of ``cfg`` (to make a modified copy)."""
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+
+
+def _classify(network: torch.nn.Module, image: torch.Tensor, seg_prob: torch.Tensor | None, cfg: PredictConfig
               ) -> torch.Tensor | None:
-    if cfg.classify == "patch":
+    if cfg.classify == "patch" and seg_prob is not None:
         patches = torch.stack([
             crop_patch(image[b], tumour_patch_center(seg_prob[b], cfg.threshold), cfg.roi_size)
             for b in range(image.shape[0])
