@@ -24,339 +24,33 @@ reported and the others go on; the exit status is 1 when any failed.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
-import json
-import os
-import shlex
 import signal
-import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
+from pipeline.experiment_exec import (
+    Children,
+    execute,
+    experiment_lock,
+    is_complete,
+    latest_checkpoint_epoch,
+    read_json,
+)
+from pipeline.experiment_plan import (
+    ARMS,
+    ExperimentConfig,
+    RunSpec,
+    arm_name,
+    check_settings,
+    make_or_load_splits,
+    plan_runs,
+)
 
 __all__ = ["ARMS", "ExperimentConfig", "RunSpec", "make_or_load_splits", "plan_runs", "run_experiment", "main"]
-
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = "bundles/plgg_mtl/configs/train.json"
-EVALUATE = "bundles/plgg_mtl/configs/evaluate.json"
-ARMS: dict[str, str | None] = {"seg": "configs/single_task.json", "cls": "configs/classify_only.json", "mtl": None}
-
-
-@dataclass
-class ExperimentConfig:
-    """What ``python -m pipeline experiment`` was asked (see the module docstring)."""
-
-    datalist: Path
-    out: Path
-    overlays: list[str] = field(default_factory=list)
-    kind: str = "ratio"
-    repeats: int = 6
-    folds: int = 5
-    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    arms: list[str] = field(default_factory=lambda: ["seg", "mtl"])
-    seed: int = 0
-    epochs: int | None = None
-    parallel: int = 1
-    gpus: list[str] = field(default_factory=list)
-    overrides: list[str] = field(default_factory=list)
-    overwrite: bool = False
-    python: str = sys.executable
-
-
-@dataclass
-class RunSpec:
-    """One split x arm: its folder, its two command lines and the fingerprint of its settings."""
-
-    arm: str
-    split: int
-    split_name: str
-    run_dir: Path
-    train_cmd: list[str]
-    eval_cmd: list[str]
-    epochs: int | None
-    fingerprint: str
-
-
-def _arm_overlay(arm: str) -> tuple[str, str | None]:
-    """``seg`` / ``cls`` / ``mtl`` or ``name=overlay.json`` -> (name, overlay or None)."""
-    if "=" in arm:
-        name, path = arm.split("=", 1)
-        if not name.isidentifier():
-            raise InputError(None, f"arm name {name!r} must be a plain word (it names DIR/runs/<arm>)")
-        return name, path
-    if arm not in ARMS:
-        raise InputError(None, f"unknown arm {arm!r}: use {', '.join(ARMS)} or name=overlay.json")
-    return arm, ARMS[arm]
-
-
-def _config_path(path: str) -> str:
-    """A config file as the bundle command gets it: repository-relative when it lies in the repository
-    (commands run from there), else absolute. Raises when it does not exist."""
-    p = Path(path)
-    for candidate in (p, ROOT / p):
-        if candidate.is_file():
-            resolved = candidate.resolve()
-            try:
-                return str(resolved.relative_to(ROOT))
-            except ValueError:
-                return str(resolved)
-    raise InputError(p, "overlay not found")
-
-
-def make_or_load_splits(cfg: ExperimentConfig) -> list[dict]:
-    """``DIR/splits.json``: made once (seeded, stratified), re-read on every later call.
-
-    Raises:
-        InputError: the file exists but was made with other settings or for other patients.
-    """
-    from pipeline.data.datalist import load_datalist
-    from pipeline.data.splits import kfold_split, load_splits, repeated_ratio_splits, save_splits
-
-    path = cfg.out / "splits.json"
-    dl = load_datalist(cfg.datalist)
-    wanted = {"kind": cfg.kind, "seed": cfg.seed, "n": cfg.repeats if cfg.kind == "ratio" else cfg.folds}
-    if path.is_file():
-        splits = load_splits(path)
-        info = json.loads(path.read_text())
-        have = {"kind": info.get("kind"), "seed": info.get("seed"), "n": len(splits)}
-        if have != wanted:
-            raise InputError(path, f"made with {have}, this call asks for {wanted}: the splits of an experiment "
-                                   "never change; use another --out, or delete the folder to start over")
-        unknown = {i for s in splits for part in ("train", "val", "test") for i in s[part]} - set(dl.by_id())
-        if unknown:
-            raise InputError(path, f"{len(unknown)} patient id(s) of the splits are not in {cfg.datalist}: "
-                                   f"{sorted(unknown)[:5]}")
-        return splits
-    if cfg.kind == "ratio":
-        splits = repeated_ratio_splits(dl.cases, cfg.repeats, cfg.ratios, cfg.seed)
-        extra: dict[str, Any] = {"ratios": list(cfg.ratios)}
-    else:
-        splits = kfold_split(dl.cases, cfg.folds, cfg.seed)
-        extra = {"folds": cfg.folds}
-    save_splits(path, splits, kind=cfg.kind, seed=cfg.seed, datalist=str(dl.path), **extra)
-    return splits
-
-
-def _val_interval(configs: list[str]) -> int | None:
-    """``val_interval`` of the merged configs (a plain number in ours), or None if not a number."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    try:
-        parser.read_config([str(ROOT / c) if not Path(c).is_absolute() else c for c in configs])
-        value = parser.get("val_interval")
-    except Exception:  # a broken overlay: the run itself fails and reports it, the others go on
-        return None
-    return value if isinstance(value, int) else None
-
-
-def plan_runs(cfg: ExperimentConfig, splits: list[dict]) -> list[RunSpec]:
-    """Every split x arm, split-major (both arms of split 0 first, so a partial table is paired)."""
-    overlays = [_config_path(o) for o in cfg.overlays]
-    arms = [_arm_overlay(a) for a in cfg.arms]
-    overrides: list[str] = []
-    for kv in cfg.overrides:
-        key, sep, value = kv.partition("=")
-        if not sep or not key:
-            raise InputError(None, f"--set takes key=value, got {kv!r}")
-        overrides += [f"--{key}", value]
-    specs = []
-    for k, split in enumerate(splits):
-        for name, arm_overlay in arms:
-            configs = [TRAIN, *overlays] + ([_config_path(arm_overlay)] if arm_overlay else [])
-            run_dir = (cfg.out / "runs" / name / f"split{k}").resolve()
-            common = ["--datalist", str(cfg.datalist.resolve()), "--output_dir", str(run_dir),
-                      "--log_dir", str(run_dir), "--split_file", str((cfg.out / "splits.json").resolve()),
-                      "--split_index", str(k), "--seed", str(cfg.seed + k)]
-            if cfg.epochs:
-                common += ["--epochs", str(cfg.epochs)]
-                interval = _val_interval(configs)
-                if interval and interval > cfg.epochs:  # else no validation would ever run: no model.pt
-                    common += ["--val_interval", str(cfg.epochs)]
-            common += overrides
-            bundle = [cfg.python, "-m", "monai.bundle", "run"]
-            train_cmd = [*bundle, "training", "--config_file", _config_list(configs), *common]
-            eval_configs = [TRAIN, EVALUATE, *configs[1:]]
-            eval_cmd = [*bundle, "--config_file", _config_list(eval_configs), *common]
-            contents = {c: hashlib.sha256((ROOT / c if not Path(c).is_absolute() else Path(c)).read_bytes()).hexdigest()
-                        for c in eval_configs}
-            # what the run's result depends on; not the experiment folder's own paths, so a moved or
-            # copied experiment folder keeps its finished runs
-            settings = {"configs": contents, "config_order": eval_configs, "datalist": str(cfg.datalist.resolve()),
-                        "seed": cfg.seed + k, "args": common[common.index("--seed") + 2:],
-                        "split": {p: split[p] for p in ("train", "val", "test")}}
-            fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-            specs.append(RunSpec(name, k, split.get("name", f"split{k}"), run_dir, train_cmd, eval_cmd, cfg.epochs,
-                                 fingerprint))
-    return specs
-
-
-def _config_list(files: list[str]) -> str:
-    """MONAI's list form of ``--config_file``: ``['a.json','b.json']``."""
-    return "[" + ",".join(f"'{f}'" for f in files) + "]"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_state(spec: RunSpec, **state: Any) -> None:
-    from pipeline.imageio import write_text_atomic
-
-    doc = {**_read_json(spec.run_dir / "run.json"), **state, "arm": spec.arm, "split": spec.split,
-           "fingerprint": spec.fingerprint}
-    write_text_atomic(spec.run_dir / "run.json", json.dumps(doc, indent=1))
-
-
-def _is_complete(spec: RunSpec) -> bool:
-    state = _read_json(spec.run_dir / "run.json")
-    return (state.get("status") == "complete" and state.get("fingerprint") == spec.fingerprint
-            and (spec.run_dir / "metrics.json").is_file())
-
-
-def _last_error(log: Path) -> str:
-    """The most telling line of a failed run's log: the last ``error:`` / exception line, else the last line."""
-    try:
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "no log"
-    for ln in reversed(lines):
-        if ln.lower().startswith("error") or "Error:" in ln or "Exception:" in ln:
-            return ln[:300]
-    return lines[-1][:300] if lines else "no output"
-
-
-class _Children:
-    """The running bundle subprocesses, so a stopped experiment stops them too (no orphan keeps
-    training into a folder that the next call of the experiment resumes)."""
-
-    def __init__(self) -> None:
-        self.procs: set[subprocess.Popen] = set()
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-
-    def terminate_all(self) -> None:
-        self.stopping.set()
-        with self.lock:
-            for p in self.procs:
-                with contextlib.suppress(ProcessLookupError):
-                    p.terminate()
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the child gets SIGTERM when the experiment process dies, even by SIGKILL."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def shell_line(cmd: list[str]) -> str:
-    """``cmd`` as one shell line to paste; a config list like ``['a.json','b.json']`` is put in double
-    quotes (readable) instead of shlex's single-quote escaping."""
-    def quote(arg: str) -> str:
-        if "'" in arg and not any(ch in arg for ch in '"$`\\!'):
-            return f'"{arg}"'
-        return shlex.quote(arg)
-
-    return " ".join(quote(a) for a in cmd)
-
-
-def _run_step(cmd: list[str], log: Path, env: dict[str, str], children: _Children) -> int:
-    with log.open("a") as fh:
-        fh.write(f"\n$ {shell_line(cmd)}\n")
-        fh.flush()
-        if children.stopping.is_set():
-            return -signal.SIGTERM
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-        with children.lock:
-            children.procs.add(proc)
-        try:
-            return proc.wait()
-        finally:
-            with children.lock:
-                children.procs.discard(proc)
-
-
-def _execute(spec: RunSpec, slot: str | None, cfg: ExperimentConfig, children: _Children) -> dict[str, Any]:
-    """Train (resuming if a checkpoint exists) and evaluate one run; return its state."""
-    spec.run_dir.mkdir(parents=True, exist_ok=True)
-    (spec.run_dir / "command.txt").write_text(
-        f"# {spec.arm}, split {spec.split} ({spec.split_name}); run from the repository root:\ncd {shlex.quote(str(ROOT))}\n"
-        f"# training (resumes from models/checkpoint_epoch=N.pt when present)\n{shell_line(spec.train_cmd)}\n"
-        f"# evaluation of models/model.pt on the split's test cases -> metrics.json, cases.csv\n{shell_line(spec.eval_cmd)}\n")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if cfg.gpus:
-        env["CUDA_VISIBLE_DEVICES"] = str(slot)
-    elif cfg.parallel > 1:  # share the cores instead of every run grabbing all of them
-        threads = str(max(1, (os.cpu_count() or 1) // cfg.parallel))
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    state = _read_json(spec.run_dir / "run.json")
-    seconds = float(state.get("seconds") or 0.0)
-    t0 = time.time()
-    log = spec.run_dir / "log.txt"
-    _write_state(spec, status="running", epochs=spec.epochs, device=slot, attempts=int(state.get("attempts", 0)) + 1)
-    if not state.get("trained") or state.get("fingerprint") != spec.fingerprint:
-        rc = _run_step(spec.train_cmd, log, env, children)
-        if rc != 0:
-            return _finish(spec, "stopped" if children.stopping.is_set() else "failed", seconds + time.time() - t0,
-                           f"training exited with {rc}: {_last_error(log)} (see {log})")
-        _write_state(spec, trained=True)
-    rc = _run_step(spec.eval_cmd, log, env, children)
-    if rc != 0:
-        return _finish(spec, "stopped" if children.stopping.is_set() else "failed", seconds + time.time() - t0,
-                       f"evaluation exited with {rc}: {_last_error(log)} (see {log})")
-    return _finish(spec, "complete", seconds + time.time() - t0, "")
-
-
-def _finish(spec: RunSpec, status: str, seconds: float, error: str) -> dict[str, Any]:
-    _write_state(spec, status=status, seconds=round(seconds, 1), error=error)
-    return _read_json(spec.run_dir / "run.json")
-
-
-def _check_settings(specs: list[RunSpec], overwrite: bool) -> None:
-    """Runs whose stored fingerprint differs: removed with ``overwrite``, else one clear error."""
-    import shutil
-
-    changed = [s for s in specs if (s.run_dir / "run.json").is_file()
-               and _read_json(s.run_dir / "run.json").get("fingerprint") not in (None, s.fingerprint)]
-    if changed and not overwrite:
-        names = ", ".join(f"{s.arm}/split{s.split}" for s in changed[:6])
-        raise InputError(changed[0].run_dir.parents[1], f"the settings of {len(changed)} run(s) changed since they ran "
-                         f"({names}): pass --overwrite to redo them from scratch, or use another --out")
-    for s in changed:
-        shutil.rmtree(s.run_dir)
-
-
-@contextlib.contextmanager
-def _experiment_lock(out: Path):
-    """One experiment process per folder at a time (a second would train the same runs twice)."""
-    import fcntl
-
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / ".lock").open("a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            raise InputError(out, f"another experiment process ({fh.read().strip() or 'unknown pid'}) is running "
-                                  "in this folder") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
-        yield
 
 
 def _report(cfg: ExperimentConfig, specs: list[RunSpec], class_names: list[str]) -> dict[str, Any]:
@@ -368,13 +62,13 @@ def _report(cfg: ExperimentConfig, specs: list[RunSpec], class_names: list[str])
         rows.append(row)
         cases += case_rows
     info = {"datalist": str(cfg.datalist), "kind": cfg.kind, "n_splits": len({s.split for s in specs}),
-            "arms": [_arm_overlay(a)[0] for a in cfg.arms], "overlays": cfg.overlays, "seed": cfg.seed,
+            "arms": [arm_name(a) for a in cfg.arms], "overlays": cfg.overlays, "seed": cfg.seed,
             "epochs": cfg.epochs, "overrides": cfg.overrides}
     return write_reports(cfg.out, rows, cases, info["arms"], class_names, info)
 
 
 def _describe(state: dict[str, Any], run_dir: Path) -> str:
-    m = _read_json(run_dir / "metrics.json")
+    m = read_json(run_dir / "metrics.json")
     parts = []
     if m.get("dice") is not None:
         parts.append(f"test Dice {m['dice']:.3f} ({m.get('n_with_mask')} scored)")
@@ -395,18 +89,18 @@ def run_experiment(cfg: ExperimentConfig) -> int:
         raise InputError(None, f"--kind must be ratio or kfold, got {cfg.kind!r}")
     if not cfg.arms:
         raise InputError(None, "no arm given (--arms seg,mtl)")
-    with _experiment_lock(cfg.out):
+    with experiment_lock(cfg.out):
         dl = load_datalist(cfg.datalist)
         validate_datalist(dl)  # once here, rather than the same error from every run
         splits = make_or_load_splits(cfg)
         specs = plan_runs(cfg, splits)
-        _check_settings(specs, cfg.overwrite)
+        check_settings(specs, cfg.overwrite)
         class_names = list(dl.classes)
-        todo = [s for s in specs if not _is_complete(s)]
+        todo = [s for s in specs if not is_complete(s)]
         print(f"[experiment] {len(splits)} {cfg.kind} split(s) x {len(cfg.arms)} arm(s) = {len(specs)} runs in "
               f"{cfg.out}; {len(specs) - len(todo)} already complete, {len(todo)} to run", flush=True)
         _report(cfg, specs, class_names)
-        children = _Children()
+        children = Children()
         slots: list[str | None] = list(cfg.gpus) if cfg.gpus else [None] * max(1, cfg.parallel)
         free: list[str | None] = list(slots)
         slot_lock = threading.Lock()
@@ -416,6 +110,8 @@ def run_experiment(cfg: ExperimentConfig) -> int:
         failed: list[str] = []
 
         def job(spec: RunSpec) -> None:
+            if children.stopping.is_set():  # the experiment is being stopped: start nothing new
+                return
             with slot_lock:
                 slot = free.pop(0)
             try:
@@ -424,7 +120,7 @@ def run_experiment(cfg: ExperimentConfig) -> int:
                 resume = f", resuming after epoch {ckpt}" if ckpt else ""
                 tqdm.write(f"[experiment] start {spec.arm}/split{spec.split} ({cfg.epochs or 'overlay'} epochs{resume})"
                            f"{where}", file=sys.stdout)
-                state = _execute(spec, slot, cfg, children)
+                state = execute(spec, slot, cfg, children)
             finally:
                 with slot_lock:
                     free.append(slot)
@@ -443,12 +139,15 @@ def run_experiment(cfg: ExperimentConfig) -> int:
             raise SystemExit(128 + signum)
 
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        pool = ThreadPoolExecutor(max_workers=len(slots))
         try:
-            with ThreadPoolExecutor(max_workers=len(slots)) as pool:
-                for f in [pool.submit(job, s) for s in todo]:
-                    f.result()
-        finally:
+            for f in [pool.submit(job, s) for s in todo]:
+                f.result()
+        except BaseException:  # stopped (signal, Ctrl-C) or broken: no bundle run outlives the experiment
             children.terminate_all()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
             for s, h in previous.items():
                 signal.signal(s, h)
             bar.close()
@@ -458,17 +157,6 @@ def run_experiment(cfg: ExperimentConfig) -> int:
             print(f"[experiment] {len(failed)} run(s) failed: {', '.join(failed)} (see their log.txt); re-run the "
                   "same command to retry them", flush=True)
         return 1 if failed else 0
-
-
-def latest_checkpoint_epoch(run_dir: Path) -> int | None:
-    """The epoch of the newest complete resumable checkpoint of a run, or None."""
-    from pipeline.checkpoints import latest_checkpoint
-
-    path = latest_checkpoint(run_dir / "models")
-    if path is None:
-        return None
-    digits = Path(path).stem.rsplit("=", 1)[-1]
-    return int(digits) if digits.isdigit() else None
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:

@@ -1,0 +1,178 @@
+"""Executing the runs of :mod:`pipeline.experiment`: each run's state file (``run.json``), its
+bundle subprocesses (training, then evaluation) with their output in ``log.txt``, and the guards
+that keep two processes from training the same run (one experiment process per folder; bundle
+subprocesses stop when the experiment process stops, even when it is killed)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError
+from pipeline.experiment_plan import ROOT, ExperimentConfig, RunSpec
+
+__all__ = ["Children", "execute", "is_complete", "read_json", "shell_line", "latest_checkpoint_epoch",
+           "experiment_lock"]
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_state(spec: RunSpec, **state: Any) -> None:
+    from pipeline.imageio import write_text_atomic
+
+    doc = {**read_json(spec.run_dir / "run.json"), **state, "arm": spec.arm, "split": spec.split,
+           "fingerprint": spec.fingerprint}
+    write_text_atomic(spec.run_dir / "run.json", json.dumps(doc, indent=1))
+
+
+def is_complete(spec: RunSpec) -> bool:
+    state = read_json(spec.run_dir / "run.json")
+    return (state.get("status") == "complete" and state.get("fingerprint") == spec.fingerprint
+            and (spec.run_dir / "metrics.json").is_file())
+
+
+def _last_error(log: Path) -> str:
+    """The most telling line of a failed run's log: the last ``error:`` / exception line, else the last line."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    for ln in reversed(lines):
+        if ln.lower().startswith("error") or "Error:" in ln or "Exception:" in ln:
+            return ln[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+class Children:
+    """The running bundle subprocesses, so a stopped experiment stops them too (no orphan keeps
+    training into a folder that the next call of the experiment resumes)."""
+
+    def __init__(self) -> None:
+        self.procs: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def terminate_all(self) -> None:
+        self.stopping.set()
+        with self.lock:
+            for p in self.procs:
+                with contextlib.suppress(ProcessLookupError):
+                    p.terminate()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGTERM when the experiment process dies, even by SIGKILL."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def shell_line(cmd: list[str]) -> str:
+    """``cmd`` as one shell line to paste; a config list like ``['a.json','b.json']`` is put in double
+    quotes (readable) instead of shlex's single-quote escaping."""
+    def quote(arg: str) -> str:
+        if "'" in arg and not any(ch in arg for ch in '"$`\\!'):
+            return f'"{arg}"'
+        return shlex.quote(arg)
+
+    return " ".join(quote(a) for a in cmd)
+
+
+def _run_step(cmd: list[str], log: Path, env: dict[str, str], children: Children) -> int:
+    with log.open("a") as fh:
+        fh.write(f"\n$ {shell_line(cmd)}\n")
+        fh.flush()
+        if children.stopping.is_set():
+            return -signal.SIGTERM
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        with children.lock:
+            children.procs.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with children.lock:
+                children.procs.discard(proc)
+
+
+def execute(spec: RunSpec, slot: str | None, cfg: ExperimentConfig, children: Children) -> dict[str, Any]:
+    """Train (resuming if a checkpoint exists) and evaluate one run; return its state."""
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    (spec.run_dir / "command.txt").write_text(
+        f"# {spec.arm}, split {spec.split} ({spec.split_name}); run from the repository root:\ncd {shlex.quote(str(ROOT))}\n"
+        f"# training (resumes from models/checkpoint_epoch=N.pt when present)\n{shell_line(spec.train_cmd)}\n"
+        f"# evaluation of models/model.pt on the split's test cases -> metrics.json, cases.csv\n{shell_line(spec.eval_cmd)}\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if cfg.gpus:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot)
+    elif cfg.parallel > 1:  # share the cores instead of every run grabbing all of them
+        threads = str(max(1, (os.cpu_count() or 1) // cfg.parallel))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    state = read_json(spec.run_dir / "run.json")
+    seconds = float(state.get("seconds") or 0.0)
+    t0 = time.time()
+    log = spec.run_dir / "log.txt"
+    _write_state(spec, status="running", epochs=spec.epochs, device=slot, attempts=int(state.get("attempts", 0)) + 1)
+    if not state.get("trained") or state.get("fingerprint") != spec.fingerprint:
+        rc = _run_step(spec.train_cmd, log, env, children)
+        if rc != 0:
+            return _finish(spec, "stopped" if children.stopping.is_set() else "failed", seconds + time.time() - t0,
+                           f"training exited with {rc}: {_last_error(log)} (see {log})")
+        _write_state(spec, trained=True)
+    rc = _run_step(spec.eval_cmd, log, env, children)
+    if rc != 0:
+        return _finish(spec, "stopped" if children.stopping.is_set() else "failed", seconds + time.time() - t0,
+                       f"evaluation exited with {rc}: {_last_error(log)} (see {log})")
+    return _finish(spec, "complete", seconds + time.time() - t0, "")
+
+
+def _finish(spec: RunSpec, status: str, seconds: float, error: str) -> dict[str, Any]:
+    _write_state(spec, status=status, seconds=round(seconds, 1), error=error)
+    return read_json(spec.run_dir / "run.json")
+
+
+@contextlib.contextmanager
+def experiment_lock(out: Path):
+    """One experiment process per folder at a time (a second would train the same runs twice)."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / ".lock").open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise InputError(out, f"another experiment process ({fh.read().strip() or 'unknown pid'}) is running "
+                                  "in this folder") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        yield
+
+
+def latest_checkpoint_epoch(run_dir: Path) -> int | None:
+    """The epoch of the newest complete resumable checkpoint of a run, or None."""
+    from pipeline.checkpoints import latest_checkpoint
+
+    path = latest_checkpoint(run_dir / "models")
+    if path is None:
+        return None
+    digits = Path(path).stem.rsplit("=", 1)[-1]
+    return int(digits) if digits.isdigit() else None
+
+

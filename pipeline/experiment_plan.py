@@ -1,0 +1,200 @@
+"""Planning an experiment of :mod:`pipeline.experiment`: its splits (made once, then only re-read),
+its runs (split x arm, each with its two bundle command lines) and the fingerprint of each run's
+settings (config files' contents, overrides, split), by which a re-run tells a finished run from
+one whose settings changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError
+
+__all__ = ["ROOT", "TRAIN", "EVALUATE", "ARMS", "ExperimentConfig", "RunSpec", "arm_name", "make_or_load_splits",
+           "plan_runs", "check_settings"]
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = "bundles/plgg_mtl/configs/train.json"
+EVALUATE = "bundles/plgg_mtl/configs/evaluate.json"
+ARMS: dict[str, str | None] = {"seg": "configs/single_task.json", "cls": "configs/classify_only.json", "mtl": None}
+
+
+@dataclass
+class ExperimentConfig:
+    """What ``python -m pipeline experiment`` was asked (see the module docstring)."""
+
+    datalist: Path
+    out: Path
+    overlays: list[str] = field(default_factory=list)
+    kind: str = "ratio"
+    repeats: int = 6
+    folds: int = 5
+    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    arms: list[str] = field(default_factory=lambda: ["seg", "mtl"])
+    seed: int = 0
+    epochs: int | None = None
+    parallel: int = 1
+    gpus: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    overwrite: bool = False
+    python: str = sys.executable
+
+
+@dataclass
+class RunSpec:
+    """One split x arm: its folder, its two command lines and the fingerprint of its settings."""
+
+    arm: str
+    split: int
+    split_name: str
+    run_dir: Path
+    train_cmd: list[str]
+    eval_cmd: list[str]
+    epochs: int | None
+    fingerprint: str
+
+
+def arm_overlay(arm: str) -> tuple[str, str | None]:
+    """``seg`` / ``cls`` / ``mtl`` or ``name=overlay.json`` -> (name, overlay or None)."""
+    if "=" in arm:
+        name, path = arm.split("=", 1)
+        if not name.isidentifier():
+            raise InputError(None, f"arm name {name!r} must be a plain word (it names DIR/runs/<arm>)")
+        return name, path
+    if arm not in ARMS:
+        raise InputError(None, f"unknown arm {arm!r}: use {', '.join(ARMS)} or name=overlay.json")
+    return arm, ARMS[arm]
+
+
+def _config_path(path: str) -> str:
+    """A config file as the bundle command gets it: repository-relative when it lies in the repository
+    (commands run from there), else absolute. Raises when it does not exist."""
+    p = Path(path)
+    for candidate in (p, ROOT / p):
+        if candidate.is_file():
+            resolved = candidate.resolve()
+            try:
+                return str(resolved.relative_to(ROOT))
+            except ValueError:
+                return str(resolved)
+    raise InputError(p, "overlay not found")
+
+
+def make_or_load_splits(cfg: ExperimentConfig) -> list[dict]:
+    """``DIR/splits.json``: made once (seeded, stratified), re-read on every later call.
+
+    Raises:
+        InputError: the file exists but was made with other settings or for other patients.
+    """
+    from pipeline.data.datalist import load_datalist
+    from pipeline.data.splits import kfold_split, load_splits, repeated_ratio_splits, save_splits
+
+    path = cfg.out / "splits.json"
+    dl = load_datalist(cfg.datalist)
+    wanted = {"kind": cfg.kind, "seed": cfg.seed, "n": cfg.repeats if cfg.kind == "ratio" else cfg.folds}
+    if path.is_file():
+        splits = load_splits(path)
+        info = json.loads(path.read_text())
+        have = {"kind": info.get("kind"), "seed": info.get("seed"), "n": len(splits)}
+        if have != wanted:
+            raise InputError(path, f"made with {have}, this call asks for {wanted}: the splits of an experiment "
+                                   "never change; use another --out, or delete the folder to start over")
+        unknown = {i for s in splits for part in ("train", "val", "test") for i in s[part]} - set(dl.by_id())
+        if unknown:
+            raise InputError(path, f"{len(unknown)} patient id(s) of the splits are not in {cfg.datalist}: "
+                                   f"{sorted(unknown)[:5]}")
+        return splits
+    if cfg.kind == "ratio":
+        splits = repeated_ratio_splits(dl.cases, cfg.repeats, cfg.ratios, cfg.seed)
+        extra: dict[str, Any] = {"ratios": list(cfg.ratios)}
+    else:
+        splits = kfold_split(dl.cases, cfg.folds, cfg.seed)
+        extra = {"folds": cfg.folds}
+    save_splits(path, splits, kind=cfg.kind, seed=cfg.seed, datalist=str(dl.path), **extra)
+    return splits
+
+
+def _val_interval(configs: list[str]) -> int | None:
+    """``val_interval`` of the merged configs (a plain number in ours), or None if not a number."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    try:
+        parser.read_config([str(ROOT / c) if not Path(c).is_absolute() else c for c in configs])
+        value = parser.get("val_interval")
+    except Exception:  # a broken overlay: the run itself fails and reports it, the others go on
+        return None
+    return value if isinstance(value, int) else None
+
+
+def plan_runs(cfg: ExperimentConfig, splits: list[dict]) -> list[RunSpec]:
+    """Every split x arm, split-major (both arms of split 0 first, so a partial table is paired)."""
+    overlays = [_config_path(o) for o in cfg.overlays]
+    arms = [arm_overlay(a) for a in cfg.arms]
+    overrides: list[str] = []
+    for kv in cfg.overrides:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise InputError(None, f"--set takes key=value, got {kv!r}")
+        overrides += [f"--{key}", value]
+    specs = []
+    for k, split in enumerate(splits):
+        for name, arm_file in arms:
+            configs = [TRAIN, *overlays] + ([_config_path(arm_file)] if arm_file else [])
+            run_dir = (cfg.out / "runs" / name / f"split{k}").resolve()
+            common = ["--datalist", str(cfg.datalist.resolve()), "--output_dir", str(run_dir),
+                      "--log_dir", str(run_dir), "--split_file", str((cfg.out / "splits.json").resolve()),
+                      "--split_index", str(k), "--seed", str(cfg.seed + k)]
+            if cfg.epochs:
+                common += ["--epochs", str(cfg.epochs)]
+                interval = _val_interval(configs)
+                if interval and interval > cfg.epochs:  # else no validation would ever run: no model.pt
+                    common += ["--val_interval", str(cfg.epochs)]
+            common += overrides
+            bundle = [cfg.python, "-m", "monai.bundle", "run"]
+            train_cmd = [*bundle, "training", "--config_file", _config_list(configs), *common]
+            eval_configs = [TRAIN, EVALUATE, *configs[1:]]
+            eval_cmd = [*bundle, "--config_file", _config_list(eval_configs), *common]
+            contents = {c: hashlib.sha256((ROOT / c if not Path(c).is_absolute() else Path(c)).read_bytes()).hexdigest()
+                        for c in eval_configs}
+            # what the run's result depends on; not the experiment folder's own paths, so a moved or
+            # copied experiment folder keeps its finished runs
+            settings = {"configs": contents, "config_order": eval_configs, "datalist": str(cfg.datalist.resolve()),
+                        "seed": cfg.seed + k, "args": common[common.index("--seed") + 2:],
+                        "split": {p: split[p] for p in ("train", "val", "test")}}
+            fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+            specs.append(RunSpec(name, k, split.get("name", f"split{k}"), run_dir, train_cmd, eval_cmd, cfg.epochs,
+                                 fingerprint))
+    return specs
+
+
+def _config_list(files: list[str]) -> str:
+    """MONAI's list form of ``--config_file``: ``['a.json','b.json']``."""
+    return "[" + ",".join(f"'{f}'" for f in files) + "]"
+
+
+def check_settings(specs: list[RunSpec], overwrite: bool) -> None:
+    """Runs whose stored fingerprint differs: removed with ``overwrite``, else one clear error."""
+    import shutil
+
+    from pipeline.experiment_exec import read_json as _read_json
+
+    changed = [s for s in specs if (s.run_dir / "run.json").is_file()
+               and _read_json(s.run_dir / "run.json").get("fingerprint") not in (None, s.fingerprint)]
+    if changed and not overwrite:
+        names = ", ".join(f"{s.arm}/split{s.split}" for s in changed[:6])
+        raise InputError(changed[0].run_dir.parents[1], f"the settings of {len(changed)} run(s) changed since they ran "
+                         f"({names}): pass --overwrite to redo them from scratch, or use another --out")
+    for s in changed:
+        shutil.rmtree(s.run_dir)
+
+
+
+
+def arm_name(arm: str) -> str:
+    """The folder name of an ``--arms`` entry (``seg`` or ``name=overlay.json`` -> ``name``)."""
+    return arm_overlay(arm)[0]
