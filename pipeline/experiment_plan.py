@@ -148,7 +148,12 @@ def plan_runs(cfg: ExperimentConfig, splits: list[dict]) -> list[RunSpec]:
             run_dir = (cfg.out / "runs" / name / f"split{k}").resolve()
             common = ["--datalist", str(cfg.datalist.resolve()), "--output_dir", str(run_dir),
                       "--log_dir", str(run_dir), "--split_file", str((cfg.out / "splits.json").resolve()),
-                      "--split_index", str(k), "--seed", str(cfg.seed + k)]
+                      "--split_index", str(k)]
+            if not any(o == "--registration_cache" for o in overrides):
+                # one registration cache for every run (keyed by file content, atlas and settings):
+                # a native-space cohort is registered once, not once per run
+                common += ["--registration_cache", str((cfg.out / "registration").resolve())]
+            common += ["--seed", str(cfg.seed + k)]
             if cfg.epochs:
                 common += ["--epochs", str(cfg.epochs)]
                 interval = _val_interval(configs)
