@@ -36,6 +36,7 @@ from pipeline.experiment_exec import (
     Children,
     execute,
     experiment_lock,
+    finish,
     is_complete,
     latest_checkpoint_epoch,
     read_json,
@@ -120,7 +121,10 @@ def run_experiment(cfg: ExperimentConfig) -> int:
                 resume = f", resuming after epoch {ckpt}" if ckpt else ""
                 tqdm.write(f"[experiment] start {spec.arm}/split{spec.split} ({cfg.epochs or 'overlay'} epochs{resume})"
                            f"{where}", file=sys.stdout)
-                state = execute(spec, slot, cfg, children)
+                try:
+                    state = execute(spec, slot, cfg, children)
+                except Exception as exc:  # disk full, a process that cannot start ...: this run only
+                    state = finish(spec, "failed", 0.0, f"{type(exc).__name__}: {exc}")
             finally:
                 with slot_lock:
                     free.append(slot)
@@ -131,7 +135,11 @@ def run_experiment(cfg: ExperimentConfig) -> int:
                 failed.append(f"{spec.arm}/split{spec.split}")
                 tqdm.write(f"[experiment] FAILED {spec.arm}/split{spec.split}: {state.get('error')}", file=sys.stdout)
             with report_lock:
-                _report(cfg, specs, class_names)
+                try:
+                    _report(cfg, specs, class_names)
+                except Exception as exc:  # a report problem must not stop the runs
+                    tqdm.write(f"[experiment] warning: tables not rewritten: {type(exc).__name__}: {exc}",
+                               file=sys.stderr)
                 bar.update(1)
 
         def stop(signum: int, _frame: Any) -> None:

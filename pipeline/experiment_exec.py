@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.errors import InputError
 from pipeline.experiment_plan import ROOT, ExperimentConfig, RunSpec
 
-__all__ = ["Children", "execute", "is_complete", "read_json", "shell_line", "latest_checkpoint_epoch",
+__all__ = ["Children", "execute", "finish", "is_complete", "read_json", "shell_line", "latest_checkpoint_epoch",
            "experiment_lock"]
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def _write_state(spec: RunSpec, **state: Any) -> None:
     from pipeline.imageio import write_text_atomic
 
     doc = {**read_json(spec.run_dir / "run.json"), **state, "arm": spec.arm, "split": spec.split,
-           "fingerprint": spec.fingerprint}
+           "fingerprint": spec.fingerprint, "train_fingerprint": spec.train_fingerprint}
     write_text_atomic(spec.run_dir / "run.json", json.dumps(doc, indent=1))
 
 
@@ -62,23 +62,55 @@ class Children:
 
     def __init__(self) -> None:
         self.procs: set[subprocess.Popen] = set()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entrant: a second signal may arrive inside terminate_all
         self.stopping = threading.Event()
 
-    def terminate_all(self) -> None:
+    def add(self, proc: subprocess.Popen) -> None:
+        """Track ``proc``; terminate it at once if the experiment is already stopping."""
+        with self.lock:
+            self.procs.add(proc)
+            if self.stopping.is_set():
+                proc.terminate()
+
+    def terminate_all(self, grace: float = 30.0) -> None:
+        """SIGTERM every running bundle subprocess (each saves nothing half-written: checkpoints are
+        atomic); SIGKILL those still alive after ``grace`` seconds (in a background thread)."""
         self.stopping.set()
         with self.lock:
-            for p in self.procs:
-                with contextlib.suppress(ProcessLookupError):
-                    p.terminate()
+            procs = list(self.procs)
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+
+        def kill_late() -> None:
+            deadline = time.time() + grace
+            for p in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=max(0.0, deadline - time.time()))
+                if p.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.kill()
+
+        if procs:
+            threading.Thread(target=kill_late, daemon=True).start()
+
+
+def _find_prctl() -> Any:
+    # resolved once in the parent: the child, forked from a threaded process, must not dlopen
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    return None
+
+
+_PRCTL = _find_prctl() if sys.platform.startswith("linux") else None
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Linux: the child gets SIGTERM when the experiment process dies, even by SIGKILL."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def shell_line(cmd: list[str]) -> str:
@@ -99,9 +131,8 @@ def _run_step(cmd: list[str], log: Path, env: dict[str, str], children: Children
         if children.stopping.is_set():
             return -signal.SIGTERM
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-        with children.lock:
-            children.procs.add(proc)
+                                preexec_fn=_die_with_parent if _PRCTL is not None else None)
+        children.add(proc)
         try:
             return proc.wait()
         finally:
@@ -127,20 +158,20 @@ def execute(spec: RunSpec, slot: str | None, cfg: ExperimentConfig, children: Ch
     t0 = time.time()
     log = spec.run_dir / "log.txt"
     _write_state(spec, status="running", epochs=spec.epochs, device=slot, attempts=int(state.get("attempts", 0)) + 1)
-    if not state.get("trained") or state.get("fingerprint") != spec.fingerprint:
+    if not state.get("trained") or state.get("train_fingerprint") != spec.train_fingerprint:
         rc = _run_step(spec.train_cmd, log, env, children)
         if rc != 0:
-            return _finish(spec, "stopped" if children.stopping.is_set() else "failed", seconds + time.time() - t0,
+            return finish(spec, "stopped" if children.stopping.is_set() else "failed", seconds + time.time() - t0,
                            f"training exited with {rc}: {_last_error(log)} (see {log})")
         _write_state(spec, trained=True)
     rc = _run_step(spec.eval_cmd, log, env, children)
     if rc != 0:
-        return _finish(spec, "stopped" if children.stopping.is_set() else "failed", seconds + time.time() - t0,
+        return finish(spec, "stopped" if children.stopping.is_set() else "failed", seconds + time.time() - t0,
                        f"evaluation exited with {rc}: {_last_error(log)} (see {log})")
-    return _finish(spec, "complete", seconds + time.time() - t0, "")
+    return finish(spec, "complete", seconds + time.time() - t0, "")
 
 
-def _finish(spec: RunSpec, status: str, seconds: float, error: str) -> dict[str, Any]:
+def finish(spec: RunSpec, status: str, seconds: float, error: str) -> dict[str, Any]:
     _write_state(spec, status=status, seconds=round(seconds, 1), error=error)
     return read_json(spec.run_dir / "run.json")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ class RunSpec:
     eval_cmd: list[str]
     epochs: int | None
     fingerprint: str
+    train_fingerprint: str = ""
 
 
 def arm_overlay(arm: str) -> tuple[str, str | None]:
@@ -96,10 +98,14 @@ def make_or_load_splits(cfg: ExperimentConfig) -> list[dict]:
     path = cfg.out / "splits.json"
     dl = load_datalist(cfg.datalist)
     wanted = {"kind": cfg.kind, "seed": cfg.seed, "n": cfg.repeats if cfg.kind == "ratio" else cfg.folds}
+    if cfg.kind == "ratio":
+        wanted["ratios"] = [float(r) for r in cfg.ratios]
     if path.is_file():
         splits = load_splits(path)
         info = json.loads(path.read_text())
         have = {"kind": info.get("kind"), "seed": info.get("seed"), "n": len(splits)}
+        if cfg.kind == "ratio":
+            have["ratios"] = [float(r) for r in info.get("ratios", [])]
         if have != wanted:
             raise InputError(path, f"made with {have}, this call asks for {wanted}: the splits of an experiment "
                                    "never change; use another --out, or delete the folder to start over")
@@ -135,11 +141,16 @@ def plan_runs(cfg: ExperimentConfig, splits: list[dict]) -> list[RunSpec]:
     """Every split x arm, split-major (both arms of split 0 first, so a partial table is paired)."""
     overlays = [_config_path(o) for o in cfg.overlays]
     arms = [arm_overlay(a) for a in cfg.arms]
+    names = [n for n, _ in arms]
+    if len(set(names)) != len(names):
+        raise InputError(None, f"an arm is named twice in --arms {','.join(cfg.arms)} (each arm has its own folder)")
     overrides: list[str] = []
     for kv in cfg.overrides:
         key, sep, value = kv.partition("=")
         if not sep or not key:
             raise InputError(None, f"--set takes key=value, got {kv!r}")
+        if value and not value.startswith(("$", "@", "%")) and Path(value).exists():
+            value = str(Path(value).resolve())  # the runs start in the repository root, not here
         overrides += [f"--{key}", value]
     specs = []
     for k, split in enumerate(splits):
@@ -164,17 +175,48 @@ def plan_runs(cfg: ExperimentConfig, splits: list[dict]) -> list[RunSpec]:
             train_cmd = [*bundle, "training", "--config_file", _config_list(configs), *common]
             eval_configs = [TRAIN, EVALUATE, *configs[1:]]
             eval_cmd = [*bundle, "--config_file", _config_list(eval_configs), *common]
-            contents = {c: hashlib.sha256((ROOT / c if not Path(c).is_absolute() else Path(c)).read_bytes()).hexdigest()
-                        for c in eval_configs}
-            # what the run's result depends on; not the experiment folder's own paths, so a moved or
-            # copied experiment folder keeps its finished runs
-            settings = {"configs": contents, "config_order": eval_configs, "datalist": str(cfg.datalist.resolve()),
-                        "seed": cfg.seed + k, "args": common[common.index("--seed") + 2:],
-                        "split": {p: split[p] for p in ("train", "val", "test")}}
-            fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+            # what the run's result depends on (config contents, including the files they reach with
+            # %file#id, the datalist's content, the seed, the overrides and the split); not where the
+            # experiment folder, the datalist or an overlay lies, so a moved folder keeps its runs
+            train_part = {"configs": _contents(configs), "datalist": _sha256(cfg.datalist),
+                          "seed": cfg.seed + k, "args": common[common.index("--seed") + 2:],
+                          "split": {p: split[p] for p in ("train", "val", "test")}}
+            train_fp = _digest(train_part)
+            fingerprint = _digest({"train": train_fp, "evaluate": _contents(eval_configs)})
             specs.append(RunSpec(name, k, split.get("name", f"split{k}"), run_dir, train_cmd, eval_cmd, cfg.epochs,
-                                 fingerprint))
+                                 fingerprint, train_fp))
     return specs
+
+
+_REFERENCE = re.compile(r"%([^%#'\"\s]+\.json)#")
+
+
+def _sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _contents(configs: list[str]) -> list[tuple[str, str]]:
+    """(file name, SHA-256) of each config in order, followed by every file they reference with
+    MONAI's ``%path#id`` macro (recursively; such paths are relative to the repository root)."""
+    out: list[tuple[str, str]] = []
+    seen: set[Path] = set()
+    todo = [ROOT / c if not Path(c).is_absolute() else Path(c) for c in configs]
+    while todo:
+        path = todo.pop(0)
+        if path in seen:
+            continue
+        seen.add(path)
+        out.append((path.name if path.parent != ROOT / "bundles" / "plgg_mtl" / "configs" else f"bundle:{path.name}",
+                    _sha256(path)))
+        for ref in _REFERENCE.findall(path.read_text(errors="replace")):
+            target = ROOT / ref
+            if target.is_file():
+                todo.append(target)
+    return out
 
 
 def _config_list(files: list[str]) -> str:
@@ -183,21 +225,28 @@ def _config_list(files: list[str]) -> str:
 
 
 def check_settings(specs: list[RunSpec], overwrite: bool) -> None:
-    """Runs whose stored fingerprint differs: removed with ``overwrite``, else one clear error."""
+    """Runs whose stored fingerprint differs are refused in one clear error, unless ``overwrite``:
+    then a run whose training settings are unchanged (only the evaluation's changed) keeps its
+    trained model and is evaluated again, any other is removed and trained from scratch."""
     import shutil
 
-    from pipeline.experiment_exec import read_json as _read_json
+    from pipeline.experiment_exec import read_json
 
     changed = [s for s in specs if (s.run_dir / "run.json").is_file()
-               and _read_json(s.run_dir / "run.json").get("fingerprint") not in (None, s.fingerprint)]
+               and read_json(s.run_dir / "run.json").get("fingerprint") not in (None, s.fingerprint)]
     if changed and not overwrite:
         names = ", ".join(f"{s.arm}/split{s.split}" for s in changed[:6])
         raise InputError(changed[0].run_dir.parents[1], f"the settings of {len(changed)} run(s) changed since they ran "
-                         f"({names}): pass --overwrite to redo them from scratch, or use another --out")
+                         f"({names}): pass --overwrite to redo them, or use another --out")
     for s in changed:
-        shutil.rmtree(s.run_dir)
+        state = read_json(s.run_dir / "run.json")
+        if state.get("train_fingerprint") == s.train_fingerprint and state.get("trained"):
+            from pipeline.imageio import write_text_atomic
 
-
+            state.update(status="evaluate again", fingerprint=s.fingerprint)
+            write_text_atomic(s.run_dir / "run.json", json.dumps(state, indent=1))
+        else:
+            shutil.rmtree(s.run_dir)
 
 
 def arm_name(arm: str) -> str:

@@ -149,8 +149,9 @@ def summarise(rows: list[dict[str, Any]], cases: list[dict[str, Any]], arms: lis
                 "single_task_arm": single, "multi_task_arm": "mtl", "metric": metric, "case_metric": case_metric,
                 "mean_difference": on_splits["mean_difference"], "ci95": on_splits["ci95"],
                 "splits": on_splits, "cases": on_cases,
-                "tests": "splits: Wilcoxon signed-rank (two-sided; exact null distribution when n <= 50 without ties "
-                         "or zero differences, else normal approximation) and paired t-test on the per-split "
+                "tests": "splits: Wilcoxon signed-rank (two-sided; exact null distribution without ties or zero "
+                         "differences, exact permutation test with them up to 13 pairs, normal approximation "
+                         "beyond) and paired t-test on the per-split "
                          f"differences mtl - {single} of {metric}; cases: Wilcoxon signed-rank on the per-case "
                          f"differences of {case_metric} pooled over splits (a case in several test sets counts "
                          "once per split, so these pairs are not independent: read it as descriptive). "

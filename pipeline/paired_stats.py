@@ -3,8 +3,8 @@
 Given one number per split for each arm (test Dice, balanced accuracy ...), or one per test case,
 :func:`paired_comparison` returns the per-pair differences (multi-task minus single-task), their
 mean with a 95 % bootstrap confidence interval, the Wilcoxon signed-rank test (exact null
-distribution for small samples without ties or zeros, the normal approximation otherwise; SciPy
-says which it used) and the paired t-test. All tests are two-sided and come from SciPy.
+distribution without ties or zeros, an exact permutation test with them for up to 13 pairs, the
+normal approximation beyond; ``wilcoxon_method`` says which) and the paired t-test. All tests are two-sided and come from SciPy.
 
 With ``n`` pairs the smallest two-sided p-value the exact Wilcoxon test can give is
 ``2 / 2**n`` (all differences of one sign): 0.031 for the study's 6 splits, 0.0625 for 5 folds,
@@ -82,12 +82,17 @@ def paired_comparison(single: Sequence[float | None], multi: Sequence[float | No
         "ttest_p": math.nan,
         "smallest_possible_p": smallest_exact_wilcoxon_p(int((d != 0).sum())),
     }
-    nonzero = d[d != 0]
+    # rounded so that differences equal in exact arithmetic are ties here too (0.1 + 0.2 vs 0.3)
+    d_test = np.round(d, 10)
+    nonzero = d_test[d_test != 0]
     if nonzero.size >= 1 and d.size >= 2:
-        # exact when SciPy can (no ties, no zeros, n <= 50), else the normal approximation
+        # SciPy's "auto": the exact null distribution without ties or zeros (n <= 50), an exact
+        # permutation test with them for small n (<= 13), the normal approximation otherwise
+        res = stats.wilcoxon(d_test, zero_method="wilcox", alternative="two-sided", method="auto")
         _, counts = np.unique(np.abs(nonzero), return_counts=True)
-        method = "exact" if nonzero.size <= 50 and (counts == 1).all() and nonzero.size == d.size else "approx"
-        res = stats.wilcoxon(d, zero_method="wilcox", alternative="two-sided", method=method)
+        clean = (counts == 1).all() and nonzero.size == d.size
+        method = ("exact" if clean and d.size <= 50 else
+                  "exact permutation (ties or zeros)" if d.size <= 13 else "normal approximation")
         out.update(wilcoxon_stat=float(res.statistic), wilcoxon_p=float(res.pvalue), wilcoxon_method=method)
     elif d.size >= 2:  # every difference is zero: no evidence either way
         out.update(wilcoxon_p=1.0, wilcoxon_method="all differences zero")

@@ -144,3 +144,33 @@ def test_changed_settings_are_refused_without_overwrite(setup, tmp_path):
     assert res.returncode == 2 and "--overwrite" in res.stderr
     res = experiment(*[a if a != "2" else "3" for a in args])  # --repeats 3: the splits never change
     assert res.returncode == 2 and "splits.json" in res.stderr
+
+
+def test_fingerprints_follow_config_contents_not_paths(tmp_path):
+    from pipeline.errors import InputError
+    from pipeline.experiment_plan import ExperimentConfig, _contents, plan_runs
+
+    names = [n for n, _ in _contents(["bundles/plgg_mtl/configs/train.json"])]
+    assert names[0] == "bundle:train.json" and "bundle:common.json" in names  # reached through %common.json#
+    dl = tmp_path / "a" / "datalist.json"
+    dl.parent.mkdir()
+    dl.write_text('{"classes": ["x"], "training": []}')
+    overlay = tmp_path / "a" / "o.json"
+    overlay.write_text(json.dumps({"epochs": 3}))
+    split = [{"name": "r0", "train": ["a"], "val": ["b"], "test": ["c"]}]
+
+    def fingerprints(datalist: Path, ov: Path, out: Path) -> list[str]:
+        cfg = ExperimentConfig(datalist=datalist, out=out, overlays=[str(ov)], arms=["seg", "mtl"])
+        return [s.fingerprint for s in plan_runs(cfg, split)]
+
+    first = fingerprints(dl, overlay, tmp_path / "e1")
+    assert len(set(first)) == 2  # the arms differ
+    moved = tmp_path / "b"
+    moved.mkdir()
+    (moved / "datalist.json").write_text(dl.read_text())
+    (moved / "o.json").write_text(overlay.read_text())
+    assert fingerprints(moved / "datalist.json", moved / "o.json", tmp_path / "e2") == first
+    (moved / "o.json").write_text(json.dumps({"epochs": 4}))
+    assert set(fingerprints(moved / "datalist.json", moved / "o.json", tmp_path / "e2")).isdisjoint(first)
+    with pytest.raises(InputError, match="twice"):
+        plan_runs(ExperimentConfig(datalist=dl, out=tmp_path / "e3", arms=["seg", "seg"]), split)

@@ -42,14 +42,17 @@ def test_mixed_signs_equal_scipy():
     assert d.min() <= low and high <= d.max()
 
 
-def test_ties_and_zeros_use_the_approximation_and_missing_pairs_are_dropped():
+def test_ties_and_zeros_stay_exact_for_few_pairs_and_missing_pairs_are_dropped():
     single = [0.5, 0.5, 0.5, 0.5, None, 0.5]
-    multi = [0.6, 0.6, 0.5, 0.4, 0.9, float("nan")]
+    multi = [0.75, 0.75, 0.5, 0.4, 0.9, float("nan")]
     out = paired_comparison(single, multi)
     assert out["n"] == 4 and out["n_zero"] == 1
-    assert out["wilcoxon_method"] == "approx"
-    ref = stats.wilcoxon([0.1, 0.1, 0.0, -0.1], zero_method="wilcox", method="approx")
-    assert out["wilcoxon_p"] == pytest.approx(ref.pvalue)
+    assert out["wilcoxon_method"].startswith("exact permutation")
+    # by hand: zeros dropped, |d| = 0.25, 0.25, 0.1 -> ranks 2.5, 2.5, 1; the 2**3 sign patterns give
+    # W- in {0, 1, 2.5, 2.5, 3.5, 3.5, 5, 6}; observed W- = 1: two-sided p = P(W <= 1 or W >= 5) = 4/8
+    assert out["wilcoxon_p"] == pytest.approx(0.5)
+    # the normal approximation would claim much more (no continuity correction): 0.2 here
+    assert stats.wilcoxon([0.25, 0.25, 0.0, -0.1], method="approx").pvalue < 0.3
 
 
 def test_too_few_pairs_give_nan_not_an_error():
@@ -86,5 +89,5 @@ def test_summary_pairs_arms_by_split_and_cases_by_id():
     assert p["splits"]["differences"] == pytest.approx([0.03, -0.01, 0.06])
     assert p["mean_difference"] == pytest.approx(np.mean([0.03, -0.01, 0.06]))
     assert p["cases"]["n"] == 6
-    ref = stats.wilcoxon([0.05, -0.05] * 3, zero_method="wilcox", method="approx")
+    ref = stats.wilcoxon(np.round([0.05, -0.05] * 3, 10), method="auto")  # W+ = W-: p = 1
     assert p["cases"]["wilcoxon_p"] == pytest.approx(ref.pvalue)
