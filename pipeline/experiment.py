@@ -119,7 +119,7 @@ def run_experiment(cfg: ExperimentConfig) -> int:
                 ckpt = latest_checkpoint_epoch(spec.run_dir)
                 where = f" on GPU {slot}" if cfg.gpus else ""
                 resume = f", resuming after epoch {ckpt}" if ckpt else ""
-                tqdm.write(f"[experiment] start {spec.arm}/split{spec.split} ({cfg.epochs or 'overlay'} epochs{resume})"
+                tqdm.write(f"[experiment] start {spec.arm}/split{spec.split} ({spec.epochs or '?'} epochs{resume})"
                            f"{where}", file=sys.stdout)
                 try:
                     state = execute(spec, slot, cfg, children)

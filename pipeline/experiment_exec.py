@@ -157,7 +157,8 @@ def execute(spec: RunSpec, slot: str | None, cfg: ExperimentConfig, children: Ch
     seconds = float(state.get("seconds") or 0.0)
     t0 = time.time()
     log = spec.run_dir / "log.txt"
-    _write_state(spec, status="running", epochs=spec.epochs, device=slot, attempts=int(state.get("attempts", 0)) + 1)
+    _write_state(spec, status="running", epochs=spec.epochs, device=slot, error="",
+                 attempts=int(state.get("attempts", 0)) + 1)
     if not state.get("trained") or state.get("train_fingerprint") != spec.train_fingerprint:
         rc = _run_step(spec.train_cmd, log, env, children)
         if rc != 0:

@@ -124,17 +124,18 @@ def make_or_load_splits(cfg: ExperimentConfig) -> list[dict]:
     return splits
 
 
-def _val_interval(configs: list[str]) -> int | None:
-    """``val_interval`` of the merged configs (a plain number in ours), or None if not a number."""
+def _config_value(configs: list[str], key: str) -> int | None:
+    """A plain integer setting (``epochs``, ``val_interval``) of the merged configs, or None when it
+    is not a plain number or the configs do not parse."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     try:
         parser.read_config([str(ROOT / c) if not Path(c).is_absolute() else c for c in configs])
-        value = parser.get("val_interval")
+        value = parser.get(key)
     except Exception:  # a broken overlay: the run itself fails and reports it, the others go on
         return None
-    return value if isinstance(value, int) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def plan_runs(cfg: ExperimentConfig, splits: list[dict]) -> list[RunSpec]:
@@ -167,7 +168,7 @@ def plan_runs(cfg: ExperimentConfig, splits: list[dict]) -> list[RunSpec]:
             common += ["--seed", str(cfg.seed + k)]
             if cfg.epochs:
                 common += ["--epochs", str(cfg.epochs)]
-                interval = _val_interval(configs)
+                interval = _config_value(configs, "val_interval")
                 if interval and interval > cfg.epochs:  # else no validation would ever run: no model.pt
                     common += ["--val_interval", str(cfg.epochs)]
             common += overrides
@@ -183,7 +184,8 @@ def plan_runs(cfg: ExperimentConfig, splits: list[dict]) -> list[RunSpec]:
                           "split": {p: split[p] for p in ("train", "val", "test")}}
             train_fp = _digest(train_part)
             fingerprint = _digest({"train": train_fp, "evaluate": _contents(eval_configs)})
-            specs.append(RunSpec(name, k, split.get("name", f"split{k}"), run_dir, train_cmd, eval_cmd, cfg.epochs,
+            epochs = cfg.epochs or _config_value(configs, "epochs")
+            specs.append(RunSpec(name, k, split.get("name", f"split{k}"), run_dir, train_cmd, eval_cmd, epochs,
                                  fingerprint, train_fp))
     return specs
 

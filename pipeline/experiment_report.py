@@ -72,6 +72,9 @@ def collect_run(run_dir: Path, arm: str, split: int, split_name: str, class_name
                            "status": info.get("status", "pending"), "epochs": info.get("epochs"),
                            "seconds": info.get("seconds"), "error": info.get("error", "")}
     best = best_validation(run_dir / HISTORY_FILE)
+    if row["epochs"] is None and (run_dir / HISTORY_FILE).is_file():  # an older run.json: the last validated epoch
+        history = json.loads((run_dir / HISTORY_FILE).read_text()).get("history", [])
+        row["epochs"] = max((int(h["epoch"]) for h in history), default=None)
     if best:
         row.update(val_dice=_num(best.get("val_mean_dice")), val_balanced_accuracy=_num(best.get("val_balanced_accuracy")),
                    best_epoch=best.get("epoch"))
