@@ -169,6 +169,8 @@ def summarise(rows: list[dict[str, Any]], cases: list[dict[str, Any]], arms: lis
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
+    if isinstance(v, float) and 0 < abs(v) < 10 ** -digits:
+        return f"{v:.1e}"  # a small p-value stays readable instead of 0.000
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
@@ -248,7 +250,7 @@ def summary_plot(summary: dict[str, Any], rows: list[dict[str, Any]], cases: lis
         diffs = [by_case[("mtl", k, i)] - by_case[(single, k, i)] for (arm, k, i) in by_case
                  if arm == single and by_case.get(("mtl", k, i)) is not None and by_case[(arm, k, i)] is not None]
         if diffs:
-            ax_r.boxplot(diffs, widths=0.4)
+            ax_r.boxplot(diffs, widths=0.4, showfliers=False)  # every case is drawn below
             jitter = np.random.default_rng(0).uniform(-0.08, 0.08, len(diffs))
             ax_r.plot(1 + jitter, diffs, ".", alpha=0.6)
         ax_r.axhline(0, color="grey", lw=0.8)
