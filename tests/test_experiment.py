@@ -174,3 +174,27 @@ def test_fingerprints_follow_config_contents_not_paths(tmp_path):
     assert set(fingerprints(moved / "datalist.json", moved / "o.json", tmp_path / "e2")).isdisjoint(first)
     with pytest.raises(InputError, match="twice"):
         plan_runs(ExperimentConfig(datalist=dl, out=tmp_path / "e3", arms=["seg", "seg"]), split)
+
+
+def test_kfold_classifier_alone_against_multitask(setup, tmp_path):
+    out = tmp_path / "cv"
+    res = experiment("--datalist", str(setup["datalist"]), "--out", str(out), "--kind", "kfold", "--folds", "2",
+                     "--arms", "cls,mtl", "--epochs", "1", "--overlays", "configs/demo.json", str(setup["overlay"]))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    folds = json.loads((out / "splits.json").read_text())
+    assert folds["kind"] == "kfold"
+    tests = [set(s["test"]) for s in folds["splits"]]
+    assert not tests[0] & tests[1] and len(tests[0] | tests[1]) == 14  # every patient tested once
+    rows = {(r["arm"], r["split"]): r for r in read_csv(out / "results.csv")}
+    for k in ("0", "1"):
+        assert rows[("cls", k)]["test_dice"] == "" and rows[("cls", k)]["val_dice"] == ""  # no decoder, no mask
+        assert rows[("cls", k)]["test_balanced_accuracy"] != ""
+    import torch
+
+    weights = torch.load(out / "runs" / "cls" / "split0" / "models" / "model.pt", map_location="cpu", weights_only=True)
+    weights = weights.get("model", weights)
+    assert any(k.startswith("classifier.") for k in weights)
+    assert not any(k.startswith(("up_layers.", "up_samples.", "conv_final.")) for k in weights)  # no decoder
+    paired = json.loads((out / "summary.json").read_text())["paired"]
+    assert paired["single_task_arm"] == "cls" and paired["metric"] == "test_balanced_accuracy"
+    assert paired["cases"]["n"] == 14  # the probability of the true class, per case
