@@ -169,7 +169,7 @@ def run_experiment(cfg: ExperimentConfig) -> int:
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
     def f(v: Any) -> str:
-        return "n/a" if v is None or v != v else f"{v:.3f}"
+        return "n/a" if v is None or v != v else (f"{v:.1e}" if 0 < abs(v) < 1e-3 else f"{v:.3f}")
 
     for arm, a in summary["arms"].items():
         print(f"[experiment] {arm}: {a['n_splits']}/{a['n_planned']} runs, test Dice {f(a['test_dice_mean'])} "
