@@ -11,6 +11,7 @@ classifier's temperature (:mod:`pipeline.calibration`), both normally decided on
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -170,7 +171,7 @@ def predict_raw(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfi
     device_type = image.device.type
     if not getattr(network, "has_decoder", True):
         with torch.autocast(device_type=device_type, enabled=cfg.amp and device_type == "cuda"):
-            logits = _classify(network, image, None, PredictConfig(**{**_fields(cfg), "classify": "whole"}))
+            logits = _classify(network, image, None, dataclasses.replace(cfg, classify="whole"))
         network.train(was_training)
         return None, logits
     with torch.autocast(device_type=device_type, enabled=cfg.amp and device_type == "cuda"):
@@ -183,13 +184,6 @@ def predict_raw(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfi
         class_logits = _classify(network, image, seg_prob, cfg)
     network.train(was_training)
     return seg_prob, class_logits
-
-
-def _fields(cfg: PredictConfig) -> dict:
-    """The constructor arguments of ``cfg`` (to make a modified copy)."""
-    import dataclasses
-
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
 
 
 def _classify(network: torch.nn.Module, image: torch.Tensor, seg_prob: torch.Tensor | None, cfg: PredictConfig
