@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from pipeline.errors import InputError, InputErrors
+from pipeline.errors import DEBUG_ENV, InputError, InputErrors, debug_requested
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "phantom": ("pipeline.data.phantom", "build the synthetic cohort (MNI152 anatomy, class-dependent tumours)"),
@@ -24,12 +24,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def _usage() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    return "usage: python -m pipeline <command> [options]\n\ncommands:\n" + "\n".join(lines)
+    return ("usage: python -m pipeline [--debug] <command> [options]\n\ncommands:\n" + "\n".join(lines)
+            + f"\n\nexit status: 0 done, 1 some cases failed, 2 bad command, option, datalist or file (one line "
+              f"naming the file and the reason; --debug or {DEBUG_ENV}=1 adds the Python traceback)")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to ``<module>.main(rest)``; user errors print one clear message and exit 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--debug"]:
+        import os
+
+        os.environ[DEBUG_ENV] = "1"  # also reaches the bundle subprocesses an experiment starts
+        argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -41,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.main(rest) or 0)
     except (InputError, InputErrors) as exc:
+        if debug_requested():
+            import traceback
+
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

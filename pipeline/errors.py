@@ -5,7 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["InputError", "InputErrors", "find_input_error", "install_excepthook"]
+__all__ = ["InputError", "InputErrors", "find_input_error", "install_excepthook", "debug_requested", "DEBUG_ENV"]
+
+#: Set to 1 to see the Python traceback behind a user-input error (``python -m pipeline --debug`` sets it).
+DEBUG_ENV = "PIPELINE_DEBUG"
+
+
+def debug_requested() -> bool:
+    """Whether the user asked for tracebacks (``PIPELINE_DEBUG`` set to anything but ``""``/``0``)."""
+    import os
+
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 class InputError(ValueError):
@@ -47,8 +57,9 @@ def install_excepthook() -> None:
 
     ``python -m monai.bundle run`` wraps errors raised while a config is evaluated in several
     layers of ``RuntimeError("Failed to evaluate ...")``; when the root cause is one of ours (a
-    bad file, datalist or option), print only its message and exit with status 2. Any other
-    exception goes to the previous hook unchanged. Idempotent.
+    bad file, datalist or option), print only its message and exit with status 2 (with
+    ``PIPELINE_DEBUG=1`` the traceback is printed first). Any other exception goes to the previous
+    hook unchanged. Idempotent.
     """
     import sys
 
@@ -61,6 +72,8 @@ def install_excepthook() -> None:
         if err is None:
             previous(exc_type, exc, tb)
             return
+        if debug_requested():
+            previous(exc_type, exc, tb)
         print(f"error: {err}", file=sys.stderr)
         sys.stderr.flush()
         raise SystemExit(2)

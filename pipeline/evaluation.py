@@ -154,7 +154,7 @@ def print_summary(eval_dir: str | Path) -> dict[str, Any]:
     import json
 
     path = Path(eval_dir) / "metrics.json"
-    summary = json.loads(path.read_text())
+    summary = json.loads(path.read_text(encoding="utf-8"))
 
     def fmt(key: str) -> str:
         v = summary.get(key)

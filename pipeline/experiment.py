@@ -84,15 +84,14 @@ def run_experiment(cfg: ExperimentConfig) -> int:
     """Run (or resume) the whole experiment; returns the exit status (0 all complete, 1 any failed)."""
     from tqdm import tqdm
 
-    from pipeline.data.datalist import load_datalist, validate_datalist
+    from pipeline.data.datalist import load_datalist
 
     if cfg.kind not in ("ratio", "kfold"):
         raise InputError(None, f"--kind must be ratio or kfold, got {cfg.kind!r}")
     if not cfg.arms:
         raise InputError(None, "no arm given (--arms seg,mtl)")
     with experiment_lock(cfg.out):
-        dl = load_datalist(cfg.datalist)
-        validate_datalist(dl)  # once here, rather than the same error from every run
+        dl = load_datalist(cfg.datalist, check_contents=True)  # once here, rather than the same error from every run
         splits = make_or_load_splits(cfg)
         specs = plan_runs(cfg, splits)
         check_settings(specs, cfg.overwrite)

@@ -25,7 +25,7 @@ __all__ = ["Children", "execute", "finish", "is_complete", "read_json", "shell_l
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
@@ -47,7 +47,7 @@ def is_complete(spec: RunSpec) -> bool:
 def _last_error(log: Path) -> str:
     """The most telling line of a failed run's log: the last ``error:`` / exception line, else the last line."""
     try:
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
     except OSError:
         return "no log"
     for ln in reversed(lines):

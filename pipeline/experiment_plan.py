@@ -102,7 +102,7 @@ def make_or_load_splits(cfg: ExperimentConfig) -> list[dict]:
         wanted["ratios"] = [float(r) for r in cfg.ratios]
     if path.is_file():
         splits = load_splits(path)
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8"))
         have = {"kind": info.get("kind"), "seed": info.get("seed"), "n": len(splits)}
         if cfg.kind == "ratio":
             have["ratios"] = [float(r) for r in info.get("ratios", [])]
@@ -214,7 +214,7 @@ def _contents(configs: list[str]) -> list[tuple[str, str]]:
         seen.add(path)
         out.append((path.name if path.parent != ROOT / "bundles" / "plgg_mtl" / "configs" else f"bundle:{path.name}",
                     _sha256(path)))
-        for ref in _REFERENCE.findall(path.read_text(errors="replace")):
+        for ref in _REFERENCE.findall(path.read_text(encoding="utf-8", errors="replace")):
             target = ROOT / ref
             if target.is_file():
                 todo.append(target)

@@ -67,13 +67,13 @@ def _num(v: Any) -> float | None:
 def collect_run(run_dir: Path, arm: str, split: int, split_name: str, class_names: list[str]
                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One run's row of ``results.csv`` and its rows of ``cases.csv`` (empty when not evaluated)."""
-    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8")) if (run_dir / "run.json").is_file() else {}
     row: dict[str, Any] = {"arm": arm, "split": split, "split_name": split_name,
                            "status": info.get("status", "pending"), "epochs": info.get("epochs"),
                            "seconds": info.get("seconds"), "error": info.get("error", "")}
     best = best_validation(run_dir / HISTORY_FILE)
     if row["epochs"] is None and (run_dir / HISTORY_FILE).is_file():  # an older run.json: the last validated epoch
-        history = json.loads((run_dir / HISTORY_FILE).read_text()).get("history", [])
+        history = json.loads((run_dir / HISTORY_FILE).read_text(encoding="utf-8")).get("history", [])
         row["epochs"] = max((int(h["epoch"]) for h in history), default=None)
     if best:
         row.update(val_dice=_num(best.get("val_mean_dice")), val_balanced_accuracy=_num(best.get("val_balanced_accuracy")),
@@ -82,13 +82,13 @@ def collect_run(run_dir: Path, arm: str, split: int, split_name: str, class_name
     metrics_file = run_dir / "metrics.json"
     if row["status"] != "complete" or not metrics_file.is_file():
         return row, cases
-    m = json.loads(metrics_file.read_text())
+    m = json.loads(metrics_file.read_text(encoding="utf-8"))
     row.update(test_dice=_num(m.get("dice")), test_dice_sd=_num(m.get("dice_std")), test_dice_min=_num(m.get("dice_min")),
                test_accuracy=_num(m.get("accuracy")), test_balanced_accuracy=_num(m.get("balanced_accuracy")),
                test_auc=_num(m.get("auc")), test_ece=_num(m.get("ece")), n_test=m.get("n_cases"),
                n_test_with_mask=m.get("n_with_mask"), n_test_with_class=m.get("n_with_class"),
                postprocessing=m.get("postprocessing"))
-    with (run_dir / "cases.csv").open(newline="") as fh:
+    with (run_dir / "cases.csv").open(newline="", encoding="utf-8") as fh:
         for r in csv.DictReader(fh):
             case: dict[str, Any] = {"id": r["id"], "split": split, "arm": arm, "dice": _num(r.get("dice")),
                                     "true_class": r.get("true_class", ""), "predicted_class": r.get("predicted_class", "")}

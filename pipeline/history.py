@@ -58,7 +58,7 @@ class ValidationHistory:
         history = []
         if self.path.is_file():
             try:
-                history = json.loads(self.path.read_text()).get("history", [])
+                history = json.loads(self.path.read_text(encoding="utf-8")).get("history", [])
             except (OSError, ValueError):
                 history = []
         entry: dict[str, Any] = {"epoch": epoch}
@@ -74,7 +74,7 @@ def best_validation(path: str | Path) -> dict[str, Any] | None:
     p = Path(path)
     if not p.is_file():
         return None
-    doc = json.loads(p.read_text())
+    doc = json.loads(p.read_text(encoding="utf-8"))
     history, key = doc.get("history", []), doc.get("key_metric")
     if not history:
         return None

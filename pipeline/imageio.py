@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline.errors import InputError
+from pipeline.filecheck import NIFTI_SUFFIXES, check_image_path, sitk_reason
 
 __all__ = [
     "read_volume",
@@ -27,32 +28,33 @@ __all__ = [
     "write_image_atomic",
     "atomic_write",
     "write_text_atomic",
+    "remove_stale_temporaries",
     "is_dicom_dir",
 ]
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
 
 def is_dicom_dir(path: str | Path) -> bool:
     """True when ``path`` is a folder holding at least one DICOM series."""
     p = Path(path)
-    if not p.is_dir():
-        return False
+    return p.is_dir() and bool(_series_ids(p))
+
+
+def _series_ids(folder: Path) -> tuple[str, ...]:
+    """The DICOM series ids in ``folder``, without ITK's "No Series were found" warning."""
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warns "No Series were found" on every other folder
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _read_any(path: str | Path, pixel_type: int) -> sitk.Image:
+    """Read a file or a DICOM series folder after :func:`~pipeline.filecheck.check_image_path`."""
     p = Path(path)
-    if not p.exists():
-        raise InputError(p, "file not found")
+    check_image_path(p)
     try:
         if p.is_dir():
-            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
+            ids = _series_ids(p)
             if not ids:
                 raise InputError(p, "folder holds no DICOM series")
             if len(ids) > 1:
@@ -61,14 +63,26 @@ def _read_any(path: str | Path, pixel_type: int) -> sitk.Image:
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(files)
             reader.SetOutputPixelType(pixel_type)
-            return reader.Execute()
-        return sitk.ReadImage(str(p), pixel_type)
+            img = reader.Execute()
+        else:
+            img = sitk.ReadImage(str(p), pixel_type)
     except InputError:
         raise
     except RuntimeError as exc:  # SimpleITK reports corrupt / unknown files as RuntimeError
-        first = str(exc).strip().splitlines()
-        detail = next((ln for ln in first if "ERROR" in ln or "Exception" in ln), first[-1] if first else "")
-        raise InputError(p, f"cannot be read as an image (corrupt or unsupported format): {detail.strip()[:200]}") from None
+        raise InputError(p, f"cannot be read as an image: {sitk_reason(exc)}") from None
+    _check_geometry(img, p)
+    return img
+
+
+def _check_geometry(img: sitk.Image, path: str | Path) -> None:
+    """Spacing > 0 and an invertible direction (a DICOM series' geometry is only known once read)."""
+    spacing = np.array(img.GetSpacing())
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(path, f"degenerate geometry: voxel spacing {tuple(spacing.round(4))}; every spacing must "
+                               "be positive")
+    n = img.GetDimension()
+    if abs(np.linalg.det(np.array(img.GetDirection()).reshape(n, n))) < 1e-6:
+        raise InputError(path, "degenerate geometry: the direction cosines are not invertible (determinant 0)")
 
 
 def _squeeze_to_3d(img: sitk.Image, path: str | Path) -> sitk.Image:
@@ -196,6 +210,21 @@ def atomic_write(path: str | Path, write: Callable[[str], object], suffix: str =
     return p
 
 
+def remove_stale_temporaries(folder: str | Path, names: list[str] | tuple[str, ...]) -> int:
+    """Delete the temporary files :func:`atomic_write` leaves for ``names`` in ``folder`` when its
+    process is killed mid-write (``.<name>.<random><suffix>``); returns how many were removed.
+
+    Only for a folder that one process writes at a time (an inference run's output folder).
+    """
+    removed = 0
+    for name in names:
+        for tmp in Path(folder).glob(f".{name}.*"):
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 def write_image_atomic(img: sitk.Image, path: str | Path) -> Path:
     """Write ``img`` to ``path`` atomically (see :func:`atomic_write`), compressed."""
     p = Path(path)
@@ -204,5 +233,6 @@ def write_image_atomic(img: sitk.Image, path: str | Path) -> Path:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write text atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    """Write text atomically (see :func:`atomic_write`) as UTF-8; a file name that is not valid
+    UTF-8 (a surrogate-escaped byte) is written as a ``\\udcXX`` escape instead of failing."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors="backslashreplace"))

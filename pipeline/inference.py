@@ -38,7 +38,7 @@ import SimpleITK as sitk
 import torch
 
 from pipeline.errors import InputError, find_input_error
-from pipeline.imageio import read_mask, read_volume, write_text_atomic
+from pipeline.imageio import read_mask, read_volume, remove_stale_temporaries, write_text_atomic
 from pipeline.inference_io import (
     InputCase,
     case_title,
@@ -49,67 +49,21 @@ from pipeline.inference_io import (
     write_like_input,
     write_report,
 )
+from pipeline.weights import load_network, state_dict_of
 
 __all__ = [
     "InferenceOptions",
     "FolderInference",
-    "load_network",
+    "load_network",  # re-exported from pipeline.weights
     "state_dict_of",
     "split_at_registration",
     "runner_from_config",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def state_dict_of(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The network weights in a checkpoint: a plain state dict (``model.pt`` of a training run) or
-    one nested under ``network`` / ``model`` / ``state_dict`` (``checkpoint_epoch=N.pt``)."""
-    for key in ("network", "model", "state_dict"):
-        if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    return checkpoint
-
-
-def load_network(network: torch.nn.Module, ckpt: str | Path | None, device: str | torch.device = "cpu"
-                 ) -> torch.nn.Module:
-    """Load trained weights into the network built from the config (or a TorchScript ``.ts``).
-
-    Args:
-        network: the config's ``network_def``.
-        ckpt: ``model.pt`` written by a training run (or a resumable ``checkpoint_epoch=N.pt``),
-            or a TorchScript file from ``monai.bundle ckpt_export`` (``.ts``, used instead of ``network``).
-        device: where the network runs.
-
-    Returns:
-        The network on ``device`` in eval mode.
-
-    Raises:
-        InputError: no checkpoint given, file missing or unreadable, or weights that do not fit
-            the network (trained with another overlay).
-    """
-    if ckpt in (None, ""):
-        raise InputError(None, "no checkpoint: pass --ckpt PATH (OUTPUT_DIR/models/model.pt of a training run)")
-    path = Path(ckpt)
-    if not path.is_file():
-        raise InputError(path, "checkpoint not found (pass --ckpt PATH)")
-    if path.suffix == ".ts":
-        try:
-            return torch.jit.load(str(path), map_location=device).eval()
-        except Exception as exc:  # noqa: BLE001 - any loading problem is a bad file
-            raise InputError(path, f"cannot be read as a TorchScript model: {str(exc).splitlines()[0][:200]}") from None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file
-        raise InputError(path, f"cannot be read as a PyTorch checkpoint: {str(exc).splitlines()[0][:200]}") from None
-    try:
-        network.load_state_dict(state_dict_of(checkpoint))
-    except RuntimeError as exc:
-        detail = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise InputError(path, f"weights do not fit the network of this config ({detail[:160]}); run inference "
-                               "with the overlay the model was trained with, e.g. --config_file "
-                               "\"['bundles/plgg_mtl/configs/inference.json','configs/demo.json']\"") from None
-    return network.to(device).eval()
+#: Files a case's folder holds (their temporaries are removed when a killed run left them).
+_CASE_FILES = ("seg.nii.gz", "prob.nii.gz", "qc.png", "result.json")
+_CHANGED = "the file changed while it was processed (still being copied or written?); run again once it is complete"
 
 
 @dataclass
@@ -262,7 +216,7 @@ class FolderInference:
         if self.options.overwrite or not all(p.exists() for p in self._outputs(folder)):
             return None
         try:
-            row = json.loads((folder / "result.json").read_text())
+            row = json.loads((folder / "result.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         if row.get("_fingerprint") != self._fingerprint(case) or row.get("input") != str(case.path):
@@ -337,34 +291,52 @@ class FolderInference:
         folder = self.options.output_dir / case.id
         for path in (*self._outputs(folder), folder / "prob.nii.gz", folder / "result.json"):
             path.unlink(missing_ok=True)
+        remove_stale_temporaries(folder, _CASE_FILES)
 
     def process(self, case: InputCase) -> dict[str, Any]:
-        """Run one case and write its outputs; raises on a bad case (see :meth:`run_case`)."""
+        """Run one case and write its outputs; raises on a bad case (see :meth:`run_case`).
+
+        A file that changes while it is processed (still being copied) fails with that reason,
+        whatever error the half-written file caused, and is redone by the next run.
+        """
         if case.problem:
             raise InputError(case.path, case.problem)
         folder = self.options.output_dir / case.id
         (folder / "result.json").unlink(missing_ok=True)  # the "finished" marker goes last
+        remove_stale_temporaries(folder, _CASE_FILES)  # left by a run killed while it wrote
+        fingerprint = self._fingerprint(case)  # taken before reading
+        try:
+            row = self._outputs_of(case)
+            if self._fingerprint(case) != fingerprint:
+                raise InputError(case.path, _CHANGED)
+        except Exception:
+            if self._fingerprint(case) != fingerprint:
+                raise InputError(case.path, _CHANGED) from None
+            raise
+        write_text_atomic(folder / "result.json", json.dumps({**row, "_fingerprint": fingerprint}, indent=1))
+        return row
+
+    def _outputs_of(self, case: InputCase) -> dict[str, Any]:
+        """Read, register, predict, map back and write one case; its report row."""
+        from pipeline.registration import map_to_native
+
         timer = _Timer()
         image = read_volume(case.path)
         item, transform = self._atlas_input(case, image)
         timer.lap("registration")
         prob_atlas, cls = self._predict(item)
         timer.lap("network")
-        from pipeline.registration import map_to_native
-
         prob = map_to_native(prob_atlas, transform, image, is_mask=False)
         seg = sitk.Cast(prob >= self.threshold, sitk.sitkUInt8)
         row = {"id": case.id, "input": str(case.path), "status": "ok", **self._class_columns(cls),
                **tumour_measures(seg), **self._truth_columns(case, image, seg)}
         self._write(case, image, prob, seg, row)
         timer.lap("writing")
-        row.update(timer.total(), reused=False)
-        write_text_atomic(folder / "result.json", json.dumps({**row, "_fingerprint": self._fingerprint(case)}, indent=1))
-        return row
+        return {**row, **timer.total(), "reused": False}
 
     def run_case(self, case: InputCase) -> dict[str, Any]:
         """A case's report row: reused from an earlier run, computed now, or failed with the reason."""
-        done = self.finished(case)
+        done = None if case.problem else self.finished(case)  # a clashing id never reuses an earlier output
         if done is not None:
             return done
         try:
@@ -394,6 +366,7 @@ class FolderInference:
         """Run every case (report rewritten after each one), in order; returns the report rows."""
         self.rows = []
         total = len(cases)
+        remove_stale_temporaries(self.options.output_dir, ("predictions.csv", "predictions.json"))
         logger.info("inference on %d case(s) -> %s", total, self.options.output_dir)
         for n, case in enumerate(cases, 1):
             row = self.run_case(case)

@@ -7,11 +7,17 @@ Case discovery (:func:`find_cases`), in one input folder:
 * per-case sub-folders (one level): the file (or DICOM series folder) whose name matches the first
   of ``pattern`` (case-insensitive globs such as ``*flair*`` or ``t2f*``) that matches anything;
   id = the sub-folder name. A sub-folder that is itself a DICOM series is one case. A sub-folder
-  where nothing matches is skipped with a warning; one where several files match is a failed case;
+  where nothing matches, or where several files match, is a failed case;
 * the input folder itself a DICOM series: one case, id = the folder name;
 
 or a datalist (JSON/CSV, :func:`pipeline.data.datalist.load_datalist`): its ids and images, and
 its masks / classes when given (the report then adds native-space Dice and the true class).
+
+Nothing is skipped silently: every NIfTI-named entry is a case whatever it turns out to be (a link
+loop, a dangling link, a FIFO, a corrupt file: its row says why it failed), a link that cannot be
+followed is a failed row, and other files are named in the log as ignored. Two inputs with one id
+(``a.nii`` and ``a.nii.gz``, or a file and a sub-folder ``a``) are both failed rows, not guessed
+between, and the other cases run. Hidden entries (``.name``) are ignored.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import io
 import json
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +39,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline.errors import InputError
-from pipeline.imageio import NIFTI_SUFFIXES, atomic_write, is_dicom_dir, write_image_atomic, write_text_atomic
+from pipeline.filecheck import check_entry, is_nifti_name
+from pipeline.imageio import atomic_write, is_dicom_dir, write_image_atomic, write_text_atomic
 
 __all__ = [
     "DEFAULT_PATTERNS",
@@ -76,7 +84,7 @@ class InputCase:
 
 
 def _is_nifti(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES)
+    return path.is_file() and is_nifti_name(path)
 
 
 def case_id(path: str | Path) -> str:
@@ -88,13 +96,37 @@ def case_id(path: str | Path) -> str:
     return name
 
 
+def _resolved(path: Path) -> Path | None:
+    """``path.resolve()``, or ``None`` for a link that cannot be followed (loop, dangling)."""
+    try:
+        return path.resolve(strict=True)
+    except (OSError, RuntimeError):  # RuntimeError: Python < 3.13 reports a loop so
+        return None
+
+
 def _visible(folder: Path, exclude: set[Path]) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.resolve() not in exclude)
+    """Non-hidden entries of ``folder``, sorted, without following any link (so a link loop or a
+    dangling link is listed, never raised or dropped here)."""
+    with os.scandir(folder) as it:
+        names = sorted(e.name for e in it if not e.name.startswith("."))
+    return [folder / n for n in names if _resolved(folder / n) not in exclude]
+
+
+def _broken(path: Path) -> str | None:
+    """Why a link cannot be followed (``check_entry``'s reason), or ``None`` when it can."""
+    if not path.is_symlink() or _resolved(path) is not None:
+        return None
+    try:
+        check_entry(path, allow_dir=True)
+    except InputError as exc:
+        return exc.problem
+    return None
 
 
 def _match(folder: Path, patterns: Sequence[str]) -> list[Path]:
-    """Entries of ``folder`` (NIfTI files or folders) matching the first pattern that matches any."""
-    entries = [p for p in _visible(folder, set()) if _is_nifti(p) or p.is_dir()]
+    """Entries of ``folder`` (NIfTI-named entries, whatever they are, or folders) matching the first
+    pattern that matches any."""
+    entries = [p for p in _visible(folder, set()) if is_nifti_name(p) or p.is_dir() or _broken(p)]
     for pat in patterns:
         found = [p for p in entries if fnmatch.fnmatch(p.name.lower(), pat.lower())]
         if found:
@@ -103,7 +135,10 @@ def _match(folder: Path, patterns: Sequence[str]) -> list[Path]:
 
 
 def _sub_folder_case(folder: Path, patterns: Sequence[str]) -> InputCase:
-    found = _match(folder, patterns)
+    try:
+        found = _match(folder, patterns)
+    except OSError as exc:
+        return InputCase(folder.name, folder, problem=f"cannot list this folder: {exc.strerror}")
     if len(found) == 1:
         return InputCase(folder.name, found[0])
     if len(found) > 1:
@@ -118,19 +153,46 @@ def _sub_folder_case(folder: Path, patterns: Sequence[str]) -> InputCase:
 
 
 def _folder_cases(root: Path, patterns: Sequence[str], exclude: set[Path]) -> list[InputCase]:
-    entries = _visible(root, exclude)
-    cases = [InputCase(case_id(p), p) for p in entries if _is_nifti(p)]
-    cases += [_sub_folder_case(sub, patterns) for sub in entries if sub.is_dir()]
-    if all(c.problem for c in cases) and is_dicom_dir(root):  # the folder itself is one DICOM series
+    """Every entry of ``root`` that could be a case becomes one (or a failed row): NIfTI-named entries
+    (whatever they turn out to be), folders, and links that cannot be followed. Other files are
+    listed in the log as ignored."""
+    try:
+        entries = _visible(root, exclude)
+    except OSError as exc:
+        raise InputError(root, f"cannot list the input folder: {exc.strerror}") from None
+    cases, ignored = [], []
+    for entry in entries:
+        broken = _broken(entry)
+        if is_nifti_name(entry):
+            cases.append(InputCase(case_id(entry), entry))  # reading it gives the reason if it is bad
+        elif broken:
+            cases.append(InputCase(entry.name, entry, problem=broken))
+        elif entry.is_dir():
+            cases.append(_sub_folder_case(entry, patterns))
+        else:
+            ignored.append(entry.name)
+    if ignored:
+        logger.info("ignored %d entr%s of %s that %s neither NIfTI files nor folders: %s", len(ignored),
+                    "y" if len(ignored) == 1 else "ies", root, "is" if len(ignored) == 1 else "are",
+                    ", ".join(ignored[:10]) + (" ..." if len(ignored) > 10 else ""))
+    if cases and all(c.problem for c in cases) and is_dicom_dir(root):  # the folder itself is one DICOM series
         return [InputCase(root.name, root)]
     return cases
 
 
-def _check_unique(cases: list[InputCase], where: Path) -> None:
-    dup = [cid for cid, n in Counter(c.id for c in cases).items() if n > 1]
-    if dup:
-        raise InputError(where, f"several inputs give the same case id {dup[:5]} (e.g. a.nii and a.nii.gz, or a "
-                                "file and a sub-folder of the same name); rename them")
+def _fail_clashing_ids(cases: list[InputCase]) -> list[InputCase]:
+    """Cases whose id is shared by another input become failed rows (none of them runs, so no
+    output folder is ambiguous); the others are unchanged."""
+    counts = Counter(c.id for c in cases)
+    out = []
+    for c in cases:
+        if counts[c.id] > 1:
+            others = ", ".join(o.path.name for o in cases if o.id == c.id and o is not c)
+            c = InputCase(c.id, c.path, c.label, c.true_class,
+                          problem=f"case id {c.id!r} is also given by {others} (one output folder per id): rename "
+                                  "all but one of them; none of them is run")
+        out.append(c)
+    return out
 
 
 def find_cases(input_dir: str | Path | None = None, datalist: str | Path | None = None,
@@ -145,7 +207,9 @@ def find_cases(input_dir: str | Path | None = None, datalist: str | Path | None 
         exclude: folders never taken as cases (the output folder when it lies inside the input).
 
     Raises:
-        InputError: neither or both sources given, missing folder, no case found, duplicate ids.
+        InputError: neither or both sources given, missing or unlistable folder, no case found.
+        Inputs that cannot run (a link loop, a dangling link, an unlistable sub-folder, several
+        inputs with one id) are cases with a ``problem``: failed rows of the report.
     """
     if (input_dir in (None, "")) == (datalist in (None, "")):
         raise InputError(None, "give either --input_dir DIR (a folder of NIfTI files, per-case sub-folders or DICOM "
@@ -157,6 +221,9 @@ def find_cases(input_dir: str | Path | None = None, datalist: str | Path | None 
         return [InputCase(c.id, c.image, c.label, None if c.cls is None else dl.classes[c.cls]) for c in dl.cases]
     root = Path(input_dir)
     if not root.is_dir():
+        if os.path.lexists(root):
+            check_entry(root, allow_dir=True)  # a link loop, a dangling link: its reason
+            raise InputError(root, "is a file, not a folder: give the folder that holds the scans (--input_dir)")
         raise InputError(root, "input folder not found")
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
     skip = {Path(p).resolve() for p in exclude if p not in (None, "")}
@@ -166,8 +233,7 @@ def find_cases(input_dir: str | Path | None = None, datalist: str | Path | None 
     if not cases:
         raise InputError(root, f"no input volumes found: expected *.nii / *.nii.gz files, per-case sub-folders "
                                f"holding a file matching {patterns}, or DICOM series folders")
-    _check_unique(cases, root)
-    return sorted(cases, key=lambda c: c.id)
+    return sorted(_fail_clashing_ids(cases), key=lambda c: (c.id, c.path.name))
 
 
 def input_fingerprint(path: str | Path) -> str:

@@ -62,7 +62,7 @@ def load_decisions(ckpt: str | Path | None) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         logger.warning("%s is unreadable (%s): post-processing and temperature decisions ignored", path, exc)
         return None
@@ -110,13 +110,13 @@ def decide_on_validation(network: torch.nn.Module, ckpt: str | Path, dataloader:
         the decision document, or ``None`` when ``ckpt`` does not exist (no validation ever ran).
     """
     from pipeline.imageio import write_text_atomic
-    from pipeline.inference import state_dict_of
+    from pipeline.weights import load_weights
 
     path = Path(ckpt)
     if not path.is_file():
         logger.warning("no %s: post-processing and calibration not decided", path)
         return None
-    network.load_state_dict(state_dict_of(torch.load(path, map_location="cpu", weights_only=True)))
+    load_weights(network, path)
     dice: dict[str, list[float]] = {r: [] for r in RULES}
     logits_all: list[torch.Tensor] = []
     classes: list[torch.Tensor] = []

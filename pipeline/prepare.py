@@ -81,7 +81,7 @@ def _stamp(case: Case, atlas_fingerprint: str, settings: RegistrationSettings) -
 
 def _finished(folder: Path, case: Case, stamp: dict[str, Any]) -> bool:
     try:
-        done = json.loads((folder / "prepared.json").read_text())
+        done = json.loads((folder / "prepared.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return done == stamp and all(p.exists() for p in _outputs(folder, case.label is not None))

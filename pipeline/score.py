@@ -46,7 +46,7 @@ def score_predictions(pred_dir: str | Path, datalist: str | Path, ids: list[str]
     report = pred_dir / "predictions.csv"
     if not report.is_file():
         raise InputError(report, "no predictions.csv: run the inference bundle first")
-    rows = {r["id"]: r for r in csv.DictReader(report.open())}
+    rows = {r["id"]: r for r in csv.DictReader(report.open(encoding="utf-8", newline=""))}
     cases = []
     for case in dl.cases:
         if (ids is not None and case.id not in ids) or case.id not in rows:

@@ -69,7 +69,7 @@ def test_missing_datalist_file(tmp_path):
     [
         ("nan", "NaN"),
         ("2d", "2-D"),
-        ("corrupt", "cannot be read"),
+        ("corrupt", "corrupt or truncated gzip"),
         ("mask_shape", "mask shape"),
         ("mask_negative", "negative"),
         ("mask_fraction", "non-integer"),

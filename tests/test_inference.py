@@ -109,9 +109,10 @@ def test_find_cases_rules(tmp_path):
     assert "nothing in this folder matches" in cases["empty"].problem  # reported as failed, not dropped
     by_t1n = {c.id: c for c in find_cases(tmp_path, pattern="t1n*", exclude=[tmp_path / "out"])}
     assert by_t1n["p2"].path.name == "t1n.nii.gz" and by_t1n["p1"].problem
-    (tmp_path / "a.nii").touch()
-    with pytest.raises(InputError, match="same case id"):
-        find_cases(tmp_path)
+    (tmp_path / "a.nii").touch()  # two inputs with one id: both fail, the others still run
+    clash = [c for c in find_cases(tmp_path, exclude=[tmp_path / "out"]) if c.id == "a"]
+    assert sorted(c.path.name for c in clash) == ["a.nii", "a.nii.gz"]
+    assert all("is also given by" in c.problem for c in clash)
     with pytest.raises(InputError, match="no input volumes"):
         find_cases(tmp_path / "empty")
     with pytest.raises(InputError, match="input folder not found"):
@@ -219,13 +220,14 @@ def reoriented(image: sitk.Image, code: str) -> sitk.Image:
     return sitk.DICOMOrient(image, code)
 
 
-def write_dicom_series(image: sitk.Image, folder: Path) -> Path:
-    """Write ``image`` as a real DICOM series (one int16 file per slice, geometry in the tags)."""
-    folder.mkdir(parents=True)
+def write_dicom_series(image: sitk.Image, folder: Path, number: int = 1) -> Path:
+    """Write ``image`` as a real DICOM series (one int16 file per slice, geometry in the tags);
+    ``number`` numbers the series UID, so two calls into one folder make two series."""
+    folder.mkdir(parents=True, exist_ok=True)
     img = sitk.Cast(sitk.RescaleIntensity(image, 0, 2000), sitk.sitkInt16)
     d = img.GetDirection()
     series = [("0008|0060", "MR"), ("0008|103e", "FLAIR"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1.1"),
-              ("0020|000e", "1.2.826.0.1.3680043.2.1125.1.2"), ("0008|0008", "DERIVED\\SECONDARY"),
+              ("0020|000e", f"1.2.826.0.1.3680043.2.1125.1.2.{number}"), ("0008|0008", "DERIVED\\SECONDARY"),
               ("0020|0037", "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])))]
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -235,9 +237,9 @@ def write_dicom_series(image: sitk.Image, folder: Path) -> Path:
             sl.SetMetaData(tag, value)
         sl.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in img.TransformIndexToPhysicalPoint((0, 0, k))))
         sl.SetMetaData("0020|0013", str(k + 1))
-        sl.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.1.3.{k + 1}")
+        sl.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.1.3.{number}.{k + 1}")
         sl.SetMetaData("0018|0050", f"{img.GetSpacing()[2]:.6f}")
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.SetFileName(str(folder / f"s{number}_slice{k:03d}.dcm"))
         writer.Execute(sl)
     return folder
 

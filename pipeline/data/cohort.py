@@ -15,7 +15,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
-from pipeline.data.datalist import class_weights, load_datalist, to_monai_dicts, validate_datalist
+from pipeline.data.datalist import class_weights, load_datalist, to_monai_dicts
 from pipeline.data.splits import load_splits, ratio_split, save_splits
 from pipeline.errors import InputError
 
@@ -92,11 +92,9 @@ def load_cohort(
     """
     if not datalist:
         raise InputError(None, "no datalist given: pass --datalist PATH (JSON or CSV)")
-    dl = load_datalist(datalist)
+    dl = load_datalist(datalist, check_contents=validate)  # every entry and file problem at once
     if class_names is not None:
         dl = dl.with_classes(class_names)
-    if validate:
-        validate_datalist(dl)
     own = Path(output_dir) / "split.json"
     source = Path(split_file) if split_file else own
     if source.exists():

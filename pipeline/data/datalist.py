@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,24 @@ class Datalist:
         return [index[i] for i in ids]
 
 
+def _absolute(path: str | Path) -> Path:
+    """Absolute, normalised path WITHOUT following links: a link loop or a dangling link is then
+    reported under the name the user wrote (by :func:`pipeline.filecheck.check_entry`)."""
+    return Path(os.path.abspath(path))
+
+
+def _entry_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be an input file (missing, link loop, dangling link, FIFO, unreadable,
+    empty), or ``None``; the contents are checked by :func:`validate_datalist`."""
+    from pipeline.filecheck import check_entry
+
+    try:
+        check_entry(path, allow_dir=True)  # a DICOM series folder is an image too
+    except InputError as exc:
+        return exc.problem
+    return None
+
+
 def _whole_number(text: str) -> bool:
     try:
         return float(text.strip()).is_integer()
@@ -121,14 +140,14 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], tuple[str, ...], dict[
     if not path.is_file():
         raise InputError(path, "datalist not found")
     if path.suffix.lower() == ".csv":
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or "image" not in reader.fieldnames:
                 raise InputError(path, f"CSV datalist needs an 'image' column (columns: {reader.fieldnames})")
             rows = [dict(r) for r in reader]
         return rows, DEFAULT_CLASSES, {}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(path, f"not valid JSON: {exc}") from None
     if isinstance(data, list):
@@ -145,13 +164,14 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], tuple[str, ...], dict[
     return rows, classes, meta
 
 
-def load_datalist(path: str | Path, check_files: bool = True) -> Datalist:
+def load_datalist(path: str | Path, check_files: bool = True, check_contents: bool = False) -> Datalist:
     """Parse a datalist (JSON or CSV) and check every entry; all problems are reported at once.
 
     Args:
         path: the datalist file; relative paths inside are relative to its folder.
-        check_files: also check that every image/mask exists (cheap; the contents are checked by
-            :func:`validate_datalist`).
+        check_files: also check that every image/mask exists and can be opened (cheap).
+        check_contents: also open every image and mask (:func:`validate_datalist`'s checks),
+            reporting those problems together with the entries' own (replaces ``check_files``).
 
     Returns:
         The :class:`Datalist`.
@@ -160,7 +180,7 @@ def load_datalist(path: str | Path, check_files: bool = True) -> Datalist:
         InputError: the file itself is missing or unreadable.
         InputErrors: one or more entries are wrong (missing key/file, unknown class, duplicate id).
     """
-    path = Path(path).resolve()
+    path = _absolute(path)
     rows, classes, meta = _read_rows(path)
     root = path.parent
     errors: list[InputError] = []
@@ -181,17 +201,18 @@ def load_datalist(path: str | Path, check_files: bool = True) -> Datalist:
         if not image:
             errors.append(InputError(path, f"{where}: no 'image'"))
             continue
-        img_path = (root / str(image)).resolve()
+        img_path = _absolute(root / str(image))
         lbl = row.get("label")
-        lbl_path = (root / str(lbl)).resolve() if lbl not in (None, "") else None
+        lbl_path = _absolute(root / str(lbl)) if lbl not in (None, "") else None
         cls, err = _parse_class(row.get("class"), classes, where, path)
         if err:
             errors.append(err)
-        if check_files:
-            if not img_path.exists():
-                errors.append(InputError(img_path, f"{where}: image file not found"))
-            if lbl_path is not None and not lbl_path.exists():
-                errors.append(InputError(lbl_path, f"{where}: mask file not found"))
+        if check_files and not check_contents:
+            for kind, file in (("image", img_path), ("mask", lbl_path)):
+                problem = None if file is None else _entry_problem(file)
+                if problem:
+                    text = f"{kind} file not found" if problem == "file not found" else f"{kind}: {problem}"
+                    errors.append(InputError(file, f"{where}: {text}"))
         extra = {k: v for k, v in row.items() if k not in ("id", "image", "label", "class")}
         cases.append(Case(cid, img_path, lbl_path, cls, extra))
     for cid, k in seen.items():
@@ -199,36 +220,47 @@ def load_datalist(path: str | Path, check_files: bool = True) -> Datalist:
             errors.append(InputError(path, f"duplicate id {cid!r} ({k} entries)"))
     if not rows:
         errors.append(InputError(path, "datalist has no cases"))
+    if check_contents:
+        errors += _content_errors(cases)
     if errors:
         raise InputErrors(errors, header=f"datalist {path}")
     return Datalist(path, classes, tuple(cases), meta)
 
 
 def validate_datalist(dl: Datalist, check_contents: bool = True) -> None:
-    """Open every image and mask: corrupt/non-3-D files, NaN voxels, bad mask values, mask grid
-    different from its image. Every problem is collected and raised together.
+    """Open every image and mask: missing files, link loops, dangling links, unreadable, corrupt or
+    non-3-D files, degenerate geometry, NaN voxels, bad mask values, mask grid different from its
+    image (:mod:`pipeline.filecheck` and :mod:`pipeline.imageio`). Every problem is collected and
+    raised together.
 
     Raises:
         InputErrors: listing each bad file and its problem.
     """
-    from pipeline.imageio import read_mask, read_volume  # SimpleITK import only when needed
-
     if not check_contents:
         return
+    errors = _content_errors(dl.cases)
+    if errors:
+        raise InputErrors(errors, header=f"datalist {dl.path}")
+
+
+def _content_errors(cases: list[Case] | tuple[Case, ...]) -> list[InputError]:
+    """Every problem of the cases' images and masks (see :func:`validate_datalist`)."""
+    from pipeline.imageio import read_mask, read_volume  # SimpleITK import only when needed
+
     errors: list[InputError] = []
-    for case in dl.cases:
+    for case in cases:
+        img = None
         try:
             img = read_volume(case.image)
         except InputError as exc:
             errors.append(InputError(exc.path, f"case {case.id!r}: {exc.problem}"))
-            continue
         if case.label is not None:
-            try:
+            try:  # the mask's own problems are reported even when its image is bad
                 read_mask(case.label, reference=img, reference_path=case.image)
             except InputError as exc:
-                errors.append(InputError(exc.path, f"case {case.id!r}: {exc.problem}"))
-    if errors:
-        raise InputErrors(errors, header=f"datalist {dl.path}")
+                what = exc.problem if exc.problem.startswith("mask") else f"mask: {exc.problem}"
+                errors.append(InputError(exc.path, f"case {case.id!r}: {what}"))
+    return errors
 
 
 def to_monai_dicts(cases: list[Case] | tuple[Case, ...]) -> list[dict[str, Any]]:
@@ -273,8 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("datalist", help="datalist JSON or CSV")
     p.add_argument("--no-contents", action="store_true", help="only check that files exist")
     a = p.parse_args(argv)
-    dl = load_datalist(a.datalist)
-    validate_datalist(dl, check_contents=not a.no_contents)
+    dl = load_datalist(a.datalist, check_contents=not a.no_contents)
     n_lbl = sum(c.label is not None for c in dl.cases)
     n_cls = Counter(dl.classes[c.cls] for c in dl.cases if c.cls is not None)
     print(f"{dl.path}: {len(dl.cases)} cases OK; {n_lbl} with mask; classes {dict(n_cls)}")

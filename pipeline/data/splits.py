@@ -133,7 +133,7 @@ def load_splits(path: str | Path) -> list[dict]:
     if not p.is_file():
         raise InputError(p, "split file not found")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8"))
         splits = data["splits"]
         for s in splits:
             s["train"], s["val"], s["test"]  # noqa: B018 - presence check
