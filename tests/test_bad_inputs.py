@@ -472,3 +472,12 @@ def test_kill_while_writing_then_rerun_completes(kit, tmp_path):
         assert_complete(out, f"case{k}", inputs / f"case{k}.nii.gz")
         assert nib.load(out / f"case{k}" / "prob.nii.gz").get_fdata().max() <= 1.0
     assert not [p for p in out.rglob(".*") if ".cache" not in p.parts], "temporary files left behind"
+
+
+def test_debug_adds_the_traceback(tmp_path):
+    (tmp_path / "datalist.json").write_text("{not json")
+    quiet = run_cli(["-m", "pipeline", "validate", str(tmp_path / "datalist.json")])
+    loud = run_cli(["-m", "pipeline", "--debug", "validate", str(tmp_path / "datalist.json")])
+    for done in (quiet, loud):
+        assert done.returncode == 2 and f"{tmp_path / 'datalist.json'}: not valid JSON" in done.stderr
+    assert "Traceback" not in quiet.stderr and "Traceback" in loud.stderr
