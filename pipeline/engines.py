@@ -113,10 +113,10 @@ class MultiTaskInferer(Inferer):
                  mode: str = "gaussian", classify: str = "patch", threshold: float = 0.5,
                  tta_flips: Sequence[Sequence[int]] | None = None, amp: bool = False,
                  postprocess: str = "none", class_flip_axes: Sequence[int] | None = None,
-                 min_mass_fraction: float = 0.2, temperature: float = 1.0) -> None:
+                 min_mass_fraction: float = 0.2, temperature: float = 1.0, amp_dtype: str = "float16") -> None:
         super().__init__()
         self.cfg = PredictConfig(roi_size, sw_batch_size, overlap, mode, classify, threshold, tta_flips, amp,
-                                 postprocess, class_flip_axes, min_mass_fraction, float(temperature))
+                                 postprocess, class_flip_axes, min_mass_fraction, float(temperature), amp_dtype)
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> dict:
         seg_raw, logits = predict_raw(network, inputs, self.cfg)

@@ -21,6 +21,7 @@ from monai.transforms import SpatialPad
 
 from pipeline.networks import SegmentationOutput
 from pipeline.postprocess import RULES, apply_rule, top_component_mask
+from pipeline.precision import AMP_DTYPES
 
 __all__ = ["PredictConfig", "predict_volume", "predict_raw", "tumour_patch_center", "crop_patch",
            "keep_largest_component"]
@@ -40,6 +41,7 @@ class PredictConfig:
         tta_flips: spatial axes (0, 1, 2 of H, W, D) flipped in each TTA pass; ``()`` = identity.
             ``None``/empty list: no TTA.
         amp: autocast on CUDA.
+        amp_dtype: its dtype, ``"bfloat16"`` or ``"float16"`` (:mod:`pipeline.precision`).
         class_flip_axes: the axes flipped in training (``flip_axes``); the classifier's TTA only
             uses the flip sets within them, because the class follows the tumour's location (an
             up-down flip turns a cerebellar tumour into a supratentorial one). ``None``: all.
@@ -62,6 +64,7 @@ class PredictConfig:
     class_flip_axes: Sequence[int] | None = None
     min_mass_fraction: float = 0.2
     temperature: float = 1.0
+    amp_dtype: str = "float16"
     flips: list[tuple[int, ...]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +72,8 @@ class PredictConfig:
             raise ValueError(f"classify must be 'patch' or 'whole', got {self.classify!r}")
         if self.postprocess not in RULES:
             raise ValueError(f"postprocess must be one of {RULES}, got {self.postprocess!r}")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"amp_dtype must be one of {list(AMP_DTYPES)}, got {self.amp_dtype!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         flips = [tuple(int(a) for a in f) for f in (self.tta_flips or [])]
@@ -170,11 +175,13 @@ def predict_raw(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfi
     seg_net = SegmentationOutput(network)
     device_type = image.device.type
     if not getattr(network, "has_decoder", True):
-        with torch.autocast(device_type=device_type, enabled=cfg.amp and device_type == "cuda"):
+        with torch.autocast(device_type=device_type, dtype=AMP_DTYPES[cfg.amp_dtype],
+                            enabled=cfg.amp and device_type == "cuda"):
             logits = _classify(network, image, None, dataclasses.replace(cfg, classify="whole"))
         network.train(was_training)
         return None, logits
-    with torch.autocast(device_type=device_type, enabled=cfg.amp and device_type == "cuda"):
+    with torch.autocast(device_type=device_type, dtype=AMP_DTYPES[cfg.amp_dtype],
+                            enabled=cfg.amp and device_type == "cuda"):
         seg_prob = torch.stack([
             _flip(torch.sigmoid(sliding_window_inference(
                 _flip(image, f), list(cfg.roi_size), cfg.sw_batch_size, seg_net,
