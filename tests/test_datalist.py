@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from pipeline.data.datalist import class_weights, load_datalist, to_monai_dicts, validate_datalist
 from pipeline.errors import InputError, InputErrors
@@ -143,3 +144,46 @@ def test_classes_matched_to_the_model_by_name(tiny_cohort):
     assert dl.cases[0].cls == 2 and dl.cases[1].cls == 1  # 'other' and 'BRAF fusion' in the model's order
     with pytest.raises(InputError, match=r"classes \['other'\] of the datalist are not among"):
         load_datalist(tiny_cohort).with_classes(["BRAF V600E", "BRAF fusion"])
+
+
+def test_check_cache_skips_only_unchanged_cases(tiny_cohort, tmp_path):
+    """A case that passed is not opened again while its bytes are unchanged; a changed file is
+    checked again (and its new problem found); failures are never remembered."""
+    cache = tmp_path / "checked"
+    dl = load_datalist(tiny_cohort, check_contents=True, check_cache=cache)
+    assert len(list(cache.iterdir())) == len(dl.cases)
+    case = dl.cases[0]
+    img = sitk.ReadImage(str(case.image))
+    arr = sitk.GetArrayFromImage(img)
+    arr[1, 2, 3] = np.nan
+    bad = sitk.GetImageFromArray(arr)
+    bad.CopyInformation(img)
+    sitk.WriteImage(bad, str(case.image))
+    for _ in range(2):
+        with pytest.raises(InputErrors, match="NaN or infinite") as err:
+            load_datalist(tiny_cohort, check_contents=True, check_cache=cache)
+        assert str(case.image) in str(err.value) and len(err.value.errors) == 1
+    assert len(list(cache.iterdir())) == len(dl.cases)  # the failure was not remembered
+
+
+def test_fast_content_check_agrees_with_the_readers(tmp_path):
+    """check_volume_file / check_mask_file (one nibabel read) give the readers' verdicts."""
+    from pipeline.data.validation import check_mask_file, check_volume_file
+    from pipeline.imageio import read_mask, read_volume
+
+    rng = np.random.default_rng(3)
+    img, mask = blob_case(rng, (20, 20, 20))
+    variants = {"ok": (img, mask), "nan": (np.where(mask > 0, np.nan, img).astype(np.float32), mask),
+                "constant": (np.full_like(img, 3.0), mask), "mask_values": (img, mask * 0.5)}
+    for name, (im, ma) in variants.items():
+        ip, mp = write_volume(tmp_path / name / "i.nii.gz", im), write_volume(tmp_path / name / "m.nii.gz", ma)
+        verdicts = []
+        for image_check, mask_check in ((check_volume_file, check_mask_file), (read_volume, read_mask)):
+            try:
+                ref = image_check(ip)
+                mask_check(mp, ref, ip)
+                verdicts.append("ok")
+            except InputError as exc:
+                verdicts.append(exc.problem)
+        assert verdicts[0] == verdicts[1], (name, verdicts)
+        assert (verdicts[0] == "ok") == (name == "ok")

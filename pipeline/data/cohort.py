@@ -71,6 +71,7 @@ def load_cohort(
     validate: bool = True,
     brain_mask: str | None = None,
     class_names: list[str] | tuple[str, ...] | None = None,
+    check_cache: str | Path | None = None,
 ) -> Cohort:
     """Validate a datalist and return the items of one train/val/test split.
 
@@ -86,13 +87,15 @@ def load_cohort(
         brain_mask: path added to every item as ``brain`` (see :func:`atlas_brain_mask_file`).
         class_names: the model's classes (config ``class_names``); the datalist's classes are
             matched to them by name (another order is fine, an unknown class is an error).
+        check_cache: folder remembering cases that passed validation, by content (an unchanged
+            case is not opened again at the next start).
 
     Raises:
         InputError / InputErrors: bad datalist, files or split.
     """
     if not datalist:
         raise InputError(None, "no datalist given: pass --datalist PATH (JSON or CSV)")
-    dl = load_datalist(datalist, check_contents=validate)  # every entry and file problem at once
+    dl = load_datalist(datalist, check_contents=validate, check_cache=check_cache)  # every entry and file problem at once
     if class_names is not None:
         dl = dl.with_classes(class_names)
     own = Path(output_dir) / "split.json"

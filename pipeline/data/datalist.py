@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.validation import content_errors
 from pipeline.errors import InputError, InputErrors
 
 __all__ = [
@@ -164,7 +165,8 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], tuple[str, ...], dict[
     return rows, classes, meta
 
 
-def load_datalist(path: str | Path, check_files: bool = True, check_contents: bool = False) -> Datalist:
+def load_datalist(path: str | Path, check_files: bool = True, check_contents: bool = False,
+                  check_cache: str | Path | None = None) -> Datalist:
     """Parse a datalist (JSON or CSV) and check every entry; all problems are reported at once.
 
     Args:
@@ -172,6 +174,8 @@ def load_datalist(path: str | Path, check_files: bool = True, check_contents: bo
         check_files: also check that every image/mask exists and can be opened (cheap).
         check_contents: also open every image and mask (:func:`validate_datalist`'s checks),
             reporting those problems together with the entries' own (replaces ``check_files``).
+        check_cache: folder remembering cases that passed the content check, by content
+            (:func:`pipeline.data.validation.content_errors`); ``None``: check every case.
 
     Returns:
         The :class:`Datalist`.
@@ -221,13 +225,13 @@ def load_datalist(path: str | Path, check_files: bool = True, check_contents: bo
     if not rows:
         errors.append(InputError(path, "datalist has no cases"))
     if check_contents:
-        errors += _content_errors(cases)
+        errors += content_errors(cases, check_cache)
     if errors:
         raise InputErrors(errors, header=f"datalist {path}")
     return Datalist(path, classes, tuple(cases), meta)
 
 
-def validate_datalist(dl: Datalist, check_contents: bool = True) -> None:
+def validate_datalist(dl: Datalist, check_contents: bool = True, check_cache: str | Path | None = None) -> None:
     """Open every image and mask: missing files, link loops, dangling links, unreadable, corrupt or
     non-3-D files, degenerate geometry, NaN voxels, bad mask values, mask grid different from its
     image (:mod:`pipeline.filecheck` and :mod:`pipeline.imageio`). Every problem is collected and
@@ -238,29 +242,9 @@ def validate_datalist(dl: Datalist, check_contents: bool = True) -> None:
     """
     if not check_contents:
         return
-    errors = _content_errors(dl.cases)
+    errors = content_errors(dl.cases, check_cache)
     if errors:
         raise InputErrors(errors, header=f"datalist {dl.path}")
-
-
-def _content_errors(cases: list[Case] | tuple[Case, ...]) -> list[InputError]:
-    """Every problem of the cases' images and masks (see :func:`validate_datalist`)."""
-    from pipeline.imageio import read_mask, read_volume  # SimpleITK import only when needed
-
-    errors: list[InputError] = []
-    for case in cases:
-        img = None
-        try:
-            img = read_volume(case.image)
-        except InputError as exc:
-            errors.append(InputError(exc.path, f"case {case.id!r}: {exc.problem}"))
-        if case.label is not None:
-            try:  # the mask's own problems are reported even when its image is bad
-                read_mask(case.label, reference=img, reference_path=case.image)
-            except InputError as exc:
-                what = exc.problem if exc.problem.startswith("mask") else f"mask: {exc.problem}"
-                errors.append(InputError(exc.path, f"case {case.id!r}: {what}"))
-    return errors
 
 
 def to_monai_dicts(cases: list[Case] | tuple[Case, ...]) -> list[dict[str, Any]]:
