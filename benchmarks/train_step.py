@@ -3,6 +3,13 @@
 volumes. Prints a table; not a test.
 
     python benchmarks/train_step.py [--device cpu|cuda] [--iters 5] [--skip-paper] [--amp]
+    python benchmarks/train_step.py --precision [--overlay paper.json] [--device cuda] [--iters 20]
+
+``--precision`` times the config's multi-task network in fp32, float16 autocast + grad scaling,
+bfloat16 autocast and compiled bfloat16 (``torch.compile``, default mode) side by side, one step of
+each in turn, and prints s/iter, images/s, peak memory and each variant's ratio to fp32 (compile
+warm-up reported apart). On CPU, autocast runs in bfloat16 only (float16 is skipped) and peak
+memory is not measured (the process's peak RSS only grows).
 
 Sizes come from the bundle configs themselves (network_def, patch_size, batch_size x num_samples),
 so the figures follow any change made there. On CPU, peak memory is the process's peak RSS
@@ -179,6 +186,69 @@ def bench_data(iters: int) -> None:
               f"({p.get_parsed_content('patch_size')} patches, random crop + flips + intensity)")
 
 
+class PrecisionStepper(Stepper):
+    """A training step in one precision: ``fp32``, ``fp16`` (autocast + grad scaling), ``bf16``
+    (autocast, no scaling) or ``bf16+compile`` (``torch.compile`` of the network)."""
+
+    def __init__(self, net: torch.nn.Module, variant: str, batch: int, patch: list[int], device: torch.device) -> None:
+        super().__init__(net, True, batch, patch, device, amp=False)
+        channels = 1 + int(getattr(net, "coord_channels", 0))  # the tumour head's atlas coordinates
+        self.x = torch.randn(batch, channels, *patch, device=device)
+        self.variant = variant
+        self.dtype = {"fp16": torch.float16}.get(variant, torch.bfloat16)
+        self.autocast = variant != "fp32"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=variant == "fp16")
+        self.model = torch.compile(self.net) if variant.endswith("compile") else self.net
+
+    def step(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
+            seg, logits, _ = self.model(self.x)
+            total = self.loss.compute(seg.float(), logits.float(), self.y, self.cls)["loss"]
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+
+def bench_precision(device: torch.device, overlay: str, iters: int, batch: int | None) -> None:
+    """fp32 / fp16 / bf16 / compiled bf16 steps of the config's network, interleaved."""
+    p = parse(overlay)
+    patch = list(p.get_parsed_content("patch_size"))
+    batch = batch or int(p.get_parsed_content("batch_size")) * int(p.get_parsed_content("num_samples"))
+    variants = ["fp32", "bf16", "bf16+compile"] if device.type == "cpu" else ["fp32", "fp16", "bf16", "bf16+compile"]
+    steppers, warmup, peaks = {}, {}, {}
+    for v in variants:
+        torch.manual_seed(0)
+        net = p.get_parsed_content("network_def", instantiate=True, lazy=False)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        steppers[v] = PrecisionStepper(net, v, batch, patch, device)
+        warmup[v] = steppers[v].step() + steppers[v].step()  # compile happens here
+        if device.type == "cuda":
+            peaks[v] = torch.cuda.max_memory_allocated(device) / 2**30
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(iters):
+        for v in (variants if r % 2 else variants[::-1]):
+            times[v].append(steppers[v].step())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"precision, {overlay}: {name}, batch {batch} x {patch}, median of {iters} interleaved steps")
+    print(f"{'variant':14} {'s/iter':>8} {'images/s':>9} {'peak GB':>8} {'speed vs fp32':>14} {'memory vs fp32':>15} "
+          f"{'warm-up s':>10}")
+    base = statistics.median(times["fp32"])
+    for v in variants:
+        m = statistics.median(times[v])
+        mem = f"{peaks[v]:>8.1f}" if v in peaks else f"{'-':>8}"
+        ratio = f"{peaks[v] / peaks['fp32']:>15.2f}" if v in peaks else f"{'-':>15}"
+        print(f"{v:14} {m:>8.3f} {batch / m:>9.1f} {mem} {base / m:>13.2f}x {ratio} {warmup[v]:>10.1f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -188,11 +258,17 @@ def main() -> None:
     ap.add_argument("--skip-data", action="store_true")
     ap.add_argument("--cpu-paper-batch", type=int, default=1,
                     help="batch for the paper sizes on CPU (0 = the config's 4; needs > 24 GB)")
+    ap.add_argument("--precision", action="store_true", help="fp32 / fp16 / bf16 / compiled bf16 side by side")
+    ap.add_argument("--overlay", default="paper.json", help="overlay of --precision (configs/NAME)")
+    ap.add_argument("--batch", type=int, default=0, help="batch of --precision (0: the config's)")
     ap.add_argument("--memory-of", nargs=3, metavar=("OVERLAY", "NETWORK", "BATCH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     device = torch.device(a.device)
     if a.memory_of:  # one memory measurement in this (fresh) process
         print(peak_memory_one(a.memory_of[0], a.memory_of[1], device, a.amp, int(a.memory_of[2])))
+        return
+    if a.precision:
+        bench_precision(device, a.overlay, a.iters, a.batch or None)
         return
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, amp {a.amp}")
     bench_networks(device, a.iters, a.amp, ["demo.json"] + ([] if a.skip_paper else ["paper.json"]), a.cpu_paper_batch)
