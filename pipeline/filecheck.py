@@ -198,8 +198,8 @@ def check_nifti_header(path: str | Path, file_size: int | None = None) -> None:
     declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize + int(hdr.get_data_offset())
     capacity = size * _MAX_DEFLATE_RATIO + 65536 if gz else size
     if declared > capacity:
-        raise InputError(p, f"header declares {' x '.join(map(str, shape))} {dtype} voxels ({declared / 1e9:.3g} GB) "
-                            f"but the file holds {size} bytes{' compressed' if gz else ''}: truncated file or "
+        raise InputError(p, f"header declares {' x '.join(map(str, shape))} {dtype} voxels ({_size(declared)}) "
+                            f"but the file holds {_size(size)}{' compressed' if gz else ''}: truncated file or "
                             "corrupt header")
     qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])
     if inner[344:348] in (b"n+1\0", b"ni1\0") and (qcode > 0 or scode == 0):
@@ -236,6 +236,8 @@ def check_image_information(path: str | Path) -> None:
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
+        if p.name.lower().endswith(".gz"):
+            _check_gzip_stream(p)  # SimpleITK says "Unable to determine ImageIO reader" for corrupt data too
         raise InputError(p, f"cannot be read as an image: {sitk_reason(exc)}") from None
     if reader.GetNumberOfComponents() > 1:
         raise InputError(p, f"non-scalar voxels ({reader.GetNumberOfComponents()} components per voxel, e.g. RGB): a "
@@ -243,6 +245,24 @@ def check_image_information(path: str | Path) -> None:
     problem = _header_shape_problem(tuple(int(s) for s in reader.GetSize()))
     if problem:
         raise InputError(p, problem)
+
+
+def _check_gzip_stream(p: Path) -> None:
+    """Decompress the whole file; raise with zlib's reason when the stream is corrupt or cut short."""
+    try:
+        with gzip.open(p, "rb") as fh:
+            while fh.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(p, f"corrupt or truncated gzip data ({exc})") from None
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
 
 
 def sitk_reason(exc: BaseException) -> str:
