@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU figures of issue 9 in one command, for a lent CUDA machine whose image has PyTorch but
+# not MONAI & co (see the developers' guide). Prepare here, once:
+#   bash scripts/gpu_figures.sh --fetch-wheels      # downloads py3.12 manylinux wheels into .whl/
+# then run there (the device tool, carrying .whl):
+#   bash scripts/gpu_figures.sh                      # figures into ${OUT:-work/gpu_figures}
+# It installs the wheels into .whl/site, builds a 40-case 1 mm atlas-space phantom cohort, and runs
+# benchmarks/train_step.py --precision (fp32 / fp16 / bf16 / compiled bf16 on the paper network),
+# benchmarks/data_feed.py (patches/s and headroom with the machine's workers), benchmarks/startup.py
+# (command -> first iteration, cold and warm), benchmarks/train_loop.py (engine overhead, compiled)
+# and benchmarks/inference.py. About 9 minutes on an H100-class machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHEELS="monai==1.6.1 nibabel SimpleITK pytorch-ignite fire nilearn deepbet tqdm pyyaml matplotlib scipy"
+
+if [[ "${1:-}" == "--fetch-wheels" ]]; then
+    mkdir -p .whl
+    .venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.12 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl $WHEELS
+    # SimpleITK's wheel alone is 52 MB: unpack it and recompress (xz) so the carried folder stays < 64 MiB
+    for w in .whl/SimpleITK-*.whl; do
+        [[ -e "$w" ]] || continue
+        mkdir -p .whl/sitk && (cd .whl/sitk && python3 -m zipfile -e "../$(basename "$w")" .)
+        tar -C .whl/sitk -cJf .whl/sitk.tar.xz . && rm -rf .whl/sitk "$w"
+    done
+    du -sh .whl
+    exit 0
+fi
+
+OUT="${OUT:-work/gpu_figures}"
+mkdir -p "$OUT" .whl/site
+export PYTHONPATH="$PWD/.whl/site:$PWD" PYTHONUNBUFFERED=1
+[[ -e .whl/sitk.tar.xz ]] && tar -C .whl/site -xJf .whl/sitk.tar.xz
+python -m pip install -q --no-deps --target .whl/site .whl/*.whl
+python -c "import torch, monai; print(torch.__version__, monai.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/device.txt"
+COHORT=work/gpu_cohort
+[[ -e $COHORT/datalist.json ]] || python -m pipeline phantom --out $COHORT --cases 40 --seed 21 --spacing 1 --space atlas
+WORKERS=$(( $(nproc) - 2 ))
+{
+    python benchmarks/train_step.py --precision --overlay paper.json --device cuda --iters 20
+    python benchmarks/data_feed.py --datalist $COHORT/datalist.json --workers $WORKERS --epochs 3 --consume 38
+    python benchmarks/startup.py --datalist $COHORT/datalist.json --device cuda --workers $WORKERS
+    python benchmarks/train_loop.py --datalist $COHORT/datalist.json --overlays configs/paper.json --device cuda \
+        --batches 10 --epochs 3
+    python benchmarks/inference.py --device cuda
+} 2>&1 | grep -v "Warning\|warnings.warn" | tee "$OUT/figures.txt"
