@@ -65,6 +65,12 @@ def score_predictions(pred_dir: str | Path, datalist: str | Path, ids: list[str]
             entry["true_class"] = dl.classes[case.cls]
             entry["predicted_class"] = row["predicted_class"]
         cases.append(entry)
+    if not cases:
+        wanted = [c.id for c in dl.cases if ids is None or c.id in ids]
+        raise InputError(report, f"none of the {len(wanted)} datalist case id(s) asked for ({', '.join(wanted[:5])}"
+                                 f"{' ...' if len(wanted) > 5 else ''}) is in this report (its ids: "
+                                 f"{', '.join(list(rows)[:5])}{' ...' if len(rows) > 5 else ''}): another run's "
+                                 "predictions or another datalist?")
     dices = [c["dice"] for c in cases if "dice" in c]
     classified = [c for c in cases if "true_class" in c]
     recalls = []

@@ -481,3 +481,12 @@ def test_debug_adds_the_traceback(tmp_path):
     for done in (quiet, loud):
         assert done.returncode == 2 and f"{tmp_path / 'datalist.json'}: not valid JSON" in done.stderr
     assert "Traceback" not in quiet.stderr and "Traceback" in loud.stderr
+
+
+def test_score_refuses_a_report_of_other_cases(kit, tmp_path):
+    from pipeline.score import score_predictions
+
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "pred" / "predictions.csv").write_text("id,input,status\nzz1,/x/zz1.nii.gz,ok\n")
+    with pytest.raises(InputError, match="none of the 4 datalist case id"):
+        score_predictions(tmp_path / "pred", kit["cohort"] / "datalist.json")
