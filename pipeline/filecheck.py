@@ -130,6 +130,8 @@ def _check_affine(p: Path, affine: np.ndarray, which: str) -> None:
 
 
 def _header_shape_problem(shape: tuple[int, ...]) -> str | None:
+    if any(s < 1 for s in shape):
+        return f"the header declares an axis of size 0 (shape {shape}): no voxels to read"
     if len(shape) < 3:
         return f"{len(shape)}-D image of size {shape}: a 3-D volume is required"
     if len(shape) >= 5 and int(np.prod(shape[4:])) > 1:
@@ -151,6 +153,7 @@ def check_nifti_header(path: str | Path, file_size: int | None = None) -> None:
     """
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
 
     p = Path(path)
     size = os.stat(p).st_size if file_size is None else file_size
@@ -170,9 +173,13 @@ def check_nifti_header(path: str | Path, file_size: int | None = None) -> None:
         raise InputError(p, f"not a NIfTI image, or a truncated one: {len(inner)} bytes{' once decompressed' if gz else ''}, "
                             f"shorter than a NIfTI header (348 bytes; it starts with {inner[:16]!r})")
     if inner[344:348] not in (b"n+1\0", b"ni1\0") and inner[4:8] not in (b"n+2\0",):
+        if not gz and inner.startswith(b"\x1f\x8b"):
+            raise InputError(p, "gzip-compressed data named .nii: rename it to .nii.gz")
         raise InputError(p, f"not a NIfTI image: no NIfTI header (it starts with {inner[:16]!r})")
     try:
         img = nib.load(str(p))
+    except HeaderDataError as exc:  # an invalid datatype code, vox_offset or dim[0]
+        raise InputError(p, f"corrupt NIfTI header: {str(exc).splitlines()[0][:160]}") from None
     except ImageFileError as exc:
         raise InputError(p, f"not a NIfTI image (no valid header: {str(exc).splitlines()[0][:160]})") from None
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
@@ -218,8 +225,9 @@ def check_nifti_header(path: str | Path, file_size: int | None = None) -> None:
         gap = float(np.max(np.linalg.norm(_corners(forms[0][0], shape) - _corners(forms[1][0], shape), axis=1)))
         if gap > _GEOMETRY_TOLERANCE_MM:
             raise InputError(p, f"ambiguous geometry: the header's qform and sform place the volume up to {gap:.1f} mm "
-                                "apart, and tools differ in which they use (SimpleITK the qform, nibabel and most "
-                                "viewers the sform); make them agree (e.g. fslorient -copysform2qform)")
+                                "apart, and tools differ in which they use (nibabel and most viewers the sform, "
+                                "SimpleITK the qform or the sform depending on the codes); make them agree (e.g. "
+                                "fslorient -copysform2qform)")
 
 
 def check_image_information(path: str | Path) -> None:

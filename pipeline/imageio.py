@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -38,14 +39,18 @@ def is_dicom_dir(path: str | Path) -> bool:
     return p.is_dir() and bool(_series_ids(p))
 
 
+_WARNINGS_LOCK = threading.Lock()  # the warning switch is process-wide; folders are checked in threads
+
+
 def _series_ids(folder: Path) -> tuple[str, ...]:
     """The DICOM series ids in ``folder``, without ITK's "No Series were found" warning."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    with _WARNINGS_LOCK:
+        shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        try:
+            return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        finally:
+            sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _read_any(path: str | Path, pixel_type: int) -> sitk.Image:

@@ -175,7 +175,7 @@ def _folder_cases(root: Path, patterns: Sequence[str], exclude: set[Path]) -> li
         logger.info("ignored %d entr%s of %s that %s neither NIfTI files nor folders: %s", len(ignored),
                     "y" if len(ignored) == 1 else "ies", root, "is" if len(ignored) == 1 else "are",
                     ", ".join(ignored[:10]) + (" ..." if len(ignored) > 10 else ""))
-    if cases and all(c.problem for c in cases) and is_dicom_dir(root):  # the folder itself is one DICOM series
+    if all(c.problem for c in cases) and is_dicom_dir(root):  # the folder itself is one DICOM series (or empty)
         return [InputCase(root.name, root)]
     return cases
 
@@ -222,8 +222,8 @@ def find_cases(input_dir: str | Path | None = None, datalist: str | Path | None 
     root = Path(input_dir)
     if not root.is_dir():
         if os.path.lexists(root):
-            check_entry(root, allow_dir=True)  # a link loop, a dangling link: its reason
-            raise InputError(root, "is a file, not a folder: give the folder that holds the scans (--input_dir)")
+            broken = _broken(root)  # a link loop, a dangling link: its reason
+            raise InputError(root, broken or "is not a folder: give the folder that holds the scans (--input_dir)")
         raise InputError(root, "input folder not found")
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
     skip = {Path(p).resolve() for p in exclude if p not in (None, "")}
@@ -240,10 +240,13 @@ def input_fingerprint(path: str | Path) -> str:
     """Cheap identity of an input (size and modification time of its file(s)), to tell whether the
     outputs of an earlier run still belong to it."""
     p = Path(path)
-    if not p.exists():
-        return "missing"
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    try:
+        if not p.exists():
+            return "missing"
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    except OSError as exc:  # a file vanished while listed, a folder that cannot be read
+        return f"unreadable:{exc.errno}"
     return f"{len(stats)}:{sum(s[1] for s in stats)}:{max((s[2] for s in stats), default=0)}"
 
 

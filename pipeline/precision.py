@@ -33,9 +33,11 @@ def resolve_amp_dtype(name: str, device: str | torch.device | None = None) -> st
     """
     if name == "auto":
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        if dev.type != "cuda":
             return "bfloat16"
-        return "float16" if dev.type == "cuda" else "bfloat16"
+        # native bfloat16 from Ampere (compute capability 8) on; is_bf16_supported() also counts the
+        # slow emulation of older GPUs and looks at the current device, not this one
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.get_device_capability(dev)[0] >= 8 else "float16"
     if name not in AMP_DTYPES:
         raise ValueError(f"amp_dtype must be 'auto', 'bfloat16' or 'float16', got {name!r}")
     return name

@@ -1,7 +1,8 @@
 """Reading trained weights: a checkpoint of this bundle, or one clear reason why a file is not one.
 
-Used by inference (:func:`load_network`), evaluation (:func:`checked_checkpoint`, before MONAI's
-``CheckpointLoader``) and the post-training decisions. ``torch.load`` alone answers a foreign or
+Used by inference (:func:`load_network`), evaluation (``evaluate.json`` loads the weights with
+:func:`load_weights` before the evaluator is built: MONAI's ``CheckpointLoader`` would take a nested
+``checkpoint_epoch=N.pt`` for a plain state dict) and the post-training decisions. ``torch.load`` alone answers a foreign or
 corrupt file with an explanation of its ``weights_only`` default or a zip-archive error; here every
 such file is "not a checkpoint of this bundle", with what it is instead.
 """
@@ -17,7 +18,7 @@ import torch
 from pipeline.errors import InputError
 from pipeline.filecheck import check_entry
 
-__all__ = ["state_dict_of", "read_weights", "load_weights", "load_network", "checked_checkpoint"]
+__all__ = ["state_dict_of", "read_weights", "load_weights", "load_network"]
 
 _NOT_OURS = "is not a checkpoint of this bundle"
 _WHICH = "use OUTPUT_DIR/models/model.pt (or a checkpoint_epoch=N.pt) of a training run"
@@ -59,12 +60,16 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(network: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    """Load ``path``'s weights into ``network`` (strict), with a reason when they do not fit.
+    """Load ``path``'s weights into ``network`` (strict), with a reason when they do not fit; a plain
+    state dict (``model.pt``) or a resumable checkpoint (``checkpoint_epoch=N.pt``) alike.
 
     Raises:
         InputError: :func:`read_weights`'s reasons; no tensor names a layer of this network (another
             model's file); or the layers differ (trained with another overlay).
     """
+    if Path(path).suffix == ".ts":
+        raise InputError(path, "a TorchScript export, not the weights: evaluation and training need "
+                               "OUTPUT_DIR/models/model.pt (or a checkpoint_epoch=N.pt) of a training run")
     state = read_weights(path)
     ours = set(network.state_dict())
     if not ours & set(state):
@@ -109,15 +114,3 @@ def load_network(network: torch.nn.Module, ckpt: str | Path | None, device: str 
         except Exception as exc:  # noqa: BLE001 - any loading problem is a bad file
             raise InputError(path, f"cannot be read as a TorchScript model: {str(exc).splitlines()[0][:200]}") from None
     return load_weights(network, path).to(device).eval()
-
-
-def checked_checkpoint(ckpt: str | Path, network: torch.nn.Module) -> str:
-    """``ckpt`` after checking that its weights load into ``network`` (for a config's
-    ``CheckpointLoader#load_path``, which would otherwise fail with PyTorch's own message).
-
-    Raises:
-        InputError: see :func:`load_network`.
-    """
-    load_network(network, ckpt, next(network.parameters()).device)
-    network.train()  # the evaluator sets its own mode; leave the network as it was built
-    return str(ckpt)

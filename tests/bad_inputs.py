@@ -187,6 +187,14 @@ def folder_named_nifti(dest: Path, good: Path) -> Path:
     return dest
 
 
+def unknown_datatype(dest: Path, good: Path) -> Path:
+    """A header whose datatype code is 0 (DT_UNKNOWN): nibabel raises HeaderDataError, not ValueError."""
+    raw = bytearray(gzip.decompress(good.read_bytes()))
+    raw[70:72] = np.int16(0).tobytes()  # datatype, little-endian as nibabel writes
+    dest.write_bytes(gzip.compress(bytes(raw)))
+    return dest
+
+
 def nifti2(dest: Path, good: Path) -> Path:
     data, affine = _data(good)
     nib.Nifti2Image(data, affine).to_filename(dest)
@@ -219,6 +227,7 @@ IMAGE_KINDS: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "uncompressed_named_gz": (uncompressed_named_gz, "uncompressed NIfTI file named .nii.gz"),
     "folder_named_nifti": (folder_named_nifti, "no DICOM series"),
     "nifti2": (nifti2, "a NIfTI-2 file"),
+    "unknown_datatype": (unknown_datatype, "corrupt NIfTI header"),
 }
 
 

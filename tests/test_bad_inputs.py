@@ -292,6 +292,15 @@ def test_file_changed_while_processed_is_redone(kit, tmp_path, monkeypatch):
     assert_complete(out, "moving", scan)
 
 
+def test_a_dicom_series_folder_is_one_case(kit, tmp_path):
+    from pipeline.inference_io import find_cases
+
+    image = sitk.ReadImage(str(kit["cohort"] / "c003" / "image.nii.gz"))
+    series = write_dicom_series(image, tmp_path / "MR_FLAIR")
+    [case] = find_cases(series)
+    assert case.id == "MR_FLAIR" and case.path == series and case.problem is None
+
+
 def test_empty_and_missing_folders(kit, tmp_path):
     from pipeline.inference_io import find_cases
 

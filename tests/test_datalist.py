@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -164,6 +165,14 @@ def test_check_cache_skips_only_unchanged_cases(tiny_cohort, tmp_path):
             load_datalist(tiny_cohort, check_contents=True, check_cache=cache)
         assert str(case.image) in str(err.value) and len(err.value.errors) == 1
     assert len(list(cache.iterdir())) == len(dl.cases)  # the failure was not remembered
+    # the same (passed) bytes under another name are checked again: gzip data named .nii is refused
+    other = dl.cases[1]
+    renamed = other.image.with_name("image.nii")
+    renamed.write_bytes(other.image.read_bytes())
+    entries = [{"id": "x", "image": str(renamed)}]
+    (tmp_path / "renamed.json").write_text(json.dumps({"training": entries}))
+    with pytest.raises(InputErrors, match="gzip-compressed data named .nii"):
+        load_datalist(tmp_path / "renamed.json", check_contents=True, check_cache=cache)
 
 
 def test_fast_content_check_agrees_with_the_readers(tmp_path):
@@ -173,10 +182,16 @@ def test_fast_content_check_agrees_with_the_readers(tmp_path):
 
     rng = np.random.default_rng(3)
     img, mask = blob_case(rng, (20, 20, 20))
-    variants = {"ok": (img, mask), "nan": (np.where(mask > 0, np.nan, img).astype(np.float32), mask),
+    variants = {"ok": (img, mask), "negative_pixdim": (img, mask),
+                "nan": (np.where(mask > 0, np.nan, img).astype(np.float32), mask),
                 "constant": (np.full_like(img, 3.0), mask), "mask_values": (img, mask * 0.5)}
     for name, (im, ma) in variants.items():
         ip, mp = write_volume(tmp_path / name / "i.nii.gz", im), write_volume(tmp_path / name / "m.nii.gz", ma)
+        if name == "negative_pixdim":  # a flip written as a negative voxel size (seen in the wild)
+            for f in (ip, mp):
+                raw = bytearray(gzip.decompress(f.read_bytes()))
+                raw[80:84] = np.float32(-1.0).tobytes()  # pixdim[1]
+                f.write_bytes(gzip.compress(bytes(raw)))
         verdicts = []
         for image_check, mask_check in ((check_volume_file, check_mask_file), (read_volume, read_mask)):
             try:
@@ -186,4 +201,4 @@ def test_fast_content_check_agrees_with_the_readers(tmp_path):
             except InputError as exc:
                 verdicts.append(exc.problem)
         assert verdicts[0] == verdicts[1], (name, verdicts)
-        assert (verdicts[0] == "ok") == (name == "ok")
+        assert (verdicts[0] == "ok") == (name in ("ok", "negative_pixdim")), (name, verdicts)

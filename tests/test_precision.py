@@ -29,7 +29,8 @@ TINY = {
 def test_amp_dtype_names():
     assert resolve_amp_dtype("float16", "cuda") == "float16" and resolve_amp_dtype("bfloat16", "cpu") == "bfloat16"
     assert amp_kwargs("bfloat16") == {"dtype": torch.bfloat16} and amp_kwargs("float16") == {"dtype": torch.float16}
-    expected = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16"
+    native = torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 8
+    expected = "bfloat16" if native else "float16"
     assert resolve_amp_dtype("auto", "cuda") == expected
     with pytest.raises(ValueError, match="amp_dtype"):
         resolve_amp_dtype("float8", "cuda")
@@ -71,6 +72,12 @@ def test_compiled_training_checkpoints_resume_and_export(tmp_path):
     parser.read_config([str(ROOT / CONFIGS / "inference.json"), str(ROOT / "configs/demo.json"), str(overlay)])
     plain = load_network(parser.get_parsed_content("network_def"), run / "models" / "model.pt")
     assert not isinstance(plain, torch._dynamo.eval_frame.OptimizedModule)
+    newest = sorted(run.glob("models/checkpoint_epoch=*.pt"))[-1]  # a resumable checkpoint evaluates too
+    split = run / "split.json"
+    evaluated = bundle(["run"], [ROOT / CONFIGS / "train.json", ROOT / CONFIGS / "evaluate.json", *configs[1:]],
+                       datalist=datalist, output_dir=run, split_file=split, ckpt=newest, eval_dir=tmp_path / "eval")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_cases"] >= 1
     bogus = tmp_path / "bogus.json"  # the setting reaches torch.compile: an unknown backend fails the run
     bogus.write_text(json.dumps({"compile_kwargs": {"backend": "no_such_backend"}}))
     failed = bundle(["run", "training"], [*configs, bogus], datalist=datalist, output_dir=tmp_path / "bogus", epochs=1)

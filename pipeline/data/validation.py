@@ -76,8 +76,9 @@ def _header_grid(path: Path) -> Grid:
         raise InputError(path, f"cannot be read as an image: {sitk_reason(exc)}") from None
     n = len(reader.GetSize())
     direction = np.array(reader.GetDirection()).reshape(n, n)[:3, :3]
-    grid = Grid(tuple(reader.GetSize())[:3], tuple(reader.GetSpacing())[:3], tuple(reader.GetOrigin())[:3],
-                tuple(direction.ravel().tolist()))
+    # a negative pixdim is a flip: ReadImageInformation reports it signed, ReadImage folds it into the direction
+    spacing = tuple(abs(float(v)) for v in reader.GetSpacing()[:3])
+    grid = Grid(tuple(reader.GetSize())[:3], spacing, tuple(reader.GetOrigin())[:3], tuple(direction.ravel().tolist()))
     if np.any(np.array(grid.spacing) <= 0) or abs(np.linalg.det(direction)) < 1e-6:
         raise InputError(path, f"degenerate geometry: spacing {grid.spacing}, direction determinant "
                                f"{np.linalg.det(direction):.3g}")
@@ -141,20 +142,33 @@ def check_mask_file(path: str | Path, reference: Grid | None = None, reference_p
 
 
 def case_errors(case: Any) -> list[InputError]:
-    """The problems of one datalist case's image and mask (both reported, even when the image is bad)."""
+    """The problems of one datalist case's image and mask (both reported, even when the image is bad).
+
+    An unexpected library error is that file's problem too (type and first line), so one odd file
+    never hides the other cases' reports behind a traceback.
+    """
     errors: list[InputError] = []
     grid = None
     try:
         grid = check_volume_file(case.image)
     except InputError as exc:
         errors.append(InputError(exc.path, f"case {case.id!r}: {exc.problem}"))
+    except Exception as exc:  # noqa: BLE001 - reported per file, see the docstring
+        errors.append(InputError(case.image, f"case {case.id!r}: cannot be read ({_first_line(exc)})"))
     if case.label is not None:
         try:
             check_mask_file(case.label, grid, case.image)
         except InputError as exc:
             what = exc.problem if exc.problem.startswith("mask") else f"mask: {exc.problem}"
             errors.append(InputError(exc.path, f"case {case.id!r}: {what}"))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(InputError(case.label, f"case {case.id!r}: mask: cannot be read ({_first_line(exc)})"))
     return errors
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
 
 
 def _digest(case: Any) -> str | None:
@@ -167,6 +181,7 @@ def _digest(case: Any) -> str | None:
             h.update(b"-")
             continue
         p = Path(path)
+        h.update(p.name.lower().encode())  # the checks depend on the name too (.nii vs .nii.gz)
         if not (p.is_file() or p.is_dir()) or (p.is_file() and not os.access(p, os.R_OK)):
             return None
         try:
@@ -196,7 +211,7 @@ def content_errors(cases: list[Any] | tuple[Any, ...], cache_dir: str | Path | N
         if key and (cache / key).is_file():  # type: ignore[operator]
             return [], True
         errors = case_errors(case)
-        if key and not errors:
+        if key and not errors and _digest(case) == key:  # unchanged while it was checked
             cache.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
             (cache / key).touch()  # type: ignore[operator]
         return errors, False
