@@ -91,7 +91,9 @@ def run_experiment(cfg: ExperimentConfig) -> int:
     if not cfg.arms:
         raise InputError(None, "no arm given (--arms seg,mtl)")
     with experiment_lock(cfg.out):
-        dl = load_datalist(cfg.datalist, check_contents=True)  # once here, rather than the same error from every run
+        # once here, rather than the same error from every run; the runs then find every case in the check
+        # cache (OUT/checked, beside the shared registration cache OUT/registration)
+        dl = load_datalist(cfg.datalist, check_contents=True, check_cache=cfg.out / "checked")
         splits = make_or_load_splits(cfg)
         specs = plan_runs(cfg, splits)
         check_settings(specs, cfg.overwrite)
