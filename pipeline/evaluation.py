@@ -19,8 +19,22 @@ from ignite.engine import Engine
 __all__ = ["EvaluationReport", "print_summary"]
 
 
+def _spacing(batch: dict[str, Any], b: int) -> list[float]:
+    """Voxel size (mm) along the array axes of sample ``b``: the column norms of its image's affine
+    (a MONAI ``MetaTensor``); 1 mm when the batch carries no affine."""
+    import numpy as np
+
+    affine = getattr(batch.get("image"), "affine", None)
+    if affine is None:
+        return [1.0, 1.0, 1.0]
+    a = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=float)
+    a = a[b] if a.ndim == 3 else a
+    return [float(v) for v in np.linalg.norm(a[:3, :3], axis=0)]
+
+
 class EvaluationReport:
-    """Evaluator handler: per-case Dice and class probabilities to ``cases.csv`` and the run's
+    """Evaluator handler: per-case Dice, HD95 and surface Dice (mm, :mod:`pipeline.surface_metrics`)
+    and class probabilities to ``cases.csv`` and the run's
     summary (every metric of ``engine.state.metrics`` plus ``dice`` and counts) to
     ``metrics.json``, both written atomically in ``output_dir`` when the evaluation completes.
 
@@ -33,11 +47,13 @@ class EvaluationReport:
         temperature: the classifier temperature the probabilities were made with (reported).
         min_mass_fraction: parameter of the ``confident`` rule when re-scoring the rules.
         ece_bins: confidence bins of the calibration error and reliability diagram.
+        surface_tolerance_mm: tolerance of the normalised surface Dice (:mod:`pipeline.surface_metrics`).
     """
 
     def __init__(self, output_dir: str | Path, class_names: Sequence[str], threshold: float = 0.5,
                  key_map: dict[str, str] | None = None, postprocess: str | None = None,
-                 temperature: float = 1.0, min_mass_fraction: float = 0.2, ece_bins: int = 10) -> None:
+                 temperature: float = 1.0, min_mass_fraction: float = 0.2, ece_bins: int = 10,
+                 surface_tolerance_mm: float = 1.0) -> None:
         self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
         self.threshold = threshold
@@ -47,6 +63,7 @@ class EvaluationReport:
         self.temperature = float(temperature)
         self.min_mass_fraction = min_mass_fraction
         self.ece_bins = ece_bins
+        self.surface_tolerance_mm = float(surface_tolerance_mm)
         self.rows: list[dict[str, Any]] = []
         self._logits: list[torch.Tensor] = []
 
@@ -65,6 +82,7 @@ class EvaluationReport:
         from monai.metrics import compute_dice
 
         from pipeline.postprocess import dice_by_rule
+        from pipeline.surface_metrics import surface_scores
 
         out, batch = engine.state.output, engine.state.batch
         seg, cls_prob, target = out["pred"]["seg"], out["pred"]["cls"], out["label"]
@@ -76,6 +94,8 @@ class EvaluationReport:
             if pred_mask is not None and int(target["has_label"][b]):
                 truth = (target["label"][b:b + 1] > 0).float()
                 row["dice"] = float(compute_dice(pred_mask, truth, include_background=True, ignore_empty=False).item())
+                row.update(surface_scores(pred_mask[0, 0].cpu().numpy(), truth[0, 0].cpu().numpy(),
+                                          _spacing(batch, b), self.surface_tolerance_mm))
                 row["true_volume_vox"] = int(truth.sum())
                 if seg_raw is not None:
                     scores = dice_by_rule(seg_raw[b:b + 1], target["label"][b:b + 1], self.threshold,
@@ -107,7 +127,11 @@ class EvaluationReport:
         dices = [r["dice"] for r in self.rows if "dice" in r]
         by_rule = {k[5:-1]: [r[k] for r in self.rows if k in r] for k in {k for r in self.rows for k in r}
                    if k.startswith("dice[")}
+        from pipeline.surface_metrics import summarise_surface
+
         summary.update({
+            **summarise_surface(self.rows),
+            "surface_tolerance_mm": self.surface_tolerance_mm,
             "dice_std": float(torch.tensor(dices).std()) if len(dices) > 1 else float("nan"),
             "dice_min": min(dices) if dices else float("nan"),
             "postprocessing": self.postprocess,
@@ -161,7 +185,8 @@ def print_summary(eval_dir: str | Path) -> dict[str, Any]:
         return "n/a" if v is None else f"{v:.3f}"
 
     print(f"evaluation on {summary['n_cases']} cases ({summary['n_with_mask']} with mask, "
-          f"{summary['n_with_class']} with class): Dice {fmt('dice')} (sd {fmt('dice_std')}), "
+          f"{summary['n_with_class']} with class): Dice {fmt('dice')} (sd {fmt('dice_std')}), HD95 "
+          f"{fmt('hd95_mm')} mm, surface Dice {fmt('surface_dice')} ({summary.get('surface_tolerance_mm')} mm), "
           f"accuracy {fmt('accuracy')}, balanced accuracy {fmt('balanced_accuracy')}, AUC {fmt('auc')}, "
           f"ECE {fmt('ece')}")
     by_rule = summary.get("dice_by_postprocessing") or {}

@@ -36,8 +36,8 @@ __all__ = ["RESULT_COLUMNS", "collect_run", "write_reports", "REFERENCE"]
 
 RESULT_COLUMNS = [
     "arm", "split", "split_name", "status", "val_dice", "val_balanced_accuracy", "best_epoch", "epochs",
-    "test_dice", "test_dice_sd", "test_dice_min", "test_accuracy", "test_balanced_accuracy", "test_auc", "test_ece",
-    "n_test", "n_test_with_mask", "n_test_with_class", "postprocessing", "seconds", "error",
+    "test_dice", "test_dice_sd", "test_dice_min", "test_hd95_mm", "test_surface_dice", "test_accuracy",
+    "test_balanced_accuracy", "test_auc", "test_ece", "n_test", "n_test_with_mask", "n_test_with_class", "postprocessing", "seconds", "error",
 ]
 ARM_METRICS = ["val_dice", "test_dice", "val_balanced_accuracy", "test_accuracy", "test_balanced_accuracy", "test_auc"]
 # the single-task arm -> the metric of its own task (per split, per case)
@@ -86,11 +86,13 @@ def collect_run(run_dir: Path, arm: str, split: int, split_name: str, class_name
     row.update(test_dice=_num(m.get("dice")), test_dice_sd=_num(m.get("dice_std")), test_dice_min=_num(m.get("dice_min")),
                test_accuracy=_num(m.get("accuracy")), test_balanced_accuracy=_num(m.get("balanced_accuracy")),
                test_auc=_num(m.get("auc")), test_ece=_num(m.get("ece")), n_test=m.get("n_cases"),
+               test_hd95_mm=_num(m.get("hd95_mm")), test_surface_dice=_num(m.get("surface_dice")),
                n_test_with_mask=m.get("n_with_mask"), n_test_with_class=m.get("n_with_class"),
                postprocessing=m.get("postprocessing"))
     with (run_dir / "cases.csv").open(newline="", encoding="utf-8") as fh:
         for r in csv.DictReader(fh):
             case: dict[str, Any] = {"id": r["id"], "split": split, "arm": arm, "dice": _num(r.get("dice")),
+                                    "hd95_mm": _num(r.get("hd95_mm")), "surface_dice": _num(r.get("surface_dice")),
                                     "true_class": r.get("true_class", ""), "predicted_class": r.get("predicted_class", "")}
             for name in class_names:
                 case[f"p_{name}"] = _num(r.get(f"p_{name}"))
@@ -267,7 +269,8 @@ def write_reports(out_dir: Path, rows: list[dict[str, Any]], cases: list[dict[st
     """Write ``results.csv``, ``cases.csv``, ``summary.json``, ``summary.md`` and ``summary.png``
     in ``out_dir`` (each atomically) and return the summary."""
     write_text_atomic(out_dir / "results.csv", _csv(rows, RESULT_COLUMNS))
-    case_cols = ["id", "split", "arm", "dice", "true_class", "predicted_class", *[f"p_{n}" for n in class_names]]
+    case_cols = ["id", "split", "arm", "dice", "hd95_mm", "surface_dice", "true_class", "predicted_class",
+                 *[f"p_{n}" for n in class_names]]
     write_text_atomic(out_dir / "cases.csv", _csv(cases, case_cols))
     summary = summarise(rows, cases, arms, seed=int(info.get("seed") or 0))
     summary = {"experiment": info, **summary}

@@ -20,6 +20,7 @@ from pipeline.data.datalist import load_datalist
 from pipeline.data.splits import load_splits
 from pipeline.errors import InputError
 from pipeline.imageio import read_mask, write_text_atomic
+from pipeline.surface_metrics import summarise_surface, surface_scores
 
 __all__ = ["score_predictions", "dice", "main"]
 
@@ -60,7 +61,9 @@ def score_predictions(pred_dir: str | Path, datalist: str | Path, ids: list[str]
         if case.label is not None and seg_path.is_file():
             truth = read_mask(case.label)
             pred = read_mask(seg_path, reference=truth, reference_path=case.label)  # same grid, or an error
-            entry["dice"] = dice(sitk.GetArrayViewFromImage(pred) > 0, sitk.GetArrayViewFromImage(truth) > 0)
+            p_arr, t_arr = sitk.GetArrayViewFromImage(pred) > 0, sitk.GetArrayViewFromImage(truth) > 0
+            entry["dice"] = dice(p_arr, t_arr)
+            entry.update(surface_scores(p_arr, t_arr, truth.GetSpacing()[::-1]))  # arrays are (z, y, x)
         if case.cls is not None and row.get("predicted_class"):
             entry["true_class"] = dl.classes[case.cls]
             entry["predicted_class"] = row["predicted_class"]
@@ -72,6 +75,7 @@ def score_predictions(pred_dir: str | Path, datalist: str | Path, ids: list[str]
                                  f"{', '.join(list(rows)[:5])}{' ...' if len(rows) > 5 else ''}): another run's "
                                  "predictions or another datalist?")
     dices = [c["dice"] for c in cases if "dice" in c]
+    surface = summarise_surface([c for c in cases if "dice" in c])
     classified = [c for c in cases if "true_class" in c]
     recalls = []
     for name in dl.classes:
@@ -83,6 +87,7 @@ def score_predictions(pred_dir: str | Path, datalist: str | Path, ids: list[str]
         "n_failed": sum(c["status"] != "ok" for c in cases),
         "dice": float(np.mean(dices)) if dices else None,
         "dice_std": float(np.std(dices)) if dices else None,
+        **surface,
         "accuracy": float(np.mean([c["predicted_class"] == c["true_class"] for c in classified])) if classified else None,
         "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
         "cases": cases,
@@ -110,5 +115,6 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = f" ({s['n_failed']} failed, not scored)" if s["n_failed"] else ""
     print(f"native space, {s['n']} cases{failed}: Dice {fmt(s['dice'])} (sd {fmt(s['dice_std'])}), "
+          f"HD95 {fmt(s['hd95_mm'])} mm, surface Dice {fmt(s['surface_dice'])} (1 mm), "
           f"accuracy {fmt(s['accuracy'])}, balanced accuracy {fmt(s['balanced_accuracy'])}")
     return 0

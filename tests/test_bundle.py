@@ -98,7 +98,11 @@ def test_train_two_iterations_then_evaluate(cohort, overlay, tmp_path):
     assert (run / "cases.csv").read_text().startswith("id,dice")
     assert metrics["postprocessing"] == decision["postprocess"]  # "auto" read the decision back
     assert metrics["temperature"] == pytest.approx(decision["temperature"])
+    assert metrics["surface_tolerance_mm"] == 1.0 and "hd95_mm" in metrics and "n_hd95_undefined" in metrics
     if metrics["n_with_mask"]:
+        assert 0.0 <= metrics["surface_dice"] <= 1.0
+        header = (run / "cases.csv").read_text().splitlines()[0].split(",")
+        assert {"hd95_mm", "surface_dice"} <= set(header)
         assert set(metrics["dice_by_postprocessing"]) == {"none", "largest", "confident"}
         assert metrics["dice_by_postprocessing"][decision["postprocess"]] == pytest.approx(metrics["dice"], abs=1e-6)
     if metrics["n_with_class"]:
