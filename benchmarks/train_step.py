@@ -71,15 +71,19 @@ class Stepper:
         self.y = (torch.rand(batch, 1, *patch, device=device) > 0.9).float()
         self.cls = torch.randint(0, 3, (batch,), device=device)
 
+    def forward_loss(self) -> torch.Tensor:
+        """Forward pass and loss (the part the precision variants change)."""
+        with torch.autocast(self.device.type, enabled=self.amp):
+            out = self.net(self.x)
+            seg, logits = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+            return self.loss.compute(seg, logits, self.y, self.cls)["loss"]
+
     def step(self) -> float:
         """Seconds of one training step."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast(self.device.type, enabled=self.amp):
-            out = self.net(self.x)
-            seg, logits = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
-            total = self.loss.compute(seg, logits, self.y, self.cls)["loss"]
+        total = self.forward_loss()
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.step(self.opt)
@@ -200,20 +204,10 @@ class PrecisionStepper(Stepper):
         self.scaler = torch.amp.GradScaler(device.type, enabled=variant == "fp16")
         self.model = torch.compile(self.net) if variant.endswith("compile") else self.net
 
-    def step(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+    def forward_loss(self) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
             seg, logits, _ = self.model(self.x)
-            total = self.loss.compute(seg.float(), logits.float(), self.y, self.cls)["loss"]
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
+            return self.loss.compute(seg.float(), logits.float(), self.y, self.cls)["loss"]
 
 
 def bench_precision(device: torch.device, overlay: str, iters: int, batch: int | None) -> None:
