@@ -11,14 +11,16 @@
 # and benchmarks/inference.py. About 9 minutes on an H100-class machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WHEELS="monai==1.6.1 nibabel SimpleITK pytorch-ignite fire nilearn deepbet tqdm pyyaml matplotlib scipy"
+# what the device image lacks (developers' guide); the cohort is written on the atlas grid, so no deepbet
+WHEELS="monai==1.6.1 nibabel SimpleITK pytorch-ignite fire termcolor nilearn"
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
     mkdir -p .whl
     .venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.12 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl $WHEELS
     # SimpleITK's wheel alone is 52 MB: unpack it and recompress (xz) so the carried folder stays < 64 MiB
-    for w in .whl/SimpleITK-*.whl; do
+    rm -f .whl/sitk.tar.xz
+    for w in .whl/[Ss]imple[Ii][Tt][Kk]-*.whl; do
         [[ -e "$w" ]] || continue
         mkdir -p .whl/sitk && (cd .whl/sitk && python3 -m zipfile -e "../$(basename "$w")" .)
         tar -C .whl/sitk -cJf .whl/sitk.tar.xz . && rm -rf .whl/sitk "$w"
