@@ -28,6 +28,7 @@ import os
 import stat
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -230,8 +231,12 @@ def check_nifti_header(path: str | Path, file_size: int | None = None) -> None:
                                 "fslorient -copysform2qform)")
 
 
-def check_image_information(path: str | Path) -> None:
+def check_image_information(path: str | Path) -> Any:
     """Check what SimpleITK reports about a file before reading its voxels (any format it reads).
+
+    Returns:
+        The ``sitk.ImageFileReader`` with the image information read (size, spacing, origin,
+        direction), so callers need not read the header again.
 
     Raises:
         InputError: unreadable by SimpleITK (with its reason), not 3-D, non-scalar voxels.
@@ -253,6 +258,7 @@ def check_image_information(path: str | Path) -> None:
     problem = _header_shape_problem(tuple(int(s) for s in reader.GetSize()))
     if problem:
         raise InputError(p, problem)
+    return reader
 
 
 def _check_gzip_stream(p: Path) -> None:
@@ -283,15 +289,19 @@ def sitk_reason(exc: BaseException) -> str:
     return (useful or lines or ["unknown error"])[-1][:200]
 
 
-def check_image_path(path: str | Path, allow_dir: bool = True) -> None:
+def check_image_path(path: str | Path, allow_dir: bool = True) -> Any:
     """Every check above that applies to ``path`` (a file, or a DICOM series folder when ``allow_dir``).
+
+    Returns:
+        SimpleITK's reader holding the file's image information (:func:`check_image_information`);
+        ``None`` for a folder.
 
     Raises:
         InputError: the first problem found, naming the file and the reason.
     """
     st = check_entry(path, allow_dir=allow_dir)
     if stat.S_ISDIR(st.st_mode):
-        return
+        return None
     if is_nifti_name(path):
         check_nifti_header(path, st.st_size)
-    check_image_information(path)
+    return check_image_information(path)

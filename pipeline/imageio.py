@@ -27,6 +27,7 @@ __all__ = [
     "check_mask_array",
     "check_same_grid",
     "write_image_atomic",
+    "nifti_voxels",
     "atomic_write",
     "write_text_atomic",
     "remove_stale_temporaries",
@@ -158,18 +159,27 @@ def read_volume(path: str | Path, check: bool = True) -> sitk.Image:
     return img
 
 
+def nifti_voxels(path: str | Path) -> np.ndarray:
+    """A NIfTI file's voxels as nibabel reads them (scaled by the header's slope), with NaN kept.
+
+    Raises:
+        InputError: truncated or corrupt file.
+    """
+    import nibabel as nib
+
+    try:
+        return np.asanyarray(nib.load(str(path)).dataobj)
+    except (EOFError, OSError, ValueError, zlib.error) as exc:  # SimpleITK may read a truncated .gz silently
+        raise InputError(path, f"cannot be read as an image (truncated or corrupt file): {exc}") from None
+
+
 def _check_nifti_finite(path: str | Path) -> None:
     """SimpleITK's NIfTI reader silently turns NaN voxels into 0, so a NaN-corrupted file would
     pass unnoticed; read the raw voxels with nibabel to catch them."""
     p = Path(path)
     if not p.is_file() or not p.name.lower().endswith(NIFTI_SUFFIXES):
         return
-    import nibabel as nib
-
-    try:
-        data = np.asanyarray(nib.load(str(p)).dataobj)
-    except (EOFError, OSError, ValueError, zlib.error) as exc:  # SimpleITK may read a truncated .gz silently
-        raise InputError(p, f"cannot be read as an image (truncated or corrupt file): {exc}") from None
+    data = nifti_voxels(p)
     if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
         n = int((~np.isfinite(data)).sum())
         raise InputError(p, f"{n} voxel(s) are NaN or infinite")

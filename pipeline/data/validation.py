@@ -62,18 +62,9 @@ class Grid:
         return cls(tuple(img.GetSize()), tuple(img.GetSpacing()), tuple(img.GetOrigin()), tuple(img.GetDirection()))
 
 
-def _header_grid(path: Path) -> Grid:
-    """The 3-D grid SimpleITK reads from the header (a 4-D file holding one volume: its first 3 axes)."""
-    import SimpleITK as sitk
-
-    from pipeline.filecheck import sitk_reason
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise InputError(path, f"cannot be read as an image: {sitk_reason(exc)}") from None
+def _header_grid(reader: Any, path: Path) -> Grid:
+    """The 3-D grid from SimpleITK's header read (:func:`pipeline.filecheck.check_image_information`);
+    a 4-D file holding one volume: its first 3 axes."""
     n = len(reader.GetSize())
     direction = np.array(reader.GetDirection()).reshape(n, n)[:3, :3]
     # a negative pixdim is a flip: ReadImageInformation reports it signed, ReadImage folds it into the direction
@@ -83,17 +74,6 @@ def _header_grid(path: Path) -> Grid:
         raise InputError(path, f"degenerate geometry: spacing {grid.spacing}, direction determinant "
                                f"{np.linalg.det(direction):.3g}")
     return grid
-
-
-def _nifti_voxels(path: Path) -> np.ndarray:
-    import zlib
-
-    import nibabel as nib
-
-    try:
-        return np.asanyarray(nib.load(str(path)).dataobj)
-    except (EOFError, OSError, ValueError, zlib.error) as exc:
-        raise InputError(path, f"cannot be read as an image (truncated or corrupt file): {exc}") from None
 
 
 def _is_nifti_file(path: Path) -> bool:
@@ -109,14 +89,14 @@ def check_volume_file(path: str | Path) -> Grid:
         InputError: see :func:`pipeline.imageio.read_volume`.
     """
     from pipeline.filecheck import check_image_path
-    from pipeline.imageio import check_volume_array, read_volume
+    from pipeline.imageio import check_volume_array, nifti_voxels, read_volume
 
     p = Path(path)
-    check_image_path(p)
+    reader = check_image_path(p)
     if not _is_nifti_file(p):
         return Grid.of(read_volume(p))
-    grid = _header_grid(p)
-    check_volume_array(_nifti_voxels(p), p)
+    grid = _header_grid(reader, p)
+    check_volume_array(nifti_voxels(p), p)
     return grid
 
 
@@ -127,16 +107,15 @@ def check_mask_file(path: str | Path, reference: Grid | None = None, reference_p
         InputError: see :func:`pipeline.imageio.read_mask`.
     """
     from pipeline.filecheck import check_image_path
-    from pipeline.imageio import check_mask_array, check_same_grid, read_mask
+    from pipeline.imageio import check_mask_array, check_same_grid, nifti_voxels, read_mask
 
     p = Path(path)
-    check_image_path(p)
+    reader = check_image_path(p)
     if not _is_nifti_file(p):
-        img = read_mask(p)
-        grid = Grid.of(img)
+        grid = Grid.of(read_mask(p))
     else:
-        grid = _header_grid(p)
-        check_mask_array(_nifti_voxels(p), p)
+        grid = _header_grid(reader, p)
+        check_mask_array(nifti_voxels(p), p)
     if reference is not None:
         check_same_grid(reference, grid, reference_path or "image", p)
 
