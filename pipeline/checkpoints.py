@@ -17,12 +17,14 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
 from ignite.handlers import DiskSaver
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver
 
-__all__ = ["AtomicCheckpointSaver", "latest_checkpoint", "is_complete_checkpoint", "checkpoint_objects", "resumable"]
+__all__ = ["AtomicCheckpointSaver", "ResumeLoader", "latest_checkpoint", "is_complete_checkpoint", "checkpoint_objects",
+           "resumable"]
 
 _EPOCH_RE = re.compile(r"epoch=(\d+)")
 logger = logging.getLogger(__name__)
@@ -71,7 +73,10 @@ class _SaveThenRemoveDiskSaver(DiskSaver):
 
     def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
         written = self.filename or filename
-        super().__call__(checkpoint, written, metadata)  # temporary file + os.replace
+        super().__call__(checkpoint, written, metadata)  # temporary file + os.replace, on rank 0 only
+        if idist.get_rank() != self.save_on_rank:
+            self._superseded.clear()
+            return
         for old in self._superseded:
             if old != written and (self.dirname / old).exists():
                 (self.dirname / old).unlink()
@@ -119,6 +124,27 @@ class AtomicCheckpointSaver(CheckpointSaver):
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict:
             super().load_state_dict(state_dict)
+
+
+class ResumeLoader(CheckpointLoader):
+    """MONAI's ``CheckpointLoader`` for resuming a trainer from an epoch-level checkpoint: after
+    loading, the run goes on at the start of the next epoch with *this* run's epoch length.
+
+    Ignite restores the epoch length saved in the checkpoint; a run resumed with another number
+    of processes (``multi_gpu_train.json``: each process sees 1/N of the cases) or another
+    training set would otherwise run epochs of the old length and count epochs wrongly.
+    Same arguments as ``CheckpointLoader``.
+    """
+
+    def __call__(self, engine: Engine) -> None:
+        super().__call__(engine)
+        loader = getattr(engine, "data_loader", None)
+        length = len(loader) if loader is not None and hasattr(loader, "__len__") else None
+        if length and engine.state.epoch_length != length:
+            logger.info("resuming at epoch %d with %d iterations per epoch (the checkpoint's run had %s)",
+                        engine.state.epoch, length, engine.state.epoch_length)
+            engine.state.epoch_length = length
+            engine.state.iteration = engine.state.epoch * length
 
 
 def checkpoint_objects(trainer: Engine, network: torch.nn.Module, optimizer: torch.optim.Optimizer,

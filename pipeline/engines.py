@@ -32,8 +32,10 @@ from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.handlers import MeanDice
 from monai.inferers import Inferer
-from monai.metrics import compute_roc_auc
+from monai.metrics import compute_dice, compute_roc_auc
+from monai.metrics.utils import do_metric_reduction
 
+from pipeline import distributed
 from pipeline.predict import PredictConfig, finish, predict_raw
 
 __all__ = [
@@ -183,22 +185,43 @@ def labelled_cls(output: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 class LabelledMeanDice(MeanDice):
     """MONAI's ``MeanDice`` handler that skips batches in which no case has a mask (a case
-    without a mask is left out by :func:`labelled_seg`; MONAI's metric cannot take an empty batch)."""
+    without a mask is left out by :func:`labelled_seg`; MONAI's metric cannot take an empty batch).
+
+    Under a process group (``multi_gpu_train.json``) the per-case Dice of every rank is gathered in
+    the single-process order (:func:`pipeline.distributed.gather_in_sampler_order`) and reduced as
+    MONAI's metric would, so the value equals a one-process evaluation of the same cases. MONAI's own
+    buffer gathering is not used there: a rank without a masked case has no buffer, skips the
+    all-gather and leaves the others waiting for ever.
+    """
 
     def update(self, output: tuple[torch.Tensor, torch.Tensor]) -> None:
         y_pred, y = output
-        if len(y_pred) == 0:
+        if not distributed.is_distributed():
+            if len(y_pred):
+                self._seen = True
+                super().update(output)
             return
-        self._seen = True
-        super().update(output)
+        if len(y_pred) == 0:
+            self._rows.append(None)
+            return
+        fn = self.metric_fn
+        self._rows.append(compute_dice(y_pred.detach(), y.detach(), include_background=fn.include_background,
+                                       ignore_empty=fn.ignore_empty).cpu())
 
     def reset(self) -> None:
         self._seen = False
+        self._rows: list[torch.Tensor | None] = []
         super().reset()
 
     def compute(self) -> Any:
         """Mean Dice, or ``nan`` when no evaluated case had a mask."""
-        return super().compute() if self._seen else float("nan")
+        if not distributed.is_distributed():
+            return super().compute() if self._seen else float("nan")
+        rows = [r for r in distributed.gather_in_sampler_order(self._rows) if r is not None]
+        if not rows:
+            return float("nan")
+        value, _ = do_metric_reduction(torch.cat(rows), self.metric_fn.reduction)
+        return float(value)
 
 
 def balanced_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
@@ -218,7 +241,8 @@ class ClassificationMetrics(Metric):
     metric); without, it writes all three (prefixed by ``prefix``) into ``engine.state.metrics``.
     Values are ``nan`` when no evaluated case has a class (a segmentation-only split), AUC also
     when fewer than two classes are present. Cases without a class are excluded by the output
-    transform (:func:`labelled_cls`).
+    transform (:func:`labelled_cls`). Under a process group every rank's cases are gathered
+    before the values are computed, so they equal a one-process evaluation of the same cases.
     """
 
     def __init__(self, num_classes: int, metric: str | None = None, prefix: str = "",
@@ -239,12 +263,17 @@ class ClassificationMetrics(Metric):
         if probs.numel() and probs.shape[-1] == self.num_classes:
             self._probs.append(probs.detach().cpu())
             self._targets.append(target.detach().cpu())
+        elif distributed.is_distributed():  # keeps the iterations aligned for the gathering
+            self._probs.append(torch.zeros((0, self.num_classes)))
+            self._targets.append(torch.zeros(0, dtype=torch.long))
 
     def _values(self) -> dict[str, float]:
-        if not self._probs:
+        # under a process group: every rank's cases, in the single-process order
+        pairs = distributed.gather_in_sampler_order(list(zip(self._probs, self._targets, strict=True)))
+        if not any(len(t) for _, t in pairs):
             return dict.fromkeys(CLASSIFICATION_METRICS, float("nan"))
-        probs = torch.cat(self._probs)
-        target = torch.cat(self._targets)
+        probs = torch.cat([p for p, _ in pairs])
+        target = torch.cat([t for _, t in pairs])
         pred = probs.argmax(1)
         onehot = torch.nn.functional.one_hot(target, self.num_classes)
         present = onehot.sum(0) > 0
@@ -270,7 +299,7 @@ def param_groups(network: torch.nn.Module, lr: float, head_lr_factor: float = 1.
     demo's few hundred steps it barely leaves its initial state at the encoder's rate (training
     cross-entropy still near chance after 22 epochs on an unseen cohort seed), so it may learn faster.
     """
-    head = getattr(network, "classifier", None)
+    head = getattr(distributed.unwrap(network), "classifier", None)
     if head is None or head_lr_factor == 1.0:
         return [{"params": list(network.parameters()), "lr": lr}]
     head_ids = {id(p) for p in head.parameters()}

@@ -37,6 +37,8 @@ class EvaluationReport:
     and class probabilities to ``cases.csv`` and the run's
     summary (every metric of ``engine.state.metrics`` plus ``dice`` and counts) to
     ``metrics.json``, both written atomically in ``output_dir`` when the evaluation completes.
+    Under a process group it runs on every rank: the cases of all ranks are gathered and rank 0
+    writes them, in the order one process would have.
 
     Args:
         output_dir: folder for ``metrics.json`` and ``cases.csv``.
@@ -66,6 +68,7 @@ class EvaluationReport:
         self.surface_tolerance_mm = float(surface_tolerance_mm)
         self.rows: list[dict[str, Any]] = []
         self._logits: list[torch.Tensor] = []
+        self._iterations: list[tuple[list[dict[str, Any]], list[torch.Tensor]]] = []
 
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
@@ -77,6 +80,7 @@ class EvaluationReport:
     def reset(self, engine: Engine | None = None) -> None:
         self.rows.clear()
         self._logits.clear()
+        self._iterations.clear()
 
     def record(self, engine: Engine) -> None:
         from monai.metrics import compute_dice
@@ -87,7 +91,9 @@ class EvaluationReport:
         out, batch = engine.state.output, engine.state.batch
         seg, cls_prob, target = out["pred"]["seg"], out["pred"]["cls"], out["label"]
         seg_raw, logits = out["pred"].get("seg_raw"), out["pred"].get("cls_logits")
-        ids = batch.get("id", [f"case{len(self.rows) + i}" for i in range(target["class"].shape[0])])
+        ids = batch.get("id", [f"case{len(self._iterations)}_{i}" for i in range(target["class"].shape[0])])
+        rows: list[dict[str, Any]] = []
+        logit_rows: list[torch.Tensor] = []
         for b, cid in enumerate(ids):
             row: dict[str, Any] = {"id": cid}
             pred_mask = None if seg is None else (seg[b:b + 1] >= self.threshold).float()
@@ -110,9 +116,10 @@ class EvaluationReport:
                     row[f"p_{name}"] = round(float(cls_prob[b, k]), 6)
                 row["predicted_class"] = self.class_names[int(cls_prob[b].argmax())]
                 if logits is not None and c >= 0:
-                    self._logits.append(logits[b].detach().float().cpu())
+                    logit_rows.append(logits[b].detach().float().cpu())
                     row["_class_index"] = c
-            self.rows.append(row)
+            rows.append(row)
+        self._iterations.append((rows, logit_rows))
 
     def write(self, engine: Engine) -> None:
         import csv
@@ -120,8 +127,15 @@ class EvaluationReport:
         import json
         import math
 
+        from pipeline import distributed
         from pipeline.imageio import write_text_atomic
 
+        # every rank's cases in the single-process order (under a process group); rank 0 writes
+        gathered = distributed.gather_in_sampler_order(self._iterations)
+        self.rows = [row for rows, _ in gathered for row in rows]
+        self._logits = [t for _, logits in gathered for t in logits]
+        if not distributed.is_main():
+            return
         metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, int | float)}
         summary: dict[str, Any] = {name: metrics.get(src, float("nan")) for name, src in self.key_map.items()}
         dices = [r["dice"] for r in self.rows if "dice" in r]
@@ -177,6 +191,10 @@ def print_summary(eval_dir: str | Path) -> dict[str, Any]:
     """Print the headline figures of ``eval_dir/metrics.json`` (written by :class:`EvaluationReport`)."""
     import json
 
+    from pipeline import distributed
+
+    if not distributed.is_main():  # rank 0 wrote and prints the evaluation
+        return {}
     path = Path(eval_dir) / "metrics.json"
     summary = json.loads(path.read_text(encoding="utf-8"))
 

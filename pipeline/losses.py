@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
+from pipeline import distributed
+
 __all__ = ["MultiTaskLoss"]
 
 
@@ -84,6 +86,8 @@ class MultiTaskLoss(nn.Module):
         cls = cls.to(dev).long().view(-1)
         has_class = (cls >= 0) if has_class is None else (has_class.to(dev).bool().view(-1) & (cls >= 0))
         zero = ref.float().sum() * 0.0  # keeps the graph: a valid loss with zero gradients
+        if distributed.is_distributed():
+            return self._whole_batch(seg_logits, cls_logits, mask, cls, has_label, has_class)
 
         n_seg = int(has_label.sum())
         seg = self.dice(seg_logits[has_label].float(), (mask[has_label] > 0).float()) if n_seg else zero
@@ -100,6 +104,51 @@ class MultiTaskLoss(nn.Module):
             "loss": total,
             "seg": seg.detach() if n_seg else nan,
             "cls": ce.detach() if n_cls else nan,
+            "n_seg": torch.tensor(n_seg),
+            "n_cls": torch.tensor(n_cls),
+        }
+
+    def _whole_batch(self, seg_logits: torch.Tensor | None, cls_logits: torch.Tensor | None, mask: torch.Tensor,
+                     cls: torch.Tensor, has_label: torch.Tensor, has_class: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss of the global batch (every process's samples), identical on every rank.
+
+        Each process sums its part of the Dice's intersection / denominator and of the weighted
+        cross-entropy's numerator / denominator; :func:`pipeline.distributed.all_reduce_sum` adds
+        them over the processes (differentiably), so DDP's gradient average equals one process's
+        gradient on the whole batch: the batch-level Dice and the class-weighted mean do not
+        decompose into a mean of per-process losses. Every output enters the loss (times 0 where a
+        process has no sample for a task), so every parameter has a gradient on every rank (DDP).
+        """
+        dev = (seg_logits if seg_logits is not None else cls_logits).device
+        keep = sum(o.float().sum() * 0.0 for o in (seg_logits, cls_logits) if o is not None)
+        if seg_logits is not None:
+            p = torch.sigmoid(seg_logits[has_label].float())
+            g = (mask[has_label] > 0).float()
+            dims = [0, *range(2, p.dim())]  # MONAI DiceLoss(batch=True): sums over samples and voxels per channel
+            part = torch.cat([(p * g).sum(dims), (p * p).sum(dims) + (g * g).sum(dims)]) + keep
+        else:
+            part = keep.view(1).expand(2)
+        use_cls = cls_logits is not None and self.cls_weight > 0
+        if use_cls:
+            ce = F.cross_entropy(cls_logits[has_class].float(), cls[has_class], reduction="none")
+            w = (self.class_weights.to(dev)[cls[has_class]] if self.class_weights is not None
+                 else torch.ones_like(ce))
+            cls_part = torch.stack([(w * ce).sum(), w.sum()]) + keep
+        else:
+            cls_part = keep.view(1).expand(2)
+        counts = torch.tensor([float(has_label.sum()) if seg_logits is not None else 0.0,
+                               float(has_class.sum()) if use_cls else 0.0], device=dev)
+        total = distributed.all_reduce_sum(torch.cat([part, cls_part, counts]))
+        c = part.numel() // 2
+        n_seg, n_cls = int(total[-2]), int(total[-1])
+        zero = keep
+        seg = (1.0 - 2.0 * total[:c] / (total[c:2 * c] + self.dice.smooth_dr)).mean() if n_seg else zero
+        ce_all = total[2 * c] / total[2 * c + 1] if n_cls else zero
+        nan = torch.tensor(float("nan"), device=dev)
+        return {
+            "loss": seg + self.cls_weight * ce_all + keep,
+            "seg": seg.detach() if n_seg else nan,
+            "cls": ce_all.detach() if n_cls else nan,
             "n_seg": torch.tensor(n_seg),
             "n_cls": torch.tensor(n_cls),
         }

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from pipeline import distributed
 from pipeline.calibration import expected_calibration_error, fit_temperature, nll
 from pipeline.postprocess import RULES, choose_rule, dice_by_rule
 from pipeline.predict import PredictConfig, predict_raw
@@ -116,22 +117,28 @@ def decide_on_validation(network: torch.nn.Module, ckpt: str | Path, dataloader:
     if not path.is_file():
         logger.warning("no %s: post-processing and calibration not decided", path)
         return None
+    network = distributed.unwrap(network)  # predicts its own share of the cases: no DDP collectives
     load_weights(network, path)
-    dice: dict[str, list[float]] = {r: [] for r in RULES}
-    logits_all: list[torch.Tensor] = []
-    classes: list[torch.Tensor] = []
+    per_iteration: list[tuple[list[dict[str, float]], list[torch.Tensor], list[int]]] = []
     for batch in dataloader:
         image, target = prepare_batch(batch, device)
         seg_raw, logits = predict_raw(network, image, cfg)
+        scores_b, logits_b, classes_b = [], [], []
         for b in range(image.shape[0]):
             if seg_raw is not None and int(target["has_label"][b]):
-                scores = dice_by_rule(seg_raw[b:b + 1], target["label"][b:b + 1], cfg.threshold, cfg.min_mass_fraction)
-                for rule, value in scores.items():
-                    dice[rule].append(value)
+                scores_b.append(dice_by_rule(seg_raw[b:b + 1], target["label"][b:b + 1], cfg.threshold,
+                                             cfg.min_mass_fraction))
             c = int(target["class"][b])
             if logits is not None and c >= 0 and int(target["has_class"][b]):
-                logits_all.append(logits[b].float().cpu())
-                classes.append(torch.tensor(c))
+                logits_b.append(logits[b].float().cpu())
+                classes_b.append(c)
+        per_iteration.append((scores_b, logits_b, classes_b))
+    # under a process group each rank predicted its share of the cases (the validation sampler):
+    # all of them, in the single-process order, decide; rank 0 writes
+    gathered = distributed.gather_in_sampler_order(per_iteration)
+    dice: dict[str, list[float]] = {r: [s[r] for scores, _, _ in gathered for s in scores if r in s] for r in RULES}
+    logits_all = [t for _, logits, _ in gathered for t in logits]
+    classes = [torch.tensor(c) for _, _, cs in gathered for c in cs]
     rule = choose_rule(dice, min_gain)
     doc: dict[str, Any] = {
         "checkpoint": path.name,
@@ -154,7 +161,11 @@ def decide_on_validation(network: torch.nn.Module, ckpt: str | Path, dataloader:
                                                             target_t.numpy())},
         })
     text = json.dumps(doc, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+    if not distributed.is_main():
+        distributed.barrier()  # the file exists once this returns, on every rank
+        return doc
     write_text_atomic(decision_path(path), text)
+    distributed.barrier()
     means = ", ".join(f"{r} {v:.3f}" for r, v in doc["val_dice_by_rule"].items() if v is not None)
     print(f"[decide] on {doc['n_val_with_mask']} validation case(s): mean Dice {means or 'n/a'} -> post-processing "
           f"{rule!r}; classifier temperature {doc['temperature']:.2f} ({doc['n_val_with_class']} case(s) with class); "

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from pipeline.distributed import unwrap
 from pipeline.errors import InputError
 from pipeline.filecheck import check_entry
 
@@ -71,6 +72,7 @@ def load_weights(network: torch.nn.Module, path: str | Path) -> torch.nn.Module:
         raise InputError(path, "a TorchScript export, not the weights: evaluation and training need "
                                "OUTPUT_DIR/models/model.pt (or a checkpoint_epoch=N.pt) of a training run")
     state = read_weights(path)
+    network = unwrap(network)  # a DistributedDataParallel wrapper's keys carry "module."
     ours = set(network.state_dict())
     if not ours & set(state):
         raise InputError(path, f"{_NOT_OURS}: none of its {len(state)} tensors names a layer of this network "

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 from pipeline.data.datalist import class_weights, load_datalist, to_monai_dicts
 from pipeline.data.splits import load_splits, ratio_split, save_splits
+from pipeline.distributed import main_process_first
 from pipeline.errors import InputError
 
 __all__ = ["Cohort", "load_cohort", "atlas_brain_mask_file"]
@@ -52,13 +53,18 @@ def atlas_brain_mask_file(atlas_path: str | None, atlas_mask: str | None, spacin
 
     atlas = load_atlas(atlas_path, atlas_mask, spacing)
     path = Path(cache_dir) / f"atlas_{atlas.name}_{atlas.fingerprint()}_brain{dilate_mm:g}mm.nii.gz"
-    if not path.exists():
-        from pipeline.imageio import write_image_atomic
-
-        radius = [max(1, round(dilate_mm / s)) for s in atlas.brain_mask.GetSpacing()]
-        mask = sitk.BinaryDilate(atlas.brain_mask > 0, radius) if dilate_mm > 0 else atlas.brain_mask > 0
-        write_image_atomic(sitk.Cast(mask, sitk.sitkUInt8), path)
+    with main_process_first():  # several processes (multi_gpu_train.json): rank 0 writes it
+        if not path.exists():
+            _write_brain_mask(atlas, path, dilate_mm)
     return str(path)
+
+
+def _write_brain_mask(atlas: Any, path: Path, dilate_mm: float) -> None:
+    from pipeline.imageio import write_image_atomic
+
+    radius = [max(1, round(dilate_mm / s)) for s in atlas.brain_mask.GetSpacing()]
+    mask = sitk.BinaryDilate(atlas.brain_mask > 0, radius) if dilate_mm > 0 else atlas.brain_mask > 0
+    write_image_atomic(sitk.Cast(mask, sitk.sitkUInt8), path)
 
 
 def load_cohort(
@@ -95,6 +101,14 @@ def load_cohort(
     """
     if not datalist:
         raise InputError(None, "no datalist given: pass --datalist PATH (JSON or CSV)")
+    with main_process_first():  # several processes: rank 0 checks the files and writes the split first
+        return _load_cohort(datalist, output_dir, split_file, split_index, ratios, seed, validate, brain_mask,
+                            class_names, check_cache)
+
+
+def _load_cohort(datalist: str | Path, output_dir: str | Path, split_file: str | Path | None, split_index: int,
+                 ratios: tuple[float, float, float], seed: int, validate: bool, brain_mask: str | None,
+                 class_names: list[str] | tuple[str, ...] | None, check_cache: str | Path | None) -> Cohort:
     dl = load_datalist(datalist, check_contents=validate, check_cache=check_cache)  # every entry and file problem at once
     if class_names is not None:
         dl = dl.with_classes(class_names)
