@@ -19,6 +19,7 @@ single-process bundle runs exactly as before.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +32,7 @@ from torch import nn
 __all__ = [
     "is_distributed", "rank", "world_size", "is_main", "local_device", "init_process_group",
     "destroy_process_group", "wrap", "unwrap", "SyncBatchNorm1dOrRunning", "convert_head_batch_norm",
-    "all_reduce_sum", "gather_in_sampler_order", "main_process_first", "on_main", "barrier",
+    "all_reduce_sum", "gather_in_sampler_order", "from_main", "main_process_first", "on_main", "barrier",
     "handlers_for_this_rank", "NullSummaryWriter",
 ]
 
@@ -152,9 +153,9 @@ def convert_head_batch_norm(module: nn.Module) -> nn.Module:
 
 def wrap(network: nn.Module, device: torch.device | str | None = None, **ddp_kwargs: Any) -> nn.Module:
     """``network`` (already on its device) with its head's batch norm synchronised, in
-    ``DistributedDataParallel`` when a process group is running; unchanged otherwise.
-    ``broadcast_buffers=False``: the only buffers that change (batch-norm running statistics)
-    are already equal on every rank."""
+    ``DistributedDataParallel`` when a process group is running; unchanged otherwise. Buffers
+    are not re-broadcast before every forward pass: the only ones that change (the head's
+    batch-norm running statistics) are computed from the global batch, equal on every rank."""
     if not (dist.is_available() and dist.is_initialized()):
         return network
     head = getattr(network, "classifier", None)
@@ -162,7 +163,10 @@ def wrap(network: nn.Module, device: torch.device | str | None = None, **ddp_kwa
         convert_head_batch_norm(head)
     device = torch.device(device) if device is not None else next(network.parameters()).device
     ids = [device] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(network, device_ids=ids, **{"broadcast_buffers": False, **ddp_kwargs})
+    # torch >= 2.13 names it forward_sync_buffers (buffers are still broadcast from rank 0 at wrapping)
+    params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
+    return nn.parallel.DistributedDataParallel(network, device_ids=ids, **{**no_sync, **ddp_kwargs})
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -211,6 +215,15 @@ def gather_in_sampler_order(items: Sequence[Any]) -> list[Any]:
     for j in range(max(len(p) for p in per_rank)):
         out += [p[j] for p in per_rank if j < len(p)]
     return out
+
+
+def from_main(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (picklable; ``value`` itself in one process)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @contextlib.contextmanager

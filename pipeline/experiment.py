@@ -3,7 +3,7 @@ against multi-task, every run an ordinary bundle run, one table with paired test
 
     python -m pipeline experiment --datalist DL --out DIR [--overlays configs/paper.json ...]
         [--repeats 6 | --kind kfold --folds 5] [--arms seg,mtl] [--seed S] [--epochs N]
-        [--parallel K | --gpus 0,1,...] [--set key=value ...] [--overwrite]
+        [--parallel K | --gpus 0,1,... [--gpus-per-run K]] [--set key=value ...] [--overwrite]
 
 Arms (:data:`ARMS`): ``seg`` the segmentation alone (``configs/single_task.json``), ``cls`` the
 classifier alone on the shared encoder (``configs/classify_only.json``), ``mtl`` both; a custom
@@ -11,7 +11,9 @@ arm is ``name=overlay.json``. The splits are written once to ``DIR/splits.json``
 patient-level, stratified by class: :mod:`pipeline.data.splits`) and never changed by a re-run.
 Every split x arm is a training (``train.json`` + overlays + the arm's overlay) and an evaluation
 of its best checkpoint on the split's test cases, as subprocesses, in ``DIR/runs/<arm>/split<k>/``
-with the exact command lines in ``command.txt`` and their output in ``log.txt``. Both arms of a
+with the exact command lines in ``command.txt`` and their output in ``log.txt``. With
+``--gpus-per-run K`` each training runs on K GPUs of the list (``torchrun`` with
+``multi_gpu_train.json``; evaluation stays one process). Both arms of a
 split share the split and the seed (``seed + k``), so they differ only in the branch.
 
 Re-running the command skips finished runs whose settings (config files' contents, overrides,
@@ -47,6 +49,7 @@ from pipeline.experiment_plan import (
     RunSpec,
     arm_name,
     check_settings,
+    gpu_slots,
     make_or_load_splits,
     plan_runs,
 )
@@ -103,7 +106,7 @@ def run_experiment(cfg: ExperimentConfig) -> int:
               f"{cfg.out}; {len(specs) - len(todo)} already complete, {len(todo)} to run", flush=True)
         _report(cfg, specs, class_names)
         children = Children()
-        slots: list[str | None] = list(cfg.gpus) if cfg.gpus else [None] * max(1, cfg.parallel)
+        slots: list[str | None] = gpu_slots(cfg.gpus, cfg.gpus_per_run) if cfg.gpus else [None] * max(1, cfg.parallel)
         free: list[str | None] = list(slots)
         slot_lock = threading.Lock()
         report_lock = threading.Lock()
@@ -201,14 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--parallel", type=int, default=1, help="runs at a time on CPU (cores shared)")
     group.add_argument("--gpus", default="", help="comma-separated GPU ids: one run per GPU at a time")
+    p.add_argument("--gpus-per-run", type=int, default=1,
+                   help="GPUs each run trains on (torchrun + multi_gpu_train.json; batch_size is per GPU)")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], help="extra bundle overrides key=value")
     p.add_argument("--overwrite", action="store_true", help="redo runs whose settings changed")
     a = p.parse_args(argv)
     if a.parallel < 1:
         p.error("--parallel must be at least 1")
+    gpus = [g.strip() for g in a.gpus.split(",") if g.strip()]
+    if a.gpus_per_run < 1 or (a.gpus_per_run > 1 and len(gpus) < a.gpus_per_run):
+        p.error(f"--gpus-per-run {a.gpus_per_run} needs at least that many ids in --gpus (got {len(gpus)})")
     cfg = ExperimentConfig(datalist=Path(a.datalist), out=Path(a.out), overlays=list(a.overlays), kind=a.kind,
                            repeats=a.repeats, folds=a.folds, ratios=tuple(a.ratios),
                            arms=[x.strip() for x in a.arms.split(",") if x.strip()], seed=a.seed, epochs=a.epochs,
-                           parallel=a.parallel, gpus=[g.strip() for g in a.gpus.split(",") if g.strip()],
+                           parallel=a.parallel, gpus=gpus, gpus_per_run=a.gpus_per_run,
                            overrides=list(a.overrides), overwrite=a.overwrite)
     return run_experiment(cfg)

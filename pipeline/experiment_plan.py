@@ -21,6 +21,7 @@ __all__ = ["ROOT", "TRAIN", "EVALUATE", "ARMS", "ExperimentConfig", "RunSpec", "
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = "bundles/plgg_mtl/configs/train.json"
 EVALUATE = "bundles/plgg_mtl/configs/evaluate.json"
+MULTI_GPU = "bundles/plgg_mtl/configs/multi_gpu_train.json"
 ARMS: dict[str, str | None] = {"seg": "configs/single_task.json", "cls": "configs/classify_only.json", "mtl": None}
 
 
@@ -40,6 +41,7 @@ class ExperimentConfig:
     epochs: int | None = None
     parallel: int = 1
     gpus: list[str] = field(default_factory=list)
+    gpus_per_run: int = 1
     overrides: list[str] = field(default_factory=list)
     overwrite: bool = False
     python: str = sys.executable
@@ -174,6 +176,10 @@ def plan_runs(cfg: ExperimentConfig, splits: list[dict]) -> list[RunSpec]:
             common += overrides
             bundle = [cfg.python, "-m", "monai.bundle", "run"]
             train_cmd = [*bundle, "training", "--config_file", _config_list(configs), *common]
+            if cfg.gpus_per_run > 1:  # one process per GPU of the run's slot (CUDA_VISIBLE_DEVICES)
+                train_cmd = [cfg.python, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={cfg.gpus_per_run}", *bundle[1:], "training", "--config_file",
+                             _config_list([*configs, MULTI_GPU]), *common]
             eval_configs = [TRAIN, EVALUATE, *configs[1:]]
             eval_cmd = [*bundle, "--config_file", _config_list(eval_configs), *common]
             # what the run's result depends on (config contents, including the files they reach with
@@ -182,6 +188,8 @@ def plan_runs(cfg: ExperimentConfig, splits: list[dict]) -> list[RunSpec]:
             train_part = {"configs": _contents(configs), "datalist": _sha256(cfg.datalist),
                           "seed": cfg.seed + k, "args": common[common.index("--seed") + 2:],
                           "split": {p: split[p] for p in ("train", "val", "test")}}
+            if cfg.gpus_per_run > 1:  # batch_size is per process: the global batch is batch_size x processes
+                train_part["processes"] = cfg.gpus_per_run
             train_fp = _digest(train_part)
             fingerprint = _digest({"train": train_fp, "evaluate": _contents(eval_configs)})
             epochs = cfg.epochs or _config_value(configs, "epochs")
@@ -219,6 +227,13 @@ def _contents(configs: list[str]) -> list[tuple[str, str]]:
             if target.is_file():
                 todo.append(target)
     return out
+
+
+def gpu_slots(gpus: list[str], per_run: int = 1) -> list[str]:
+    """The GPU groups runs take turns on: ``["0,1", "2,3"]`` for GPUs 0-3 with 2 per run (each a
+    ``CUDA_VISIBLE_DEVICES`` value). GPUs left over (5 GPUs, 2 per run) are not used."""
+    per_run = max(1, per_run)
+    return [",".join(gpus[i:i + per_run]) for i in range(0, len(gpus) - per_run + 1, per_run)]
 
 
 def _config_list(files: list[str]) -> str:

@@ -114,7 +114,10 @@ def decide_on_validation(network: torch.nn.Module, ckpt: str | Path, dataloader:
     from pipeline.weights import load_weights
 
     path = Path(ckpt)
-    if not path.is_file():
+    # several processes: rank 0 may still be writing model.pt; wait for it, and let rank 0's view
+    # decide for all (the same answer everywhere, or the gathering below would wait for ever)
+    distributed.barrier()
+    if not distributed.from_main(path.is_file()):
         logger.warning("no %s: post-processing and calibration not decided", path)
         return None
     network = distributed.unwrap(network)  # predicts its own share of the cases: no DDP collectives

@@ -8,7 +8,8 @@
 # benchmarks/train_step.py --precision (fp32 / fp16 / bf16 / compiled bf16 on the paper network),
 # benchmarks/data_feed.py (patches/s and headroom with the machine's workers), benchmarks/startup.py
 # (command -> first iteration, cold and warm), benchmarks/train_loop.py (engine overhead, compiled)
-# and benchmarks/inference.py. About 9 minutes on an H100-class machine.
+# and benchmarks/inference.py; then issue 11's one-GPU check of multi_gpu_train.json (torchrun, nccl)
+# and benchmarks/ddp_overhead.py. About 11 minutes on an H100-class machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # what the device image lacks (developers' guide); the cohort is written on the atlas grid, so no deepbet
@@ -45,4 +46,12 @@ WORKERS=$(( $(nproc) - 2 ))
     python benchmarks/train_loop.py --datalist $COHORT/datalist.json --overlays configs/paper.json --device cuda \
         --batches 10 --epochs 3
     python benchmarks/inference.py --device cuda
+    # issue 11: the multi-GPU overlay under torchrun with one process (nccl): trains and validates;
+    # the wrapper's overhead per step against the bare network
+    python -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/ddp_overhead.py --overlay paper.json \
+        --device cuda --iters 20
+    python -m torch.distributed.run --standalone --nproc_per_node=1 -m monai.bundle run training --config_file \
+        "['bundles/plgg_mtl/configs/train.json','configs/paper.json','bundles/plgg_mtl/configs/multi_gpu_train.json']" \
+        --datalist $COHORT/datalist.json --output_dir "$OUT/ddp1" --already_registered True --epochs 2 \
+        --val_interval 1 --num_workers $WORKERS | grep -E "nccl|Epoch\[|Metrics|start-up|Saved|decide"
 } 2>&1 | grep -v "Warning\|warnings.warn" | tee "$OUT/figures.txt"

@@ -198,3 +198,24 @@ def test_kfold_classifier_alone_against_multitask(setup, tmp_path):
     paired = json.loads((out / "summary.json").read_text())["paired"]
     assert paired["single_task_arm"] == "cls" and paired["metric"] == "test_balanced_accuracy"
     assert paired["cases"]["n"] == 14  # the probability of the true class, per case
+
+
+def test_each_run_on_two_processes(setup, tmp_path):
+    """``--gpus 0,1 --gpus-per-run 2``: the run trains under torchrun with multi_gpu_train.json (two
+    gloo processes here, no GPU) and its result is reported like any other."""
+    from pipeline.experiment_plan import gpu_slots
+
+    assert gpu_slots(["0", "1", "2", "3", "4"], 2) == ["0,1", "2,3"] and gpu_slots(["0", "1"], 1) == ["0", "1"]
+    out = tmp_path / "ddp"
+    res = experiment("--datalist", str(setup["datalist"]), "--out", str(out), "--repeats", "1", "--arms", "mtl",
+                     "--epochs", "1", "--gpus", "0,1", "--gpus-per-run", "2", "--overlays", "configs/demo.json",
+                     str(setup["overlay"]))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    command = (out / "runs" / "mtl" / "split0" / "command.txt").read_text()
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in command and "multi_gpu_train.json" in command
+    assert "on GPU 0,1" in res.stdout
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == 1 and 0.0 <= float(rows[0]["test_dice"]) <= 1.0
+    assert len(list((out / "runs" / "mtl" / "split0").glob("events.out.tfevents.*"))) == 1  # rank 0's only
+    bad = experiment("--datalist", str(setup["datalist"]), "--out", str(out), "--gpus", "0", "--gpus-per-run", "2")
+    assert bad.returncode != 0 and "--gpus-per-run 2 needs at least" in bad.stderr
