@@ -88,6 +88,9 @@ def init_process_group(device: torch.device | str | None = None) -> None:
     if dist.get_rank() > 0:  # one console: the engines' progress messages come from rank 0
         for name in ("ignite", "monai", "pipeline"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    else:
+        print(f"[distributed] {dist.get_world_size()} process(es), backend {dist.get_backend()}, rank 0 on {device}",
+              flush=True)
 
 
 def destroy_process_group() -> None:

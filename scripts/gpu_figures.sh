@@ -53,5 +53,5 @@ WORKERS=$(( $(nproc) - 2 ))
     python -m torch.distributed.run --standalone --nproc_per_node=1 -m monai.bundle run training --config_file \
         "['bundles/plgg_mtl/configs/train.json','configs/paper.json','bundles/plgg_mtl/configs/multi_gpu_train.json']" \
         --datalist $COHORT/datalist.json --output_dir "$OUT/ddp1" --already_registered True --epochs 2 \
-        --val_interval 1 --num_workers $WORKERS | grep -E "nccl|Epoch\[|Metrics|start-up|Saved|decide"
+        --val_interval 1 --num_workers $WORKERS | grep -E "distributed|Epoch\[|Metrics|start-up|Saved|decide"
 } 2>&1 | grep -v "Warning\|warnings.warn" | tee "$OUT/figures.txt"
