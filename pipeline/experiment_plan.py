@@ -214,7 +214,7 @@ def _contents(configs: list[str]) -> list[tuple[str, str]]:
     MONAI's ``%path#id`` macro (recursively; such paths are relative to the repository root)."""
     out: list[tuple[str, str]] = []
     seen: set[Path] = set()
-    todo = [ROOT / c if not Path(c).is_absolute() else Path(c) for c in configs]
+    todo = [(ROOT / c if not Path(c).is_absolute() else Path(c)).resolve() for c in configs]
     while todo:
         path = todo.pop(0)
         if path in seen:
@@ -225,7 +225,7 @@ def _contents(configs: list[str]) -> list[tuple[str, str]]:
         for ref in _REFERENCE.findall(path.read_text(encoding="utf-8", errors="replace")):
             target = ROOT / ref
             if target.is_file():
-                todo.append(target)
+                todo.append(target.resolve())  # configs/common.json is a link to the bundle's
     return out
 
 

@@ -136,7 +136,8 @@ def kill_tree(pid: int) -> None:
 def test_killed_two_process_run_resumes_in_one_process(cohort, tmp_path):
     out_dir = tmp_path / "run"
     cmd = bundle(cohort, [], out_dir, 2, "training", epochs=40)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            encoding="utf-8", errors="replace")
     deadline = time.time() + 180
     while time.time() < deadline and not list((out_dir / "models").glob("checkpoint_epoch=*.pt")):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
