@@ -55,7 +55,8 @@ def load_decisions(ckpt: str | Path | None) -> dict[str, Any] | None:
     """The stored decisions of ``ckpt``, or ``None`` when there are none that belong to it.
 
     A decision file made for other weights (the run was retrained and not re-decided) is ignored
-    with a warning; a TorchScript file is accepted with the decision of its source checkpoint.
+    with a warning; an export (TorchScript ``.ts``, ONNX ``.onnx``) in the checkpoint's folder is
+    accepted with the decision of its source checkpoint.
     """
     if not ckpt:
         return None
@@ -67,7 +68,7 @@ def load_decisions(ckpt: str | Path | None) -> dict[str, Any] | None:
     except (OSError, ValueError) as exc:
         logger.warning("%s is unreadable (%s): post-processing and temperature decisions ignored", path, exc)
         return None
-    if Path(ckpt).suffix != ".ts" and Path(ckpt).is_file() and doc.get("checkpoint_sha256") != _sha256(ckpt):
+    if Path(ckpt).suffix not in (".ts", ".onnx") and Path(ckpt).is_file() and doc.get("checkpoint_sha256") != _sha256(ckpt):
         logger.warning("%s was decided for other weights than %s: ignored (train again to re-decide)", path, ckpt)
         return None
     return doc

@@ -88,15 +88,17 @@ def load_weights(network: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     return network
 
 
-def load_network(network: torch.nn.Module, ckpt: str | Path | None, device: str | torch.device = "cpu"
-                 ) -> torch.nn.Module:
+def load_network(network: torch.nn.Module, ckpt: str | Path | None, device: str | torch.device = "cpu",
+                 backend: str = "auto") -> torch.nn.Module:
     """Load trained weights into the network built from the config (or a TorchScript ``.ts``).
 
     Args:
         network: the config's ``network_def``.
         ckpt: ``model.pt`` written by a training run (or a resumable ``checkpoint_epoch=N.pt``),
-            or a TorchScript file from ``monai.bundle ckpt_export`` (``.ts``, used instead of ``network``).
+            a TorchScript file from ``monai.bundle ckpt_export`` (``.ts``) or an ONNX file from
+            ``monai.bundle onnx_export`` (``.onnx``, run by ONNX Runtime); exports are used instead of ``network``.
         device: where the network runs.
+        backend: ``auto`` (from the file's suffix), ``torch`` or ``onnx`` (which needs a ``.onnx`` file).
 
     Returns:
         The network on ``device`` in eval mode.
@@ -109,6 +111,16 @@ def load_network(network: torch.nn.Module, ckpt: str | Path | None, device: str 
     path = Path(ckpt)
     if not path.exists() and not path.is_symlink():
         raise InputError(path, "checkpoint not found (pass --ckpt PATH)")
+    if backend not in ("auto", "torch", "onnx"):
+        raise InputError(None, f"backend must be auto, torch or onnx, got {backend!r}")
+    onnx = path.suffix == ".onnx"
+    if backend != "auto" and onnx != (backend == "onnx"):
+        raise InputError(path, f"backend {backend} needs {'an ONNX file (model.onnx from monai.bundle onnx_export)' if backend == 'onnx' else 'a PyTorch checkpoint (model.pt) or TorchScript file'}")
+    if onnx:
+        check_entry(path)
+        from pipeline.onnx_backend import OnnxNetwork
+
+        return OnnxNetwork(path, device).eval()
     if path.suffix == ".ts":
         check_entry(path)
         try:

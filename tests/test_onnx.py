@@ -1,0 +1,105 @@
+"""ONNX (issue 12, item 3): ``monai.bundle onnx_export`` with the bundle's args file writes a model
+with a dynamic batch that ONNX Runtime runs; its outputs equal PyTorch's; the inference bundle
+run with ``--ckpt model.onnx`` writes the same masks and probabilities as with ``model.pt``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import InputError
+
+pytest.importorskip("onnxruntime")
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bundles" / "plgg_mtl" / "configs"
+TINY = {"already_registered": True, "atlas_spacing": 6.0, "patch_size": [16, 16, 16], "init_filters": 8,
+        "cls_hidden": [8], "sw_batch_size": 3}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+pytestmark = pytest.mark.slow
+
+
+def cli(args: list[str]) -> str:
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, encoding="utf-8", errors="replace", timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, Path]:
+    """Random weights of the tiny network as model.pt and its ONNX export beside it."""
+    from monai.bundle import ConfigParser
+
+    base = tmp_path_factory.mktemp("onnx")
+    overlay = base / "tiny.json"
+    overlay.write_text(json.dumps(TINY))
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "inference.json"), str(overlay)])
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network_def")
+    (base / "models").mkdir()
+    torch.save(network.state_dict(), base / "models" / "model.pt")
+    onnx_file = base / "models" / "model.onnx"
+    cli(["onnx_export", "network_def", "--filepath", str(onnx_file), "--ckpt_file", str(base / "models" / "model.pt"),
+         "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", repr([str(CONFIGS / "inference.json"), str(overlay)]),
+         "--input_shape", "[1, 4, 16, 16, 16]", "--args_file", str(CONFIGS / "onnx_export_args.json")])
+    return {"base": base, "overlay": overlay, "pt": base / "models" / "model.pt", "onnx": onnx_file,
+            "network": network.eval()}
+
+
+def test_onnx_runtime_equals_pytorch_with_any_batch(exported):
+    from pipeline.onnx_backend import OnnxNetwork
+
+    ort_net = OnnxNetwork(exported["onnx"])
+    x = torch.randn(3, 4, 16, 16, 16)  # a batch the export never saw (it was traced with 1)
+    with torch.no_grad():
+        ref = exported["network"](x)
+    got = ort_net(x)
+    assert len(got) == 3
+    for r, g in zip(ref, got, strict=True):
+        assert r.shape == g.shape
+        assert torch.allclose(r, g, atol=1e-4, rtol=1e-4), float((r - g).abs().max())
+    with pytest.raises(InputError, match="export it with --input_shape"):
+        ort_net(torch.randn(1, 4, 24, 16, 16))
+
+
+def test_backend_must_match_the_file(exported):
+    from pipeline.weights import load_network
+
+    with pytest.raises(InputError, match="backend onnx needs an ONNX file"):
+        load_network(exported["network"], exported["pt"], backend="onnx")
+    assert type(load_network(exported["network"], exported["onnx"])).__name__ == "OnnxNetwork"
+
+
+def test_inference_bundle_through_onnx_runtime_writes_the_same_masks(exported, tmp_path):
+    import shutil
+
+    from pipeline.data.phantom import make_cohort
+
+    datalist = Path(make_cohort(tmp_path / "cohort", cases=4, seed=4, spacing=6.0, space="atlas").datalist)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i, entry in enumerate(json.loads(datalist.read_text())["training"][:2]):
+        shutil.copy(datalist.parent / entry["image"], scans / f"case{i}.nii.gz")
+    rows = {}
+    for kind in ("pt", "onnx"):
+        out = tmp_path / kind
+        cli(["run", "--config_file", repr([str(CONFIGS / "inference.json"), str(exported["overlay"])]),
+             "--input_dir", str(scans), "--output_dir", str(out), "--ckpt", str(exported[kind]), "--pattern", "['*']"])
+        rows[kind] = {r["id"]: r for r in csv.DictReader((out / "predictions.csv").open())}
+    for cid in ("case0", "case1"):
+        a = nib.load(tmp_path / "pt" / cid / "seg.nii.gz").get_fdata()
+        b = nib.load(tmp_path / "onnx" / cid / "seg.nii.gz").get_fdata()
+        assert a.shape == b.shape and a.sum() > 0 and np.array_equal(a, b)
+        for k in ("p_BRAF V600E", "p_BRAF fusion", "p_other"):
+            assert float(rows["pt"][cid][k]) == pytest.approx(float(rows["onnx"][cid][k]), abs=1e-4)
