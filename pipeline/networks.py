@@ -153,7 +153,7 @@ class MultiTaskSegResNet(SegResNet):
         # the class loss must not move the mask: the weights are the detached tumour probability
         weight = torch.sigmoid(seg.detach()[:, :1].float()) + self.tumour_floor
         if self.cls_pooling == "tumour":
-            w = _area_downsample(weight, bottleneck.shape[2:])
+            w = _area_downsample(weight, list(bottleneck.shape[2:]))
             embedding = (bottleneck.float() * w).flatten(2).sum(-1) / w.flatten(2).sum(-1)
         else:
             embedding = torch.flatten(self.pool(bottleneck), 1).float()
@@ -167,15 +167,24 @@ class MultiTaskSegResNet(SegResNet):
         return seg, logits, embedding
 
 
-def _area_downsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def _area_downsample(x: torch.Tensor, size: list[int]) -> torch.Tensor:
     """``interpolate(x, size, mode="area")``, as an average pooling when the sizes divide (always,
-    for the patches SegResNet takes): the same means, and an operator ONNX has (area interpolation
-    becomes adaptive average pooling, which the ONNX exporter cannot translate)."""
-    factors = [int(a) // int(b) for a, b in zip(x.shape[2:], size, strict=True)]
-    if all(f * int(b) == int(a) for f, a, b in zip(factors, x.shape[2:], size, strict=True)):
-        pool = nn.functional.avg_pool3d if x.dim() == 5 else nn.functional.avg_pool2d
-        return pool(x, kernel_size=factors, stride=factors)
-    return nn.functional.interpolate(x, size=list(size), mode="area")
+    for the patches SegResNet takes): the same means (bitwise), and an operator ONNX has (area
+    interpolation becomes adaptive average pooling, which the ONNX exporter cannot translate).
+    Written out in loops so that TorchScript compiles it."""
+    factors: list[int] = []
+    exact = True
+    for i in range(len(size)):
+        full = int(x.shape[2 + i])
+        factor = full // int(size[i])
+        factors.append(factor)
+        if factor * int(size[i]) != full:
+            exact = False
+    if not exact:
+        return nn.functional.interpolate(x, size=size, mode="area")
+    if x.dim() == 5:
+        return nn.functional.avg_pool3d(x, kernel_size=factors, stride=factors)
+    return nn.functional.avg_pool2d(x, kernel_size=factors, stride=factors)
 
 
 class PositionAwareHead(nn.Module):
