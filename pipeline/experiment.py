@@ -3,7 +3,7 @@ against multi-task, every run an ordinary bundle run, one table with paired test
 
     python -m pipeline experiment --datalist DL --out DIR [--overlays configs/paper.json ...]
         [--repeats 6 | --kind kfold --folds 5] [--arms seg,mtl] [--seed S] [--epochs N]
-        [--parallel K | --gpus 0,1,... [--gpus-per-run K]] [--set key=value ...] [--overwrite]
+        [--parallel K | --gpus 0,1,... [--gpus-per-run K]] [--tracking mlflow] [--set key=value ...] [--overwrite]
 
 Arms (:data:`ARMS`): ``seg`` the segmentation alone (``configs/single_task.json``), ``cls`` the
 classifier alone on the shared encoder (``configs/classify_only.json``), ``mtl`` both; a custom
@@ -99,6 +99,8 @@ def run_experiment(cfg: ExperimentConfig) -> int:
         dl = load_datalist(cfg.datalist, check_contents=True, check_cache=cfg.out / "checked")
         splits = make_or_load_splits(cfg)
         specs = plan_runs(cfg, splits)
+        if cfg.tracking:
+            (cfg.out / "mlruns").mkdir(parents=True, exist_ok=True)  # the runs' shared MLflow store
         check_settings(specs, cfg.overwrite)
         class_names = list(dl.classes)
         todo = [s for s in specs if not is_complete(s)]
@@ -206,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--gpus", default="", help="comma-separated GPU ids: one run per GPU at a time")
     p.add_argument("--gpus-per-run", type=int, default=1,
                    help="GPUs each run trains on (torchrun + multi_gpu_train.json; batch_size is per GPU)")
+    p.add_argument("--tracking", choices=("mlflow",), default=None,
+                   help="log every run to OUT/mlruns/mlflow.db, one MLflow experiment, runs named <arm>/split<k>")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], help="extra bundle overrides key=value")
     p.add_argument("--overwrite", action="store_true", help="redo runs whose settings changed")
     a = p.parse_args(argv)
@@ -217,6 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ExperimentConfig(datalist=Path(a.datalist), out=Path(a.out), overlays=list(a.overlays), kind=a.kind,
                            repeats=a.repeats, folds=a.folds, ratios=tuple(a.ratios),
                            arms=[x.strip() for x in a.arms.split(",") if x.strip()], seed=a.seed, epochs=a.epochs,
-                           parallel=a.parallel, gpus=gpus, gpus_per_run=a.gpus_per_run,
+                           parallel=a.parallel, gpus=gpus, gpus_per_run=a.gpus_per_run, tracking=a.tracking,
                            overrides=list(a.overrides), overwrite=a.overwrite)
     return run_experiment(cfg)

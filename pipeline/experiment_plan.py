@@ -42,6 +42,7 @@ class ExperimentConfig:
     parallel: int = 1
     gpus: list[str] = field(default_factory=list)
     gpus_per_run: int = 1
+    tracking: str | None = None
     overrides: list[str] = field(default_factory=list)
     overwrite: bool = False
     python: str = sys.executable
@@ -182,6 +183,11 @@ def plan_runs(cfg: ExperimentConfig, splits: list[dict]) -> list[RunSpec]:
                              _config_list([*configs, MULTI_GPU]), *common]
             eval_configs = [TRAIN, EVALUATE, *configs[1:]]
             eval_cmd = [*bundle, "--config_file", _config_list(eval_configs), *common]
+            if cfg.tracking:  # every run in one MLflow experiment, named <arm>/split<k> (not in the fingerprint)
+                track = ["--tracking", cfg.tracking, "--tracking_uri",
+                         f"sqlite:///{(cfg.out / 'mlruns' / 'mlflow.db').resolve()}",
+                         "--experiment_name", cfg.out.resolve().name, "--run_name", f"{name}/split{k}"]
+                train_cmd, eval_cmd = [*train_cmd, *track], [*eval_cmd, *track]
             # what the run's result depends on (config contents, including the files they reach with
             # %file#id, the datalist's content, the seed, the overrides and the split); not where the
             # experiment folder, the datalist or an overlay lies, so a moved folder keeps its runs
