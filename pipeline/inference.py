@@ -38,7 +38,7 @@ import SimpleITK as sitk
 import torch
 
 from pipeline.errors import InputError, find_input_error
-from pipeline.imageio import read_mask, read_volume, remove_stale_temporaries, write_text_atomic
+from pipeline.imageio import is_dicom_dir, read_mask, read_volume, remove_stale_temporaries, write_text_atomic
 from pipeline.inference_io import (
     InputCase,
     case_title,
@@ -62,7 +62,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 #: Files a case's folder holds (their temporaries are removed when a killed run left them).
-_CASE_FILES = ("seg.nii.gz", "prob.nii.gz", "qc.png", "result.json")
+_CASE_FILES = ("seg.nii.gz", "seg.dcm", "prob.nii.gz", "qc.png", "result.json")
 _CHANGED = "the file changed while it was processed (still being copied or written?); run again once it is complete"
 
 
@@ -202,9 +202,9 @@ class FolderInference:
                "classes": self.options.class_names, "prob": self.options.write_prob, "qc": self.options.qc}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def _outputs(self, folder: Path) -> list[Path]:
+    def _outputs(self, folder: Path, case: InputCase | None = None) -> list[Path]:
         names = ["seg.nii.gz"] + (["prob.nii.gz"] if self.options.write_prob else []) + (
-            ["qc.png"] if self.options.qc else [])
+            ["qc.png"] if self.options.qc else []) + (["seg.dcm"] if case is not None and is_dicom_dir(case.path) else [])
         return [folder / n for n in names]
 
     def _fingerprint(self, case: InputCase) -> dict[str, str]:
@@ -213,7 +213,7 @@ class FolderInference:
     def finished(self, case: InputCase) -> dict[str, Any] | None:
         """The report row of a case an earlier run finished with these settings, else ``None``."""
         folder = self.options.output_dir / case.id
-        if self.options.overwrite or not all(p.exists() for p in self._outputs(folder)):
+        if self.options.overwrite or not all(p.exists() for p in self._outputs(folder, case)):
             return None
         try:
             row = json.loads((folder / "result.json").read_text(encoding="utf-8"))
@@ -279,6 +279,10 @@ class FolderInference:
 
         folder = self.options.output_dir / case.id
         write_like_input(seg, case.path, folder / "seg.nii.gz", np.uint8)
+        if is_dicom_dir(case.path):  # also as a DICOM SEG over the source series, for a PACS or viewer
+            from pipeline.dicom_seg import write_dicom_seg
+
+            write_dicom_seg(seg, case.path, folder / "seg.dcm")
         if self.options.write_prob:
             write_like_input(prob, case.path, folder / "prob.nii.gz", np.float32)
         if self.options.qc:  # planes through the largest tumour component, not between scattered blobs
@@ -289,7 +293,7 @@ class FolderInference:
         """Remove what an earlier run (other settings or input, or ``overwrite``) or this failed
         attempt left in the case's folder, so no mask stands beside a 'failed' report row."""
         folder = self.options.output_dir / case.id
-        for path in (*self._outputs(folder), folder / "prob.nii.gz", folder / "result.json"):
+        for path in (*self._outputs(folder), folder / "seg.dcm", folder / "prob.nii.gz", folder / "result.json"):
             path.unlink(missing_ok=True)
         remove_stale_temporaries(folder, _CASE_FILES)
 

@@ -228,6 +228,7 @@ def write_dicom_series(image: sitk.Image, folder: Path, number: int = 1) -> Path
     d = img.GetDirection()
     series = [("0008|0060", "MR"), ("0008|103e", "FLAIR"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1.1"),
               ("0020|000e", f"1.2.826.0.1.3680043.2.1125.1.2.{number}"), ("0008|0008", "DERIVED\\SECONDARY"),
+              ("0020|0052", "1.2.826.0.1.3680043.2.1125.1.4"), ("0010|0020", "PHANTOM1"), ("0010|0010", "Phantom^One"),
               ("0020|0037", "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])))]
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -271,6 +272,33 @@ def test_native_geometry_for_las_ras_lps_and_dicom_inputs(trained, tmp_path, mon
     assert seg.GetSize() == native.GetSize() and seg.GetPixelID() == sitk.sitkUInt8
     for get in ("GetSpacing", "GetOrigin", "GetDirection"):
         assert np.allclose(getattr(seg, get)(), getattr(native, get)(), atol=1e-4), get
+    check_dicom_seg(out / "dicom_case" / "seg.dcm", series, sitk.GetArrayFromImage(seg) > 0)
+    assert not (out / "case_RAS" / "seg.dcm").exists()  # NIfTI inputs get no DICOM SEG
+
+
+def check_dicom_seg(path, series, mask) -> None:
+    """The DICOM SEG read back with pydicom / highdicom: one frame per source slice holding tumour,
+    each referencing that slice's instance, at its position, with its pixels of ``mask``; the
+    series, study and frame of reference of the source."""
+    import highdicom as hd
+    import pydicom
+
+    seg = hd.seg.segread(str(path))
+    sources = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(f) for f in series.glob("*.dcm"))}
+    first = next(iter(sources.values()))
+    assert seg.StudyInstanceUID == first.StudyInstanceUID and seg.FrameOfReferenceUID == first.FrameOfReferenceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+    assert seg.SegmentSequence[0].SegmentLabel == "Tumour" and seg.SegmentationType == "BINARY"
+    order = [ds.SOPInstanceUID for ds in sorted(sources.values(), key=lambda d: int(d.InstanceNumber))]
+    frames = seg.pixel_array.reshape(-1, *mask.shape[1:]).astype(bool)
+    expected = [k for k in range(mask.shape[0]) if mask[k].any()]
+    assert int(seg.NumberOfFrames) == len(expected) > 0
+    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        uid = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        k = order.index(uid)
+        position = item.PlanePositionSequence[0].ImagePositionPatient
+        assert np.allclose([float(v) for v in position], [float(v) for v in sources[uid].ImagePositionPatient], atol=1e-3)
+        assert np.array_equal(frame, mask[k]), k
 
 
 def test_tta_is_mean_of_flipped_predictions(trained, tmp_path, monkeypatch):
