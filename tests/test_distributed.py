@@ -62,7 +62,7 @@ def cohort(tmp_path_factory) -> tuple[Path, Path, Path]:
 
     out = tmp_path_factory.mktemp("ddp")
     datalist = make_cohort(out / "cohort", cases=10, seed=0, spacing=6.0, space="atlas").datalist
-    ids = [e["id"] for e in json.loads(Path(datalist).read_text())["training"]]
+    ids = [e["id"] for e in json.loads(Path(datalist).read_text(encoding="utf-8"))["training"]]
     split = save_splits(out / "split.json", [{"name": "t", "train": ids[:4], "val": ids[4:7], "test": ids[7:]}])
     overlay = out / "tiny.json"
     overlay.write_text(json.dumps(TINY))
@@ -91,7 +91,7 @@ def test_two_processes_train_validate_and_match_one_process(cohort, tmp_path):
     assert sorted(p.name for p in (out_dir / "models").iterdir()) == [
         "checkpoint_epoch=2.pt", "model.pt", "postprocessing.json"]
     assert len(list((out_dir / "tensorboard").iterdir())) == 1  # one event file: rank 0's
-    history = json.loads((out_dir / "validation.json").read_text())["history"]
+    history = json.loads((out_dir / "validation.json").read_text(encoding="utf-8"))["history"]
     assert [h["epoch"] for h in history] == [1, 2]
     state = torch.load(out_dir / "models" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=False)
     assert not any(k.startswith("module.") for k in state["network"])  # the network, not the DDP wrapper
@@ -101,7 +101,7 @@ def test_two_processes_train_validate_and_match_one_process(cohort, tmp_path):
     one = tmp_path / "one"
     run(bundle(cohort, ["evaluate.json"], out_dir, 1, eval_part="val", eval_dir=one, postprocess="none",
                temperature=1.0, ckpt=out_dir / "models" / "checkpoint_epoch=2.pt"))
-    metrics = json.loads((one / "metrics.json").read_text())["metrics"]
+    metrics = json.loads((one / "metrics.json").read_text(encoding="utf-8"))["metrics"]
     assert metrics == {k: v for k, v in history[-1].items() if k != "epoch"}
     assert metrics["val_mean_dice"] > 0  # a real computation, not an empty one
 
@@ -109,9 +109,9 @@ def test_two_processes_train_validate_and_match_one_process(cohort, tmp_path):
     two = tmp_path / "two"
     run(bundle(cohort, ["evaluate.json"], out_dir, 2, eval_part="val", eval_dir=two, postprocess="none",
                temperature=1.0, ckpt=out_dir / "models" / "checkpoint_epoch=2.pt"))
-    assert (two / "metrics.json").read_text() == (one / "metrics.json").read_text()
-    rows = list(csv.DictReader((two / "cases.csv").open()))
-    assert len(rows) == 3 and (two / "cases.csv").read_text() == (one / "cases.csv").read_text()
+    assert (two / "metrics.json").read_text(encoding="utf-8") == (one / "metrics.json").read_text(encoding="utf-8")
+    rows = list(csv.DictReader((two / "cases.csv").open(encoding="utf-8")))
+    assert len(rows) == 3 and (two / "cases.csv").read_text(encoding="utf-8") == (one / "cases.csv").read_text(encoding="utf-8")
 
 
 def kill_tree(pid: int) -> None:
@@ -119,7 +119,7 @@ def kill_tree(pid: int) -> None:
     parent: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()
             parent[int(stat.parent.name)] = int(fields[1])
         except (OSError, ValueError, IndexError):
             continue

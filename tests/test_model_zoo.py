@@ -52,15 +52,15 @@ def copy(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_bundle_file_set():
-    assert (BUNDLE / "LICENSE").read_text().lstrip().startswith("Apache License")
-    assert "MNI" in (BUNDLE / "docs" / "data_license.txt").read_text()
-    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    assert (BUNDLE / "LICENSE").read_text(encoding="utf-8").lstrip().startswith("Apache License")
+    assert "MNI" in (BUNDLE / "docs" / "data_license.txt").read_text(encoding="utf-8")
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text(encoding="utf-8"))
     assert "optional_packages_version" not in meta and "pipeline" in meta["required_packages_version"]
     assert all(isinstance(v, int | float) for v in meta["eval_metrics"].values())
     assert meta["network_data_format"]["outputs"]["class_logits"]["type"] == "logits"
     for name in ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json"):
-        assert "%bundles/" not in (BUNDLE / "configs" / name).read_text()  # nothing tied to the repository's layout
-    card = (BUNDLE / "docs" / "README.md").read_text()
+        assert "%bundles/" not in (BUNDLE / "configs" / name).read_text(encoding="utf-8")  # nothing tied to the repository's layout
+    card = (BUNDLE / "docs" / "README.md").read_text(encoding="utf-8")
     for section in ("Authors", "Tags", "Model Overview", "Performance", "System Configuration", "References",
                     "License", "TensorRT support"):
         assert f"## {section}" in card
@@ -72,10 +72,10 @@ def test_copied_bundle_evaluates_and_infers_from_its_own_folder(copy):
     common = ["--datalist", str(copy["datalist"]), "--output_dir", str(run)]
     out = cli(["run", "--config_file", repr(["configs/train.json", "configs/evaluate.json", str(copy["overlay"])]),
                *common], cwd=bundle)
-    assert "evaluation on" in out and json.loads((run / "metrics.json").read_text())["n_cases"] >= 1
+    assert "evaluation on" in out and json.loads((run / "metrics.json").read_text(encoding="utf-8"))["n_cases"] >= 1
     scans = copy["base"] / "scans"
     scans.mkdir()
-    first = json.loads(copy["datalist"].read_text())["training"][0]
+    first = json.loads(copy["datalist"].read_text(encoding="utf-8"))["training"][0]
     shutil.copy(copy["datalist"].parent / first["image"], scans / "case1.nii.gz")
     out = cli(["run", "--config_file", repr(["configs/inference.json", str(copy["overlay"])]), "--input_dir",
                str(scans), "--output_dir", str(copy["base"] / "pred"), "--ckpt", str(run / "models" / "model.pt"),
@@ -112,7 +112,7 @@ def test_verify_net_in_out_and_ckpt_export(copy, tmp_path):
     extra = {"metadata.json": ""}
     model = torch.jit.load(str(ts), _extra_files=extra)
     meta = json.loads(extra["metadata.json"])
-    source = json.loads((bundle / "configs" / "metadata.json").read_text())
+    source = json.loads((bundle / "configs" / "metadata.json").read_text(encoding="utf-8"))
     assert meta["version"] == source["version"]
     assert meta["required_packages_version"] == source["required_packages_version"]  # not emptied on the way
     seg, logits, _ = model(torch.rand(1, 4, 16, 16, 16))

@@ -89,14 +89,14 @@ def test_inference_bundle_through_onnx_runtime_writes_the_same_masks(exported, t
     datalist = Path(make_cohort(tmp_path / "cohort", cases=4, seed=4, spacing=6.0, space="atlas").datalist)
     scans = tmp_path / "scans"
     scans.mkdir()
-    for i, entry in enumerate(json.loads(datalist.read_text())["training"][:2]):
+    for i, entry in enumerate(json.loads(datalist.read_text(encoding="utf-8"))["training"][:2]):
         shutil.copy(datalist.parent / entry["image"], scans / f"case{i}.nii.gz")
     rows = {}
     for kind in ("pt", "onnx"):
         out = tmp_path / kind
         cli(["run", "--config_file", repr([str(CONFIGS / "inference.json"), str(exported["overlay"])]),
              "--input_dir", str(scans), "--output_dir", str(out), "--ckpt", str(exported[kind]), "--pattern", "['*']"])
-        rows[kind] = {r["id"]: r for r in csv.DictReader((out / "predictions.csv").open())}
+        rows[kind] = {r["id"]: r for r in csv.DictReader((out / "predictions.csv").open(encoding="utf-8"))}
     for cid in ("case0", "case1"):
         a = nib.load(tmp_path / "pt" / cid / "seg.nii.gz").get_fdata()
         b = nib.load(tmp_path / "onnx" / cid / "seg.nii.gz").get_fdata()

@@ -59,14 +59,14 @@ def test_training_and_evaluation_tracked_in_mlflow(cohort, tmp_path):
     assert {"loss", "loss_seg", "loss_cls", "lr", "val_mean_dice", "val_balanced_accuracy", "val_auc"} <= set(
         train_run.data.metrics)
     assert len(client.get_metric_history(train_run.info.run_id, "loss_seg")) == 2 * 4  # 2 epochs x 4 iterations
-    validation = json.loads((out / "validation.json").read_text())["history"]
+    validation = json.loads((out / "validation.json").read_text(encoding="utf-8"))["history"]
     assert [m.value for m in client.get_metric_history(train_run.info.run_id, "val_mean_dice")] == pytest.approx(
         [h["val_mean_dice"] for h in validation])
     assert train_run.data.params["max_epochs"] == "2"
 
     run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
          repr([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json"), str(overlay)]), *common])
-    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["metrics"]
     evaluation = [r for _, r, _ in runs_of(store) if r.info.run_id != train_run.info.run_id]
     assert len(evaluation) == 1 and evaluation[0].data.metrics["val_mean_dice"] == pytest.approx(
         metrics["val_mean_dice"])
