@@ -157,6 +157,9 @@ class EvaluationReport:
             "n_with_class": sum(1 for r in self.rows if r.get("true_class")),
             "metrics": metrics,
         })
+        for key in ("hd95_mm", "surface_dice", "ece"):  # for the handlers after this one (MLflow with --tracking)
+            if isinstance(summary.get(key), float) and summary[key] == summary[key]:
+                engine.state.metrics[key] = summary[key]
         clean = json.loads(json.dumps(summary, default=float), parse_constant=lambda _: None)
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in clean.items()}
         write_text_atomic(self.output_dir / "metrics.json", json.dumps(clean, indent=1))

@@ -46,3 +46,17 @@ class TrackingOutput:
         out = engine.state.output
         if isinstance(out, dict) and "loss" in out:
             engine.state.output = [{"loss": loss_output(out)}]
+
+
+def log_params_with(handlers: list, params: dict) -> None:
+    """Give ``params`` (the run's key settings) to every MLflow handler among ``handlers`` (those
+    ``--tracking mlflow`` appended), which logs them as the run's parameters when it starts; no-op
+    without tracking. Values are logged as strings (lists as JSON)."""
+    import json
+
+    from monai.handlers import MLFlowHandler
+
+    flat = {k: json.dumps(v) if isinstance(v, list | tuple | dict) else v for k, v in params.items()}
+    for handler in handlers or []:
+        if isinstance(handler, MLFlowHandler):
+            handler.experiment_param = {**(handler.experiment_param or {}), **flat}

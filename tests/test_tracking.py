@@ -63,6 +63,7 @@ def test_training_and_evaluation_tracked_in_mlflow(cohort, tmp_path):
     assert [m.value for m in client.get_metric_history(train_run.info.run_id, "val_mean_dice")] == pytest.approx(
         [h["val_mean_dice"] for h in validation])
     assert train_run.data.params["max_epochs"] == "2"
+    assert float(train_run.data.params["lr"]) == 0.001 and train_run.data.params["patch_size"] == "[16, 16, 16]"
 
     run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
          repr([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json"), str(overlay)]), *common])
@@ -70,6 +71,10 @@ def test_training_and_evaluation_tracked_in_mlflow(cohort, tmp_path):
     evaluation = [r for _, r, _ in runs_of(store) if r.info.run_id != train_run.info.run_id]
     assert len(evaluation) == 1 and evaluation[0].data.metrics["val_mean_dice"] == pytest.approx(
         metrics["val_mean_dice"])
+    summary = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    for key in ("surface_dice", "ece"):  # the evaluation report's figures too
+        if summary[key] is not None:
+            assert evaluation[0].data.metrics[key] == pytest.approx(summary[key])
 
 
 def test_experiment_runs_in_one_mlflow_experiment(cohort, tmp_path):
