@@ -49,6 +49,7 @@ from pipeline.inference_io import (
     write_like_input,
     write_report,
 )
+from pipeline.transforms import split_at_registration  # noqa: F401  (re-exported)
 from pipeline.weights import load_network, state_dict_of
 
 __all__ = [
@@ -114,28 +115,6 @@ class _Timer:
 def _file_stamp(path: str | Path | None) -> str:
     p = Path(path) if path else None
     return f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" if p and p.is_file() else str(path)
-
-
-def split_at_registration(preprocessing: Any) -> tuple[Any, Any]:
-    """Split the training chain (a ``Compose`` of ``common.json#preprocessing``) after its
-    :class:`~pipeline.transforms.RegisterToAtlasd`: ``(registration, normalisation)``.
-
-    The registration part yields the atlas -> native transform (``to_atlas``), which the rest of
-    the chain deletes, and the two parts are timed apart.
-
-    Raises:
-        ValueError: the chain holds no (or several) ``RegisterToAtlasd``.
-    """
-    from monai.transforms import Compose
-
-    from pipeline.transforms import RegisterToAtlasd
-
-    transforms = list(getattr(preprocessing, "transforms", preprocessing))
-    found = [i for i, t in enumerate(transforms) if isinstance(t, RegisterToAtlasd)]
-    if len(found) != 1:
-        raise ValueError(f"the preprocessing chain must hold exactly one RegisterToAtlasd, found {len(found)}")
-    k = found[0]
-    return Compose(transforms[: k + 1]), Compose(transforms[k + 1:])
 
 
 def _registration_settings(value: Any) -> Any:

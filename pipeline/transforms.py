@@ -29,7 +29,7 @@ from pipeline.registration import (
     resample_mask_to_atlas,
 )
 
-__all__ = ["RegisterToAtlasd", "native_meta"]
+__all__ = ["RegisterToAtlasd", "native_meta", "split_at_registration"]
 
 
 def native_meta(path: str | Path, image: sitk.Image | None = None) -> dict[str, Any]:
@@ -177,3 +177,22 @@ class RegisterToAtlasd(MapTransform):
         d["native_meta"] = native_meta(path, image)
         return d
 
+
+def split_at_registration(preprocessing: Any) -> tuple[Any, Any]:
+    """Split the training chain (a ``Compose`` of ``common.json#preprocessing``) after its
+    :class:`~pipeline.transforms.RegisterToAtlasd`: ``(registration, normalisation)``.
+
+    The registration part yields the atlas -> native transform (``to_atlas``), which the rest of
+    the chain deletes, and the two parts are timed apart.
+
+    Raises:
+        ValueError: the chain holds no (or several) ``RegisterToAtlasd``.
+    """
+    from monai.transforms import Compose
+
+    transforms = list(getattr(preprocessing, "transforms", preprocessing))
+    found = [i for i, t in enumerate(transforms) if isinstance(t, RegisterToAtlasd)]
+    if len(found) != 1:
+        raise ValueError(f"the preprocessing chain must hold exactly one RegisterToAtlasd, found {len(found)}")
+    k = found[0]
+    return Compose(transforms[: k + 1]), Compose(transforms[k + 1:])
