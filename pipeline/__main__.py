@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "split": ("pipeline.data.splits", "write seeded patient-level splits (ratio or k-fold) to a JSON file"),
     "score": ("pipeline.score", "native-space Dice and class accuracy of an inference run against ground truth"),
     "prepare": ("pipeline.prepare", "register a whole datalist to the atlas (cached, resumable, QC pictures)"),
+    "onnx": ("pipeline.onnx_export", "export trained weights to ONNX, dynamic batch and spatial axes, checked by ONNX Runtime"),
     "experiment": ("pipeline.experiment", "the study's protocol: repeated splits / k-fold, single- vs multi-task, paired tests"),
 }
 

@@ -103,3 +103,29 @@ def test_inference_bundle_through_onnx_runtime_writes_the_same_masks(exported, t
         assert a.shape == b.shape and a.sum() > 0 and np.array_equal(a, b)
         for k in ("p_BRAF V600E", "p_BRAF fusion", "p_other"):
             assert float(rows["pt"][cid][k]) == pytest.approx(float(rows["onnx"][cid][k]), abs=1e-4)
+
+
+def test_pipeline_onnx_has_dynamic_spatial_axes(exported, tmp_path):
+    """``python -m pipeline onnx``: batch and spatial sizes free (multiples of 8); equal to PyTorch."""
+    import onnx
+
+    from pipeline.onnx_backend import OnnxNetwork
+
+    out = tmp_path / "dynamic.onnx"
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "onnx", "--ckpt", str(exported["pt"]), "--out", str(out),
+                           "--config_file", str(CONFIGS / "inference.json"), str(exported["overlay"])],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "agrees with PyTorch" in proc.stdout
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(props["metadata.json"])["version"] == json.loads(
+        (CONFIGS / "metadata.json").read_text(encoding="utf-8"))["version"]
+    net = OnnxNetwork(out)
+    for shape in ((1, 4, 24, 16, 32), (2, 4, 40, 8, 16)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            ref = exported["network"](x)
+        got = net(x)
+        assert all(torch.allclose(r, g, atol=1e-4) for r, g in zip(ref, got, strict=True)), shape
+        assert got[0].shape == (shape[0], 1, *shape[2:])

@@ -1,0 +1,100 @@
+"""``python -m pipeline onnx``: export trained weights to ONNX with a dynamic batch *and* dynamic
+spatial axes (any multiple of the encoder's down-sampling factor, 8 for the bundle's SegResNet).
+
+MONAI's ``monai.bundle onnx_export`` verb (with ``configs/onnx_export_args.json``) gives a dynamic
+batch only: its ``converter_kwargs`` come from JSON, which cannot express ``torch.export`` dimension
+objects; this command builds them. The file is checked before it is kept: ONNX Runtime on two
+input sizes must agree with PyTorch to 1e-4 (printed). The bundle's metadata is stored in the
+model (``metadata_props["metadata.json"]``).
+
+    python -m pipeline onnx --ckpt runs/mtl/models/model.pt --out runs/mtl/models/model.onnx \\
+        --config_file bundles/plgg_mtl/configs/inference.json configs/paper.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import InputError
+from pipeline.imageio import atomic_write
+
+__all__ = ["export_onnx", "main"]
+
+ROOT = Path(__file__).resolve().parents[1]
+METADATA = ROOT / "bundles" / "plgg_mtl" / "configs" / "metadata.json"
+OUTPUTS = ["seg_logits", "class_logits", "embedding"]
+
+
+def export_onnx(network: torch.nn.Module, path: str | Path, channels: int, factor: int, example: list[int],
+                metadata: dict | None = None, max_size: int = 1024) -> float:
+    """Export ``network`` (eval mode) to ``path``; returns the largest |ONNX Runtime - PyTorch| output
+    difference over two checks (the example size, and batch 2 at another size).
+
+    Args:
+        channels: input channels (image + coordinate channels).
+        factor: every spatial size must be a multiple of it (2 ** number of down-samplings).
+        example: spatial size traced (multiples of ``factor``), e.g. the training patch.
+        metadata: stored in the model as ``metadata_props["metadata.json"]``.
+        max_size: largest spatial size allowed.
+    """
+    import onnx
+    import onnxruntime as ort
+    from torch.export import Dim
+
+    network = network.eval()
+    dims = [Dim(f"s{i}", min=1, max=max_size // factor) for i in range(len(example))]
+    shapes = {"x": {0: Dim("batch", min=1, max=1024), **{2 + i: factor * d for i, d in enumerate(dims)}}}
+    x = torch.randn(1, channels, *example)
+
+    def write(tmp: str) -> None:
+        torch.onnx.export(network, (x,), tmp, dynamo=True, dynamic_shapes=shapes, input_names=["image"],
+                          output_names=OUTPUTS)
+        model = onnx.load(tmp)
+        if metadata is not None:
+            onnx.helper.set_model_props(model, {"metadata.json": json.dumps(metadata)})
+        onnx.save(model, tmp)
+
+    path = atomic_write(Path(path), write, ".onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for shape in ([1, channels, *example], [2, channels, *[s + factor for s in example]]):
+        xi = torch.randn(*shape)
+        with torch.no_grad():
+            ref = network(xi)
+        got = session.run(OUTPUTS, {"image": xi.numpy()})
+        worst = max(worst, *(float((r.float() - torch.from_numpy(g)).abs().max()) for r, g in zip(ref, got, strict=True)))
+    if worst > 1e-4:
+        path.unlink()
+        raise RuntimeError(f"ONNX Runtime and PyTorch disagree by {worst:.2e} on the export of {path}: not kept")
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    from monai.bundle import ConfigParser
+
+    from pipeline.weights import load_weights
+
+    p = argparse.ArgumentParser(prog="python -m pipeline onnx", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="model.pt (or checkpoint_epoch=N.pt) of a training run")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--config_file", nargs="+", default=[str(ROOT / "bundles/plgg_mtl/configs/inference.json")],
+                   help="inference.json and the overlay the model was trained with")
+    a = p.parse_args(argv)
+    for f in a.config_file:
+        if not Path(f).is_file():
+            raise InputError(f, "config file not found")
+    parser = ConfigParser()
+    parser.read_config(a.config_file)
+    network = load_weights(parser.get_parsed_content("network_def"), a.ckpt)
+    channels = int(parser.get_parsed_content("in_channels")) + int(parser.get_parsed_content("coord_channels"))
+    factor = 2 ** (len(parser.get_parsed_content("blocks_down")) - 1)
+    patch = [int(s) for s in parser.get_parsed_content("patch_size")]
+    metadata = json.loads(METADATA.read_text(encoding="utf-8"))
+    worst = export_onnx(network, a.out, channels, factor, patch, metadata)
+    print(f"[onnx] {a.out}: inputs (batch, {channels}, x, y, z) with x, y, z multiples of {factor}; ONNX Runtime "
+          f"agrees with PyTorch to {worst:.1e} (checked at {patch} and batch 2 at +{factor})")
+    return 0
