@@ -169,7 +169,24 @@ def execute(spec: RunSpec, slot: str | None, cfg: ExperimentConfig, children: Ch
     if rc != 0:
         return finish(spec, "stopped" if children.stopping.is_set() else "failed", seconds + time.time() - t0,
                        f"evaluation exited with {rc}: {_last_error(log)} (see {log})")
+    if cfg.tracking:
+        tag_tracked_runs(cfg.out, spec)
     return finish(spec, "complete", seconds + time.time() - t0, "")
+
+
+def tag_tracked_runs(out: Path, spec: RunSpec) -> None:
+    """Tag the MLflow runs of ``spec`` (training and evaluation, named ``<arm>/split<k>``) with
+    ``arm``, ``split`` and ``split_name``, so the experiment's runs can be grouped and filtered."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{(out / 'mlruns' / 'mlflow.db').resolve()}")
+    experiment = client.get_experiment_by_name(out.resolve().name)
+    if experiment is None:
+        return
+    for run in client.search_runs([experiment.experiment_id],
+                                  filter_string=f"attributes.run_name = '{spec.arm}/split{spec.split}'"):
+        for key, value in (("arm", spec.arm), ("split", str(spec.split)), ("split_name", spec.split_name)):
+            client.set_tag(run.info.run_id, key, value)
 
 
 def finish(spec: RunSpec, status: str, seconds: float, error: str) -> dict[str, Any]:

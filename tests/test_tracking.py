@@ -86,3 +86,5 @@ def test_experiment_runs_in_one_mlflow_experiment(cohort, tmp_path):
     assert {e.name for e, _, _ in found} == {"exp"}
     names = sorted(r.info.run_name for _, r, _ in found)
     assert names == ["mtl/split0", "mtl/split0", "seg/split0", "seg/split0"]  # training and evaluation of each
+    for _, r, _ in found:
+        assert r.data.tags["arm"] == r.info.run_name.split("/")[0] and r.data.tags["split"] == "0"
