@@ -60,3 +60,13 @@ def log_params_with(handlers: list, params: dict) -> None:
     for handler in handlers or []:
         if isinstance(handler, MLFlowHandler):
             handler.experiment_param = {**(handler.experiment_param or {}), **flat}
+
+
+def close_runs(handlers: list) -> None:
+    """End the MLflow runs of the MLflow handlers among ``handlers`` (status FINISHED). MONAI's
+    validator handler, which ``--tracking`` gives an evaluation, never ends its run itself."""
+    from monai.handlers import MLFlowHandler
+
+    for handler in handlers or []:
+        if isinstance(handler, MLFlowHandler):
+            handler.close()

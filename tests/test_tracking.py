@@ -69,7 +69,8 @@ def test_training_and_evaluation_tracked_in_mlflow(cohort, tmp_path):
          repr([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json"), str(overlay)]), *common])
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["metrics"]
     evaluation = [r for _, r, _ in runs_of(store) if r.info.run_id != train_run.info.run_id]
-    assert len(evaluation) == 1 and evaluation[0].data.metrics["val_mean_dice"] == pytest.approx(
+    assert len(evaluation) == 1 and evaluation[0].info.status == "FINISHED"
+    assert evaluation[0].data.metrics["val_mean_dice"] == pytest.approx(
         metrics["val_mean_dice"])
     summary = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     for key in ("surface_dice", "ece"):  # the evaluation report's figures too
