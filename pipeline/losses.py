@@ -141,9 +141,8 @@ class MultiTaskLoss(nn.Module):
         total = distributed.all_reduce_sum(torch.cat([part, cls_part, counts]))
         c = part.numel() // 2
         n_seg, n_cls = int(total[-2]), int(total[-1])
-        zero = keep
-        seg = (1.0 - 2.0 * total[:c] / (total[c:2 * c] + self.dice.smooth_dr)).mean() if n_seg else zero
-        ce_all = total[2 * c] / total[2 * c + 1] if n_cls else zero
+        seg = (1.0 - 2.0 * total[:c] / (total[c:2 * c] + self.dice.smooth_dr)).mean() if n_seg else keep
+        ce_all = total[2 * c] / total[2 * c + 1] if n_cls else keep
         nan = torch.tensor(float("nan"), device=dev)
         return {
             "loss": seg + self.cls_weight * ce_all + keep,

@@ -42,8 +42,9 @@ def export_onnx(network: torch.nn.Module, path: str | Path, channels: int, facto
         max_size: largest spatial size allowed.
     """
     import onnx
-    import onnxruntime as ort
     from torch.export import Dim
+
+    from pipeline.onnx_backend import OnnxNetwork
 
     network = network.eval()
     dims = [Dim(f"s{i}", min=1, max=max_size // factor) for i in range(len(example))]
@@ -59,14 +60,14 @@ def export_onnx(network: torch.nn.Module, path: str | Path, channels: int, facto
         onnx.save(model, tmp)
 
     path = atomic_write(Path(path), write, ".onnx")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    exported = OnnxNetwork(path)  # the same ONNX Runtime wrapper inference uses
     worst = 0.0
     for shape in ([1, channels, *example], [2, channels, *[s + factor for s in example]]):
         xi = torch.randn(*shape)
         with torch.no_grad():
             ref = network(xi)
-        got = session.run(OUTPUTS, {"image": xi.numpy()})
-        worst = max(worst, *(float((r.float() - torch.from_numpy(g)).abs().max()) for r, g in zip(ref, got, strict=True)))
+        got = exported(xi)
+        worst = max(worst, *(float((r.float() - g).abs().max()) for r, g in zip(ref, got, strict=True)))
     if worst > 1e-4:
         path.unlink()
         raise RuntimeError(f"ONNX Runtime and PyTorch disagree by {worst:.2e} on the export of {path}: not kept")
