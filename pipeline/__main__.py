@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("pipeline.score", "native-space Dice and class accuracy of an inference run against ground truth"),
     "prepare": ("pipeline.prepare", "register a whole datalist to the atlas (cached, resumable, QC pictures)"),
     "onnx": ("pipeline.onnx_export", "export trained weights to ONNX, dynamic batch and spatial axes, checked by ONNX Runtime"),
+    "retrieval": ("pipeline.retrieval_cli", "similar-case retrieval: index a datalist, query a scan, evaluate K-NN (Pisov et al.)"),
     "experiment": ("pipeline.experiment", "the study's protocol: repeated splits / k-fold, single- vs multi-task, paired tests"),
 }
 

@@ -138,6 +138,14 @@ class MultiTaskSegResNet(SegResNet):
             return PositionAwareHead(self.embedding_dim, nn.Sequential(*layers))
         return nn.Sequential(*layers)
 
+    @torch.jit.unused
+    def encoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The shared encoder's output at every level, full resolution first, the bottleneck last:
+        ``len(blocks_down)`` tensors ``(B, init_filters * 2**i, H / 2**i, W / 2**i, D / 2**i)``
+        (MONAI ``SegResNet.encode``'s ``down_x``). Used by retrieval's RoI pooling."""
+        _, down_x = self.encode(x[:, : self.image_channels])
+        return down_x
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:  # type: ignore[override]
         bottleneck, down_x = self.encode(x[:, : self.image_channels])
         if not self.has_decoder:
