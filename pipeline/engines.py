@@ -95,6 +95,7 @@ class MultiTaskPrepareBatch(PrepareBatch):
             "class": torch.as_tensor(batchdata.get("class", [-1] * b)).long().view(-1).to(device),
             "has_label": torch.as_tensor(batchdata.get("has_label", [1] * b)).view(-1).to(device),
             "has_class": torch.as_tensor(batchdata.get("has_class", [1] * b)).view(-1).to(device),
+            "image": image,  # what the reconstruction branch reconstructs (its image channels)
         }
         if self.cls_needs_tumour:
             shows_tumour = (target["label"] > 0).flatten(1).any(1)
@@ -128,7 +129,7 @@ class MultiTaskInferer(Inferer):
 
 class LossTermsHandler:
     """After each loss computation, copy the loss components and the learning rate into
-    ``engine.state.output`` (keys ``loss_seg``, ``loss_cls``, ``lr``) for the logging handlers."""
+    ``engine.state.output`` (keys ``loss_seg``, ``loss_cls``, ``loss_recon``, ``lr``) for the logging handlers."""
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
@@ -136,7 +137,7 @@ class LossTermsHandler:
     def __call__(self, engine: Engine) -> None:
         terms = getattr(engine.loss_function, "last_terms", {})
         out = engine.state.output
-        for key in ("seg", "cls"):
+        for key in ("seg", "cls", "recon"):
             if key in terms:
                 out[f"loss_{key}"] = float(terms[key])
         out["lr"] = float(engine.optimizer.param_groups[0]["lr"])
@@ -146,7 +147,7 @@ def loss_output(output: dict) -> dict[str, float]:
     """Trainer output -> scalars to log: total loss, each component (when computed), lr."""
     loss = output["loss"]
     logged = {"loss": float(loss.detach() if isinstance(loss, torch.Tensor) else loss)}
-    for key in ("loss_seg", "loss_cls", "lr"):
+    for key in ("loss_seg", "loss_cls", "loss_recon", "lr"):
         value = output.get(key)
         if value is not None and value == value:  # skip NaN (no sample for that task in the batch)
             logged[key] = float(value)
@@ -298,13 +299,16 @@ def param_groups(network: torch.nn.Module, lr: float, head_lr_factor: float = 1.
     The head is a few thousand weights on top of an encoder that Adam moves at ``lr``; with the
     demo's few hundred steps it barely leaves its initial state at the encoder's rate (training
     cross-entropy still near chance after 22 epochs on an unseen cohort seed), so it may learn faster.
+    Frozen parameters (``requires_grad = False``, :mod:`pipeline.staging`) are left out.
     """
+    trained = [p for p in network.parameters() if p.requires_grad]
     head = getattr(distributed.unwrap(network), "classifier", None)
     if head is None or head_lr_factor == 1.0:
-        return [{"params": list(network.parameters()), "lr": lr}]
-    head_ids = {id(p) for p in head.parameters()}
-    return [{"params": [p for p in network.parameters() if id(p) not in head_ids], "lr": lr},
-            {"params": list(head.parameters()), "lr": lr * head_lr_factor}]
+        return [{"params": trained, "lr": lr}]
+    head_ids = {id(p) for p in head.parameters() if p.requires_grad}
+    groups = [{"params": [p for p in trained if id(p) not in head_ids], "lr": lr},
+              {"params": [p for p in trained if id(p) in head_ids], "lr": lr * head_lr_factor}]
+    return [g for g in groups if g["params"]]
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int, final_fraction: float = 1.0

@@ -1,4 +1,5 @@
-"""MultiTaskLoss: the study's ``L = L_seg + w * L_cls`` with per-sample masking of missing labels."""
+"""MultiTaskLoss: the study's ``L = L_seg + w * L_cls`` with per-sample masking of missing labels, and an
+optional reconstruction term ``+ w_rec * MSE`` (the auxiliary branch of ``configs/recon.json``)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,18 @@ class MultiTaskLoss(nn.Module):
     without a mask adds no segmentation term, one without a class no classification term; a
     batch with neither gives a zero loss that still back-propagates (zero gradients).
 
+    With a reconstruction output (the network's fourth, ``reconstruct=True``), ``L_rec`` is the mean
+    squared error between it and the input image's channels over every voxel of every sample (a
+    case without mask or class still trains it). ``L = w_seg L_seg + w L_cls + w_rec L_rec``; a
+    term whose weight is 0 is not computed (staged training, :mod:`pipeline.staging`).
+
     Args:
         cls_weight: ``w`` (study: 0.3). ``0`` or a network without a head: segmentation only.
         class_weights: per-class CE weights (e.g. inverse training frequencies from
             :func:`pipeline.data.datalist.class_weights`); ``None`` = uniform.
         eps: denominator smoothing of the Dice term.
+        seg_weight: ``w_seg`` (1; 0 in a stage that does not train the segmentation).
+        recon_weight: ``w_rec`` (0: no reconstruction term even if the network reconstructs).
 
     :meth:`compute` takes the tensors explicitly; :meth:`forward` is the MONAI-engine adapter
     (``loss(pred, target)`` with the network's output tuple and the target dict from
@@ -36,8 +44,9 @@ class MultiTaskLoss(nn.Module):
     components of the last call in ``last_terms`` for logging.
 
     Returns (compute):
-        dict with ``loss`` (total, scalar tensor), ``seg`` and ``cls`` (detached components,
-        ``nan`` when the batch has no sample for that task) and ``n_seg`` / ``n_cls``.
+        dict with ``loss`` (total, scalar tensor), ``seg``, ``cls`` and ``recon`` (detached
+        components, ``nan`` when the batch has no sample for that task or the term is off) and
+        ``n_seg`` / ``n_cls``.
 
     Example:
         >>> loss = MultiTaskLoss(cls_weight=0.3, class_weights=[1.0, 2.0, 1.0])
@@ -46,19 +55,23 @@ class MultiTaskLoss(nn.Module):
     """
 
     def __init__(self, cls_weight: float = 0.3, class_weights: Sequence[float] | torch.Tensor | None = None,
-                 eps: float = 1e-5) -> None:
+                 eps: float = 1e-5, seg_weight: float = 1.0, recon_weight: float = 0.0) -> None:
         super().__init__()
         self.cls_weight = float(cls_weight)
+        self.seg_weight = float(seg_weight)
+        self.recon_weight = float(recon_weight)
         self.dice = DiceLoss(sigmoid=True, squared_pred=True, batch=True, smooth_nr=0.0, smooth_dr=eps)
         w = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", w, persistent=False)
         self.last_terms: dict[str, torch.Tensor] = {}
 
     def forward(self, pred: tuple | list, target: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Engine adapter: ``pred = (seg_logits, class_logits | None, ...)``, ``target`` with keys
-        ``label``, ``class``, ``has_label``, ``has_class``. Returns the total loss."""
+        """Engine adapter: ``pred = (seg_logits, class_logits | None, embedding[, reconstruction])``,
+        ``target`` with keys ``label``, ``class``, ``has_label``, ``has_class`` (and ``image``, the
+        network's input, for the reconstruction term). Returns the total loss."""
+        recon = pred[3] if len(pred) > 3 else None
         terms = self.compute(pred[0], pred[1], target["label"], target["class"],
-                             target.get("has_label"), target.get("has_class"))
+                             target.get("has_label"), target.get("has_class"), recon, target.get("image"))
         self.last_terms = terms
         return terms["loss"]
 
@@ -70,24 +83,32 @@ class MultiTaskLoss(nn.Module):
         cls: torch.Tensor,
         has_label: torch.Tensor | None = None,
         has_class: torch.Tensor | None = None,
+        recon: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Args: ``seg_logits`` / ``mask`` ``(B, 1, H, W, D)``; ``cls_logits`` ``(B, K)`` or None;
         ``cls`` ``(B,)`` int (``-1`` = unknown); ``has_label`` / ``has_class`` ``(B,)`` 0/1
         (default: every mask present; class present where ``cls >= 0``). ``seg_logits`` is ``None``
-        for a network without decoder (the classifier alone): no segmentation term."""
+        for a network without decoder (the classifier alone): no segmentation term. ``recon``
+        ``(B, C, H, W, D)`` and ``image`` (whose first ``C`` channels it reconstructs): the
+        reconstruction term, when ``recon_weight > 0``."""
         if seg_logits is None and cls_logits is None:
             raise ValueError("the network returned neither segmentation nor class logits")
         ref = seg_logits if seg_logits is not None else cls_logits
         b = ref.shape[0]
         dev = ref.device
         has_label = torch.ones(b, dtype=torch.bool, device=dev) if has_label is None else has_label.to(dev).bool().view(-1)
-        if seg_logits is None:
+        if seg_logits is None or self.seg_weight == 0:
             has_label = torch.zeros_like(has_label)
+        use_recon = recon is not None and self.recon_weight > 0
+        if use_recon and image is None:
+            raise ValueError("the reconstruction term needs the input image (target['image'])")
         cls = cls.to(dev).long().view(-1)
         has_class = (cls >= 0) if has_class is None else (has_class.to(dev).bool().view(-1) & (cls >= 0))
         zero = ref.float().sum() * 0.0  # keeps the graph: a valid loss with zero gradients
         if distributed.is_distributed():
-            return self._whole_batch(seg_logits, cls_logits, mask, cls, has_label, has_class)
+            return self._whole_batch(seg_logits, cls_logits, mask, cls, has_label, has_class,
+                                     recon if use_recon else None, image)
 
         n_seg = int(has_label.sum())
         seg = self.dice(seg_logits[has_label].float(), (mask[has_label] > 0).float()) if n_seg else zero
@@ -98,18 +119,21 @@ class MultiTaskLoss(nn.Module):
             ce = F.cross_entropy(cls_logits[has_class].float(), cls[has_class], weight=weight)
         else:
             ce = zero
-        total = seg + self.cls_weight * ce
+        rec = F.mse_loss(recon.float(), image[:, : recon.shape[1]].float()) if use_recon else zero
+        total = self.seg_weight * seg + self.cls_weight * ce + self.recon_weight * rec
         nan = torch.tensor(float("nan"), device=dev)
         return {
             "loss": total,
             "seg": seg.detach() if n_seg else nan,
             "cls": ce.detach() if n_cls else nan,
+            "recon": rec.detach() if use_recon else nan,
             "n_seg": torch.tensor(n_seg),
             "n_cls": torch.tensor(n_cls),
         }
 
     def _whole_batch(self, seg_logits: torch.Tensor | None, cls_logits: torch.Tensor | None, mask: torch.Tensor,
-                     cls: torch.Tensor, has_label: torch.Tensor, has_class: torch.Tensor) -> dict[str, torch.Tensor]:
+                     cls: torch.Tensor, has_label: torch.Tensor, has_class: torch.Tensor,
+                     recon: torch.Tensor | None = None, image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The loss of the global batch (every process's samples), identical on every rank.
 
         Each process sums its part of the Dice's intersection / denominator and of the weighted
@@ -120,8 +144,8 @@ class MultiTaskLoss(nn.Module):
         process has no sample for a task), so every parameter has a gradient on every rank (DDP).
         """
         dev = (seg_logits if seg_logits is not None else cls_logits).device
-        keep = sum(o.float().sum() * 0.0 for o in (seg_logits, cls_logits) if o is not None)
-        if seg_logits is not None:
+        keep = sum(o.float().sum() * 0.0 for o in (seg_logits, cls_logits, recon) if o is not None)
+        if seg_logits is not None and self.seg_weight > 0:
             p = torch.sigmoid(seg_logits[has_label].float())
             g = (mask[has_label] > 0).float()
             dims = [0, *range(2, p.dim())]  # MONAI DiceLoss(batch=True): sums over samples and voxels per channel
@@ -136,18 +160,25 @@ class MultiTaskLoss(nn.Module):
             cls_part = torch.stack([(w * ce).sum(), w.sum()]) + keep
         else:
             cls_part = keep.view(1).expand(2)
-        counts = torch.tensor([float(has_label.sum()) if seg_logits is not None else 0.0,
+        if recon is not None:  # summed squared error and voxel count: the global batch's mean
+            err = (recon.float() - image[:, : recon.shape[1]].float()) ** 2
+            rec_part = torch.stack([err.sum(), torch.tensor(float(err.numel()), device=dev)]) + keep
+        else:
+            rec_part = keep.view(1).expand(2)
+        counts = torch.tensor([float(has_label.sum()) if seg_logits is not None and self.seg_weight > 0 else 0.0,
                                float(has_class.sum()) if use_cls else 0.0], device=dev)
-        total = distributed.all_reduce_sum(torch.cat([part, cls_part, counts]))
+        total = distributed.all_reduce_sum(torch.cat([part, cls_part, rec_part, counts]))
         c = part.numel() // 2
         n_seg, n_cls = int(total[-2]), int(total[-1])
         seg = (1.0 - 2.0 * total[:c] / (total[c:2 * c] + self.dice.smooth_dr)).mean() if n_seg else keep
         ce_all = total[2 * c] / total[2 * c + 1] if n_cls else keep
+        rec = total[2 * c + 2] / total[2 * c + 3] if recon is not None else keep
         nan = torch.tensor(float("nan"), device=dev)
         return {
-            "loss": seg + self.cls_weight * ce_all + keep,
+            "loss": self.seg_weight * seg + self.cls_weight * ce_all + self.recon_weight * rec + keep,
             "seg": seg.detach() if n_seg else nan,
             "cls": ce_all.detach() if n_cls else nan,
+            "recon": rec.detach() if recon is not None else nan,
             "n_seg": torch.tensor(n_seg),
             "n_cls": torch.tensor(n_cls),
         }

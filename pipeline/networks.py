@@ -59,6 +59,12 @@ class MultiTaskSegResNet(SegResNet):
             classification arm of the experiment, ``configs/classify_only.json``): the decoder is
             neither built nor computed and the segmentation output is ``None``. It needs
             ``cls_pooling="mean"`` and no coordinate channels (both read the predicted tumour).
+        reconstruct: add the auxiliary reconstruction branch (``configs/recon.json``): a second
+            decoder with SegResNet's up-sampling stages but **no skip connections**, from the
+            bottleneck to a linear ``in_channels`` image (an auto-encoder: with U-Net skips the
+            top level would copy the input and teach the encoder nothing). It is hand-written rather
+            than MONAI's ``SegResNetVAE`` because that branch needs a fixed ``input_image_size``
+            (its dense layers) while this network trains on patches and infers on whole volumes.
 
     Forward:
         ``x``: ``(B, in_channels + coord_channels, H, W, D)``, each spatial size divisible by
@@ -66,8 +72,12 @@ class MultiTaskSegResNet(SegResNet):
 
         Returns ``(seg_logits, class_logits, embedding)``: ``(B, out_channels, H, W, D)`` or
         ``None`` without a decoder, ``(B, num_classes)`` or ``None`` when the head is off, and
-        ``(B, C_bottleneck)`` (the pooled bottleneck, used for retrieval of similar cases).
+        ``(B, C_bottleneck)`` (the pooled bottleneck). With ``reconstruct`` a fourth output, the
+        reconstructed image ``(B, in_channels, H, W, D)``, computed in every mode (TorchScript
+        and ONNX need one output signature).
     """
+
+    __constants__ = ["reconstruct"]  # TorchScript then compiles only the branch this network takes
 
     def __init__(
         self,
@@ -87,6 +97,7 @@ class MultiTaskSegResNet(SegResNet):
         tumour_floor: float = 1e-3,
         coord_mirror_axes: Sequence[int] = (),
         decoder: bool = True,
+        reconstruct: bool = False,
     ) -> None:
         if cls_pooling not in ("mean", "tumour"):
             raise ValueError(f"cls_pooling must be 'mean' or 'tumour', got {cls_pooling!r}")
@@ -122,6 +133,10 @@ class MultiTaskSegResNet(SegResNet):
         self.has_decoder = bool(decoder)
         if not self.has_decoder:  # SegResNet builds them in __init__; drop them so no weight is unused
             self.up_layers, self.up_samples, self.conv_final = nn.ModuleList(), nn.ModuleList(), nn.Identity()
+        self.reconstruct = bool(reconstruct)
+        if self.reconstruct:
+            self.recon_up_layers, self.recon_up_samples = self._make_up_layers()
+            self.recon_final = self._make_final_conv(self.image_channels)
 
     def _make_classifier(self, hidden: list[int], dropout: float) -> nn.Module:
         # The pooled bottleneck has large per-feature offsets shared by every sample and small
@@ -146,8 +161,23 @@ class MultiTaskSegResNet(SegResNet):
         _, down_x = self.encode(x[:, : self.image_channels])
         return down_x
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:  # type: ignore[override]
+    def forward(self, x: torch.Tensor):  # type: ignore[override]
         bottleneck, down_x = self.encode(x[:, : self.image_channels])
+        if self.reconstruct:  # a TorchScript constant: each network scripts one output signature
+            seg, logits, embedding = self._heads(x, bottleneck, down_x)
+            return seg, logits, embedding, self._reconstruct(bottleneck)
+        return self._heads(x, bottleneck, down_x)
+
+    def _reconstruct(self, bottleneck: torch.Tensor) -> torch.Tensor:
+        """The auxiliary decoder: up-sampling stages without skip connections, linear output."""
+        y = bottleneck
+        for up, upl in zip(self.recon_up_samples, self.recon_up_layers):  # noqa: B905 - TorchScript: no strict=
+            y = upl(up(y))
+        return self.recon_final(y)
+
+    def _heads(self, x: torch.Tensor, bottleneck: torch.Tensor, down_x: list[torch.Tensor]
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """Segmentation decoder and classifier on the encoder's output: ``(seg, logits, embedding)``."""
         if not self.has_decoder:
             embedding = torch.flatten(self.pool(bottleneck), 1)
             logits = self.classifier(embedding) if self.classifier is not None else None
