@@ -143,3 +143,24 @@ def test_two_stage_recipe_through_the_bundle(tmp_path):
             torch.testing.assert_close(s2[k], s1[k])
     assert not torch.equal(s2["convInit.conv.weight"], s1["convInit.conv.weight"])  # the encoder trained on
     assert any(k.startswith("up_layers") for k in s2)
+
+
+def test_whole_batch_form_of_the_loss_equals_the_one_process_loss_with_reconstruction():
+    """The form several processes use (sums all-reduced; here one process) gives the same total and
+    gradients as the plain loss, reconstruction term included."""
+    g = torch.Generator().manual_seed(3)
+    seg = torch.randn(3, 1, 4, 4, 4, generator=g, requires_grad=True)
+    logits = torch.randn(3, 3, generator=g, requires_grad=True)
+    recon = torch.randn(3, 1, 4, 4, 4, generator=g, requires_grad=True)
+    mask = (torch.rand(3, 1, 4, 4, 4, generator=g) > 0.6).float()
+    image = torch.randn(3, 2, 4, 4, 4, generator=g)
+    cls, has_label, has_class = torch.tensor([0, 2, 1]), torch.tensor([1, 0, 1]).bool(), torch.tensor([1, 1, 0]).bool()
+    loss = MultiTaskLoss(cls_weight=0.3, class_weights=[1.0, 2.0, 0.5], recon_weight=0.5)
+    a = loss.compute(seg, logits, mask, cls, has_label, has_class, recon, image)
+    grads_a = torch.autograd.grad(a["loss"], [seg, logits, recon])
+    b = loss._whole_batch(seg, logits, mask, cls, has_label, has_class & (cls >= 0), recon, image)
+    grads_b = torch.autograd.grad(b["loss"], [seg, logits, recon])
+    assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5)
+    assert float(b["recon"]) == pytest.approx(float(a["recon"]), rel=1e-6)
+    for x, y in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
