@@ -13,10 +13,79 @@ import torch
 from monai.networks.nets import SegResNet
 from torch import nn
 
-__all__ = ["MultiTaskSegResNet", "SegmentationOutput", "BatchNorm1dOrRunning", "PositionAwareHead"]
+__all__ = ["MultiTaskSegResNet", "TumourHeadMixin", "SegmentationOutput", "BatchNorm1dOrRunning", "PositionAwareHead"]
 
 
-class MultiTaskSegResNet(SegResNet):
+class TumourHeadMixin:
+    """The classification head shared by every backbone (:class:`MultiTaskSegResNet`,
+    :class:`pipeline.backbones.MultiTaskBackboneNet`): pooling of the bottleneck (mean, or weighted
+    by the detached tumour probability) [+ the tumour's atlas position] -> MLP. See
+    :class:`MultiTaskSegResNet` for the options. The host module calls :meth:`_init_head` in its
+    ``__init__`` and :meth:`_classify` in its ``forward``."""
+
+    def _init_head(self, embedding_dim: int, spatial_dims: int, in_channels: int, num_classes: int,
+                   cls_hidden: Sequence[int], cls_dropout: float, cls_pooling: str, coord_channels: int,
+                   tumour_floor: float, coord_mirror_axes: Sequence[int]) -> None:
+        if cls_pooling not in ("mean", "tumour"):
+            raise ValueError(f"cls_pooling must be 'mean' or 'tumour', got {cls_pooling!r}")
+        self.num_classes = int(num_classes)
+        self.embedding_dim = int(embedding_dim)
+        self.pool = nn.AdaptiveAvgPool3d(1) if spatial_dims == 3 else nn.AdaptiveAvgPool2d(1)
+        self.image_channels = int(in_channels)
+        self.coord_channels = int(coord_channels)
+        self.cls_pooling = cls_pooling
+        self.tumour_floor = float(tumour_floor)
+        mirror = torch.zeros(max(self.coord_channels, 1), dtype=torch.bool)
+        for a in coord_mirror_axes:
+            if self.coord_channels and not 0 <= int(a) < self.coord_channels:
+                raise ValueError(f"coord_mirror_axes {list(coord_mirror_axes)} outside the {coord_channels} coordinates")
+            if self.coord_channels:
+                mirror[int(a)] = True
+        self.register_buffer("coord_mirror", mirror, persistent=False)
+        self.classifier = self._make_classifier(list(cls_hidden), cls_dropout) if self.num_classes > 0 else None
+
+    def _make_classifier(self, hidden: list[int], dropout: float) -> nn.Module:
+        # The pooled bottleneck has large per-feature offsets shared by every sample and small
+        # between-sample differences; fed raw to Linear+ReLU, the hidden units died within a few
+        # hundred steps (95 % inactive, constant logits, measured on the demo). Standardising
+        # each feature first (batch norm) keeps them alive.
+        width = self.embedding_dim + self.coord_channels
+        layers: list[nn.Module] = [] if self.coord_channels else [BatchNorm1dOrRunning(width)]
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, self.num_classes))
+        if self.coord_channels:
+            return PositionAwareHead(self.embedding_dim, nn.Sequential(*layers))
+        return nn.Sequential(*layers)
+
+    def _classify(self, x: torch.Tensor, bottleneck: torch.Tensor, seg: torch.Tensor | None
+                  ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(class logits | None, embedding)`` from the bottleneck ``(B, C, h, w, d)``, the input
+        ``x`` (its coordinate channels) and the segmentation logits (``None``: no decoder)."""
+        if seg is None:
+            embedding = torch.flatten(self.pool(bottleneck), 1)
+            return (self.classifier(embedding) if self.classifier is not None else None), embedding
+        if self.cls_pooling == "mean" and self.coord_channels == 0:
+            embedding = torch.flatten(self.pool(bottleneck), 1)
+            return (self.classifier(embedding) if self.classifier is not None else None), embedding
+        # the class loss must not move the mask: the weights are the detached tumour probability
+        weight = torch.sigmoid(seg.detach()[:, :1].float()) + self.tumour_floor
+        if self.cls_pooling == "tumour":
+            w = _area_downsample(weight, list(bottleneck.shape[2:]))
+            embedding = (bottleneck.float() * w).flatten(2).sum(-1) / w.flatten(2).sum(-1)
+        else:
+            embedding = torch.flatten(self.pool(bottleneck), 1).float()
+        features = embedding
+        if self.coord_channels > 0:
+            coords = x[:, self.image_channels : self.image_channels + self.coord_channels].float()
+            centre = (coords * weight).flatten(2).sum(-1) / weight.flatten(2).sum(-1)
+            centre = torch.where(self.coord_mirror[: self.coord_channels], centre.abs(), centre)
+            features = torch.cat([embedding, centre], dim=1)
+        return (self.classifier(features) if self.classifier is not None else None), embedding
+
+
+class MultiTaskSegResNet(TumourHeadMixin, SegResNet):
     """3-D U-Net with ResNet blocks (Myronenko 2018) + a bottleneck classifier.
 
     Segmentation path: exactly :class:`monai.networks.nets.SegResNet` (``init_filters`` at the
@@ -99,8 +168,6 @@ class MultiTaskSegResNet(SegResNet):
         decoder: bool = True,
         reconstruct: bool = False,
     ) -> None:
-        if cls_pooling not in ("mean", "tumour"):
-            raise ValueError(f"cls_pooling must be 'mean' or 'tumour', got {cls_pooling!r}")
         if not decoder and (cls_pooling != "mean" or coord_channels or num_classes <= 0):
             raise ValueError("a network without decoder is the classifier alone: it needs num_classes > 0, "
                              f"cls_pooling='mean' and coord_channels=0 (got {num_classes}, {cls_pooling!r}, "
@@ -115,21 +182,9 @@ class MultiTaskSegResNet(SegResNet):
             blocks_down=tuple(blocks_down),
             blocks_up=tuple(blocks_up),
         )
-        self.num_classes = int(num_classes)
-        self.embedding_dim = init_filters * 2 ** (len(blocks_down) - 1)
-        self.pool = nn.AdaptiveAvgPool3d(1) if spatial_dims == 3 else nn.AdaptiveAvgPool2d(1)
-        self.image_channels = int(in_channels)
-        self.coord_channels = int(coord_channels)
-        self.cls_pooling = cls_pooling
-        self.tumour_floor = float(tumour_floor)
-        mirror = torch.zeros(max(self.coord_channels, 1), dtype=torch.bool)
-        for a in coord_mirror_axes:
-            if self.coord_channels and not 0 <= int(a) < self.coord_channels:
-                raise ValueError(f"coord_mirror_axes {list(coord_mirror_axes)} outside the {coord_channels} coordinates")
-            if self.coord_channels:
-                mirror[int(a)] = True
-        self.register_buffer("coord_mirror", mirror, persistent=False)
-        self.classifier = self._make_classifier(list(cls_hidden), cls_dropout) if self.num_classes > 0 else None
+        self.downsampling = 2 ** (len(blocks_down) - 1)
+        self._init_head(init_filters * 2 ** (len(blocks_down) - 1), spatial_dims, in_channels, num_classes, cls_hidden,
+                        cls_dropout, cls_pooling, coord_channels, tumour_floor, coord_mirror_axes)
         self.has_decoder = bool(decoder)
         if not self.has_decoder:  # SegResNet builds them in __init__; drop them so no weight is unused
             self.up_layers, self.up_samples, self.conv_final = nn.ModuleList(), nn.ModuleList(), nn.Identity()
@@ -137,21 +192,6 @@ class MultiTaskSegResNet(SegResNet):
         if self.reconstruct:
             self.recon_up_layers, self.recon_up_samples = self._make_up_layers()
             self.recon_final = self._make_final_conv(self.image_channels)
-
-    def _make_classifier(self, hidden: list[int], dropout: float) -> nn.Module:
-        # The pooled bottleneck has large per-feature offsets shared by every sample and small
-        # between-sample differences; fed raw to Linear+ReLU, the hidden units died within a few
-        # hundred steps (95 % inactive, constant logits, measured on the demo). Standardising
-        # each feature first (batch norm) keeps them alive.
-        width = self.embedding_dim + self.coord_channels
-        layers: list[nn.Module] = [] if self.coord_channels else [BatchNorm1dOrRunning(width)]
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
-            width = h
-        layers.append(nn.Linear(width, self.num_classes))
-        if self.coord_channels:
-            return PositionAwareHead(self.embedding_dim, nn.Sequential(*layers))
-        return nn.Sequential(*layers)
 
     @torch.jit.unused
     def encoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -179,29 +219,11 @@ class MultiTaskSegResNet(SegResNet):
                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         """Segmentation decoder and classifier on the encoder's output: ``(seg, logits, embedding)``."""
         if not self.has_decoder:
-            embedding = torch.flatten(self.pool(bottleneck), 1)
-            logits = self.classifier(embedding) if self.classifier is not None else None
+            logits, embedding = self._classify(x, bottleneck, None)
             return None, logits, embedding
         down_x.reverse()
         seg = self.decode(bottleneck, down_x)
-        if self.cls_pooling == "mean" and self.coord_channels == 0:
-            embedding = torch.flatten(self.pool(bottleneck), 1)
-            logits = self.classifier(embedding) if self.classifier is not None else None
-            return seg, logits, embedding
-        # the class loss must not move the mask: the weights are the detached tumour probability
-        weight = torch.sigmoid(seg.detach()[:, :1].float()) + self.tumour_floor
-        if self.cls_pooling == "tumour":
-            w = _area_downsample(weight, list(bottleneck.shape[2:]))
-            embedding = (bottleneck.float() * w).flatten(2).sum(-1) / w.flatten(2).sum(-1)
-        else:
-            embedding = torch.flatten(self.pool(bottleneck), 1).float()
-        features = embedding
-        if self.coord_channels > 0:
-            coords = x[:, self.image_channels : self.image_channels + self.coord_channels].float()
-            centre = (coords * weight).flatten(2).sum(-1) / weight.flatten(2).sum(-1)
-            centre = torch.where(self.coord_mirror[: self.coord_channels], centre.abs(), centre)
-            features = torch.cat([embedding, centre], dim=1)
-        logits = self.classifier(features) if self.classifier is not None else None
+        logits, embedding = self._classify(x, bottleneck, seg)
         return seg, logits, embedding
 
 
