@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.read_config(a.config_file)
     network = load_weights(parser.get_parsed_content("network_def"), a.ckpt)
     channels = int(parser.get_parsed_content("in_channels")) + int(parser.get_parsed_content("coord_channels"))
-    factor = 2 ** (len(parser.get_parsed_content("blocks_down")) - 1)
+    factor = max(int(getattr(network, "downsampling", 8)), 8)
     patch = [int(s) for s in parser.get_parsed_content("patch_size")]
     metadata = json.loads(METADATA.read_text(encoding="utf-8"))
     worst = export_onnx(network, a.out, channels, factor, patch, metadata)

@@ -201,7 +201,7 @@ def _classify(network: torch.nn.Module, image: torch.Tensor, seg_prob: torch.Ten
             for b in range(image.shape[0])
         ])
     else:
-        k = 2 ** (len(getattr(network, "blocks_down", (1, 2, 2, 4))) - 1)
+        k = int(getattr(network, "downsampling", 8))  # the encoder's total down-sampling
         size = [((s + k - 1) // k) * k for s in image.shape[2:]]
         patches = torch.stack([SpatialPad(spatial_size=size)(image[b]) for b in range(image.shape[0])])
     all_logits = []

@@ -164,12 +164,13 @@ def tumour_properties(mask: np.ndarray, affine: np.ndarray, brain_centre: np.nda
 class CaseFeatures:
     """One case prepared for retrieval: the encoder's levels on its patch and its tumour box.
 
-    ``levels[i]``: ``(C_i, h_i, w_i, d_i)`` CPU tensor, stride ``2**i`` voxels of the patch;
+    ``levels[i]``: ``(C_i, h_i, w_i, d_i)`` CPU tensor, ``strides[i]`` voxels of the patch per cell;
     ``box``: ``(lo, hi)`` in patch voxel coordinates; ``box_source``: ``truth`` or ``predicted``.
     """
 
     id: str
     levels: list[torch.Tensor]
+    strides: list[int]
     box: tuple[np.ndarray, np.ndarray]
     box_source: str
     properties: dict[str, Any]
@@ -178,7 +179,7 @@ class CaseFeatures:
         """RoI max pooling at ``level`` (``-1``: bottleneck) over ``box`` (default the tumour's)."""
         i = level % len(self.levels)
         lo, hi = self.box if box is None else box
-        return roi_max_pool(self.levels[i], lo, hi, 2 ** i)
+        return roi_max_pool(self.levels[i], lo, hi, self.strides[i])
 
 
 def _patch(image: torch.Tensor, centre: Sequence[float], size: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
@@ -228,14 +229,15 @@ def case_features(model: RetrievalModel, item: dict[str, Any], use_truth: bool =
     brain_centre = (affine @ np.append(np.argwhere(brain).mean(0), 1.0))[:3]
     properties = tumour_properties(mask, affine, brain_centre)
     cfg = model.predict_cfg
-    k = 2 ** (len(getattr(model.network, "blocks_down", (1, 2, 2, 4))) - 1)
+    k = int(getattr(model.network, "downsampling", 8))
     if cfg.classify == "whole":  # the whole (padded) volume, as this network was trained
         patch, start = _patch(image, [0, 0, 0], [-(-n // k) * k for n in image.shape[1:]])
     else:
         patch, start = _patch(image, (lo + hi) / 2, list(cfg.roi_size))
     model.network.eval()
     levels = [f[0].float().cpu() for f in model.network.encoder_features(patch[None].to(model.device))]
-    return CaseFeatures(id=str(item.get("id", Path(str(where)).name)), levels=levels,
+    strides = list(getattr(model.network, "encoder_strides", [2 ** i for i in range(len(levels))]))
+    return CaseFeatures(id=str(item.get("id", Path(str(where)).name)), levels=levels, strides=strides,
                         box=(lo - start, hi - start), box_source=source, properties=properties)
 
 
