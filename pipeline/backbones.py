@@ -25,8 +25,9 @@ weights) in MONAI's order and also returns the deepest features. How the bottlen
 - ``swin_unetr``: ``swinViT`` gives five hidden states; ``encoder10`` on the deepest
   (``16 x feature_size`` channels, 1/32) is the bottleneck (what ``decoder5`` starts from).
 
-The adapters zero-pad the input at the end to their total down-sampling (16, or 32 for SwinUNETR,
-and at least 64 for it: its bottleneck's instance norm needs two cells) and crop the segmentation back, so any patch size works, e.g. the demo's 48-cubed patches with
+The adapters zero-pad the input at the end to a multiple of their total down-sampling (16, or 32
+for SwinUNETR), and to at least twice it (their bottleneck's instance norm needs more than one
+cell), then crop the segmentation back, so any patch size works, e.g. the demo's 48-cubed patches with
 SwinUNETR. The width follows ``init_filters`` (``f``): BasicUNet ``(f, f, 2f, 4f, 8f, f)``,
 UNet / AttentionUnet ``(f, 2f, 4f, 8f, 16f)`` with strides 2, SwinUNETR ``feature_size`` the
 multiple of 12 nearest ``1.5 f`` (at least 12); ``backbone_kwargs`` overrides any argument.
@@ -54,13 +55,13 @@ __all__ = ["BACKBONES", "multitask_network", "MultiTaskBackboneNet"]
 BACKBONES: tuple[str, ...] = ("segresnet", "basic_unet", "unet", "attention_unet", "swin_unetr")
 
 
-def _pad_to(x: torch.Tensor, multiple: int, minimum: int = 0) -> torch.Tensor:
+def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad the spatial axes of ``(B, C, *spatial)`` at their end to a multiple of ``multiple``
-    (and at least ``minimum``)."""
+    and at least ``2 * multiple``: the bottleneck's instance norm needs more than one cell."""
     pad: list[int] = []
     for i in range(x.dim() - 1, 1, -1):
         n = int(x.shape[i])
-        pad += [0, max((multiple - n % multiple) % multiple, minimum - n)]
+        pad += [0, max((multiple - n % multiple) % multiple, 2 * multiple - n)]
     return nn.functional.pad(x, pad)
 
 
@@ -174,7 +175,6 @@ class _SwinUNETRStages(nn.Module):
         super().__init__()
         self.net = net
         self.multiple = 32
-        self.minimum = 64  # its bottleneck's instance norm needs more than one cell
         self.strides = [1, 2, 4, 8, 32]
 
     def _hidden(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -187,7 +187,7 @@ class _SwinUNETRStages(nn.Module):
         return self._hidden(x)[0]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        enc, hidden = self._hidden(_pad_to(x, self.multiple, self.minimum))
+        enc, hidden = self._hidden(_pad_to(x, self.multiple))
         d = self.net.decoder5(enc[4], hidden[3])
         d = self.net.decoder4(d, enc[3])
         d = self.net.decoder3(d, enc[2])
@@ -248,8 +248,7 @@ class MultiTaskBackboneNet(TumourHeadMixin, nn.Module):
     def encoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's encoder levels, finest first, the bottleneck last; level ``i`` is
         ``encoder_strides[i]`` times coarser than the input (used by retrieval's RoI pooling)."""
-        return self.backbone.encode(_pad_to(x[:, : self.image_channels], self.backbone.multiple,
-                                            getattr(self.backbone, "minimum", 0)))
+        return self.backbone.encode(_pad_to(x[:, : self.image_channels], self.backbone.multiple))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         seg, bottleneck = self.backbone(x[:, : self.image_channels])

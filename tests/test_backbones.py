@@ -78,3 +78,48 @@ def test_unknown_backbone_and_unsupported_options_are_refused():
         multitask_network("vnet")
     with pytest.raises(ValueError, match="SegResNet only"):
         multitask_network("unet", decoder=False, cls_pooling="mean")
+
+
+@pytest.mark.slow
+def test_unet_backbone_trains_evaluates_exports_infers_and_embeds(tmp_path):
+    """A non-SegResNet backbone through every workflow of the bundle (tiny cohort, one epoch)."""
+    import csv
+    import json
+
+    from test_inference import CONFIGS, DEMO, INFER, TINY, TRAIN, bundle
+
+    from pipeline.data.phantom import make_cohort
+
+    datalist = make_cohort(tmp_path / "cohort", cases=8, seed=3, spacing=6.0, space="atlas").datalist
+    overlay = tmp_path / "tiny.json"
+    overlay.write_text(json.dumps(TINY))
+    configs = [DEMO, overlay, "configs/backbone_unet.json"]
+    run = tmp_path / "run"
+    done = bundle(["run", "training"], [TRAIN, *configs], datalist=datalist, output_dir=run, epochs=1)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = bundle(["run"], [TRAIN, f"{CONFIGS}/evaluate.json", *configs], datalist=datalist, output_dir=run)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    assert 0.0 <= metrics["dice"] <= 1.0 and "balanced_accuracy" in metrics
+    ts = tmp_path / "model.ts"
+    done = bundle(["ckpt_export", "network_def"], [INFER, *configs], filepath=ts, ckpt_file=run / "models" / "model.pt")
+    assert done.returncode == 0 and ts.stat().st_size > 0, done.stderr[-2000:]
+    scans = tmp_path / "scans"
+    for cid in ("c000", "c001"):
+        (scans / f"{cid}.nii.gz").parent.mkdir(parents=True, exist_ok=True)
+        (scans / f"{cid}.nii.gz").write_bytes((datalist.parent / cid / "image.nii.gz").read_bytes())
+    out = tmp_path / "pred"
+    done = bundle(["run"], [INFER, *configs], input_dir=scans, output_dir=out, ckpt=ts)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with (out / "predictions.csv").open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["ok", "ok"] and all((out / r["id"]).is_dir() for r in rows)
+    from pipeline.retrieval import case_features, load_model
+
+    model = load_model([TRAIN, *configs], run / "models" / "model.pt", tmp_path / "work", "cpu",
+                       {"already_registered": True})
+    item = {"id": "c000", "image": str(datalist.parent / "c000" / "image.nii.gz"),
+            "label": str(datalist.parent / "c000" / "mask.nii.gz"), "class": 0, "has_label": 1, "has_class": 1,
+            "brain": model.brain_mask}
+    feats = case_features(model, item)
+    assert feats.embedding().shape == (model.network.embedding_dim,) and feats.strides == model.network.encoder_strides
