@@ -257,15 +257,26 @@ class MultiTaskBackboneNet(TumourHeadMixin, nn.Module):
 
 
 def multitask_network(backbone: str = "segresnet", backbone_kwargs: dict[str, Any] | None = None,
-                      **kwargs: Any) -> nn.Module:
+                      patch_size: Sequence[int] | None = None, **kwargs: Any) -> nn.Module:
     """The configs' ``network_def``: :class:`~pipeline.networks.MultiTaskSegResNet` for ``segresnet``,
-    else :class:`MultiTaskBackboneNet`; ``kwargs`` are MultiTaskSegResNet's arguments (the
-    SegResNet-only ones, ``blocks_down`` / ``blocks_up`` / ``dropout_prob`` / ``norm``, are ignored
-    by the other backbones; ``decoder=False`` and ``reconstruct=True`` need SegResNet)."""
+    :class:`MultiTaskBackboneNet` for the other segmentation backbones, and for the classifier-alone
+    baselines (``densenet121``, ``resnet18``, ``vit``, with ``decoder=False``)
+    :class:`pipeline.classifiers.ClassifierAlone`. ``kwargs`` are MultiTaskSegResNet's arguments
+    (the SegResNet-only ones, ``blocks_down`` / ``blocks_up`` / ``dropout_prob`` / ``norm``, are
+    ignored by the others; ``decoder=False`` and ``reconstruct=True`` need SegResNet);
+    ``patch_size`` is the ViT's input size."""
+    from pipeline.classifiers import CLASSIFIERS, ClassifierAlone
+
     if backbone == "segresnet":
         return MultiTaskSegResNet(**kwargs)
+    if backbone in CLASSIFIERS:
+        if kwargs.get("decoder", True):
+            raise ValueError(f"backbone {backbone!r} is a classifier alone: set segment: false "
+                             f"(configs/cls_{backbone}.json does)")
+        return ClassifierAlone(backbone, kwargs.get("spatial_dims", 3), kwargs.get("in_channels", 1),
+                               kwargs.get("num_classes", 3), patch_size or (48, 48, 48), backbone_kwargs)
     if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}: use one of {', '.join(BACKBONES)}")
+        raise ValueError(f"unknown backbone {backbone!r}: use one of {', '.join(BACKBONES + CLASSIFIERS)}")
     if not kwargs.pop("decoder", True) or kwargs.pop("reconstruct", False):
         raise ValueError(f"backbone {backbone!r}: the classifier alone (segment: false) and the reconstruction "
                          "branch are built on SegResNet only; use backbone 'segresnet'")

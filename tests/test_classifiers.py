@@ -1,0 +1,73 @@
+"""Classifier-alone baselines: outputs and embedding, the tumour-centred evaluation patch, and a
+ViT baseline through training and evaluation of the bundle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.backbones import multitask_network
+from pipeline.classifiers import ClassifierAlone, tumour_centred_crop
+
+
+@pytest.mark.parametrize("backbone, width", [("densenet121", 1024), ("resnet18", 512), ("vit", 192)])
+def test_outputs_and_embedding_feed_the_last_layer(backbone, width):
+    torch.manual_seed(0)
+    net = ClassifierAlone(backbone, patch_size=(32, 32, 32)).eval()
+    x = torch.randn(2, 1, 32, 32, 32)
+    seg, logits, emb = net(x)
+    assert seg is None and logits.shape == (2, 3) and emb.shape == (2, width) and net.has_decoder is False
+    last = {"densenet121": lambda: net.net.class_layers.out, "resnet18": lambda: net.net.fc,
+            "vit": lambda: net.net.classification_head}[backbone]()
+    torch.testing.assert_close(logits, last(emb))  # the embedding is what the last layer reads
+    ref = net.net(x)  # the MONAI network's own forward gives the same logits
+    torch.testing.assert_close(logits, ref[0] if isinstance(ref, tuple) else ref)
+
+
+def test_factory_needs_segment_false_for_a_classifier():
+    with pytest.raises(ValueError, match="segment: false"):
+        multitask_network("resnet18")
+    assert isinstance(multitask_network("vit", decoder=False, patch_size=(16, 16, 16)), ClassifierAlone)
+
+
+def test_evaluation_patch_is_centred_on_the_tumour_with_real_context():
+    img = torch.arange(40 * 40 * 40, dtype=torch.float32).reshape(1, 40, 40, 40)
+    lab = torch.zeros(1, 40, 40, 40)
+    lab[0, 25:29, 10:14, 20:24] = 1  # box centre (27, 12, 22), a half patch from every border
+    out = {"image": img, "label": lab}
+    for t in tumour_centred_crop([16, 16, 16]):
+        out = t(out)
+    assert out["image"].shape == (1, 16, 16, 16)
+    centre = np.argwhere(np.asarray(out["label"][0]) > 0).mean(0)
+    np.testing.assert_allclose(centre, [7.5, 7.5, 7.5], atol=0.51)  # the tumour in the middle
+    # real voxels around it (no zero padding), the image moved with its tumour
+    first = np.argwhere(np.asarray(out["label"][0]) > 0).min(0)
+    assert float(out["image"].min()) > 0 and float(out["image"][0, first[0], first[1], first[2]]) == float(img[0, 25, 10, 20])
+    # an empty mask: the volume's centre
+    out = {"image": img, "label": torch.zeros(1, 40, 40, 40)}
+    for t in tumour_centred_crop([16, 16, 16]):
+        out = t(out)
+    assert float(out["image"][0, 0, 0, 0]) == float(img[0, 12, 12, 12])
+
+
+@pytest.mark.slow
+def test_vit_baseline_trains_and_evaluates_through_the_bundle(tmp_path):
+    from test_inference import CONFIGS, DEMO, TINY, TRAIN, bundle
+
+    from pipeline.data.phantom import make_cohort
+
+    datalist = make_cohort(tmp_path / "cohort", cases=8, seed=4, spacing=6.0, space="atlas").datalist
+    overlay = tmp_path / "tiny.json"
+    overlay.write_text(json.dumps(TINY))
+    configs = [DEMO, overlay, "configs/cls_vit.json"]
+    run = tmp_path / "run"
+    done = bundle(["run", "training"], [TRAIN, *configs], datalist=datalist, output_dir=run, epochs=1)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (run / "models" / "model.pt").is_file() and "loss_seg" not in done.stdout + done.stderr
+    done = bundle(["run"], [TRAIN, f"{CONFIGS}/evaluate.json", *configs], datalist=datalist, output_dir=run)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    assert 0.0 <= metrics["balanced_accuracy"] <= 1.0 and metrics.get("dice") is None
