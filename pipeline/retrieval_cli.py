@@ -49,6 +49,19 @@ def _items(datalist: str, class_names: list[str], brain_mask: str | None, ids: l
     return items
 
 
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kv in pairs:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise InputError(None, f"--set needs KEY=VALUE, got {kv!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def _split_ids(split_file: str | None, part: str, index: int) -> list[str] | None:
     if not split_file:
         return None
@@ -72,7 +85,8 @@ def _embed_all(model: Any, items: list[dict], use_truth: bool, tag: str) -> list
 def _cmd_index(args: argparse.Namespace) -> int:
     overlays = [TRAIN, *args.overlays]
     work = Path(args.work or Path(args.out).parent / "retrieval_cache")
-    model = load_model(overlays, args.ckpt, work, args.device, {"already_registered": args.already_registered})
+    model = load_model(overlays, args.ckpt, work, args.device,
+                       {"already_registered": args.already_registered, **args.overrides})
     items = _items(args.datalist, model.class_names, model.brain_mask)
     feats = _embed_all(model, items, not args.predicted_box, "index")
     emb = np.stack([f.embedding(args.level) for f in feats])
@@ -124,7 +138,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
     emb, doc, mean, sd = read_index(args.index)
     s = doc["settings"]
     work = Path(args.work or Path(args.out) / "cache")
-    model = load_model(s["overlays"], s["ckpt"], work, args.device, {"already_registered": args.already_registered})
+    model = load_model(s["overlays"], s["ckpt"], work, args.device,
+                       {"already_registered": args.already_registered, **args.overrides})
     if file_sha256(s["ckpt"]) != s["ckpt_sha256"]:
         raise InputError(s["ckpt"], "the checkpoint changed since the index was built: rebuild the index")
     item = {"id": Path(args.image).name.split(".")[0], "image": str(Path(args.image).resolve()), "class": -1,
@@ -148,7 +163,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
                                   f"{q.properties['hemisphere']} (box from {q.box_source})", args.mask is not None)]
     stored = bool(s.get("already_registered"))  # the indexed images: registered like when they were indexed
     nb_model = model if stored == args.already_registered else load_model(
-        s["overlays"], s["ckpt"], work, args.device, {"already_registered": stored})
+        s["overlays"], s["ckpt"], work, args.device, {"already_registered": stored, **args.overrides})
     for r, j in zip(rows, idx[0], strict=True):
         c = doc["cases"][j]
         nb = {"id": c["id"], "image": c["image"], "class": -1, "has_label": int(bool(c.get("label"))), "has_class": 0}
@@ -193,7 +208,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise InputError(None, f"--model needs NAME CKPT [OVERLAY ...], got {spec}")
         name, ckpt, overlays = spec[0], spec[1], spec[2:]
         model = load_model([TRAIN, *overlays], ckpt, Path(args.out) / "cache" / name, args.device,
-                           {"already_registered": args.already_registered})
+                           {"already_registered": args.already_registered, **args.overrides})
         items = items or _items(args.datalist, model.class_names, model.brain_mask,
                                 _split_ids(args.split_file, args.part, args.split_index))
         feats = _embed_all(model, items, True, f"evaluate {name}")
@@ -218,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--work", default=None, help="cache folder (registration, atlas brain mask)")
     common.add_argument("--already_registered", action="store_true", help="images already on the atlas grid")
     common.add_argument("--level", type=int, default=-1, help="encoder level: -1 bottleneck, -2 one above, 0 full resolution")
+    common.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. registration_cache=RUN/../registration (values parsed as JSON when they can be)")
     a = sub.add_parser("index", parents=[common], help="embed a datalist's cases into an index")
     a.add_argument("--datalist", required=True)
     a.add_argument("--ckpt", required=True, help="models/model.pt of a training run")
@@ -243,4 +260,5 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--draws", type=int, default=3, help="box distortion draws per query")
     c.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    args.overrides = _overrides(args.set)
     return {"index": _cmd_index, "query": _cmd_query, "evaluate": _cmd_evaluate}[args.cmd](args)
