@@ -235,6 +235,7 @@ class MultiTaskBackboneNet(TumourHeadMixin, nn.Module):
                  backbone_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.backbone_name = backbone
+        self.spatial_dims = int(spatial_dims)
         self.backbone, width = _build(backbone, spatial_dims, in_channels, out_channels, int(init_filters),
                                       dict(backbone_kwargs or {}))
         self.has_decoder = True

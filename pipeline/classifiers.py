@@ -48,6 +48,7 @@ class ClassifierAlone(nn.Module):
         super().__init__()
         kw = dict(backbone_kwargs or {})
         self.backbone_name = backbone
+        self.spatial_dims = int(spatial_dims)
         self.num_classes = int(num_classes)
         self.image_channels = int(in_channels)
         self.has_decoder = False

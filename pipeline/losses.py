@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
+from monai.losses import DiceLoss, FocalLoss
 from torch import nn
 
 from pipeline import distributed
@@ -37,6 +37,10 @@ class MultiTaskLoss(nn.Module):
         eps: denominator smoothing of the Dice term.
         seg_weight: ``w_seg`` (1; 0 in a stage that does not train the segmentation).
         recon_weight: ``w_rec`` (0: no reconstruction term even if the network reconstructs).
+        seg_loss: ``dice`` (the study) or ``dice_focal``: the Dice plus the binary focal loss
+            (MONAI ``FocalLoss`` on the sigmoid, ``focal_gamma``, mean over the voxels of the samples
+            with a mask), the 2-D study's segmentation loss (``configs/mtl2d.json``).
+        focal_gamma: the focal loss's exponent.
 
     :meth:`compute` takes the tensors explicitly; :meth:`forward` is the MONAI-engine adapter
     (``loss(pred, target)`` with the network's output tuple and the target dict from
@@ -55,8 +59,12 @@ class MultiTaskLoss(nn.Module):
     """
 
     def __init__(self, cls_weight: float = 0.3, class_weights: Sequence[float] | torch.Tensor | None = None,
-                 eps: float = 1e-5, seg_weight: float = 1.0, recon_weight: float = 0.0) -> None:
+                 eps: float = 1e-5, seg_weight: float = 1.0, recon_weight: float = 0.0, seg_loss: str = "dice",
+                 focal_gamma: float = 2.0) -> None:
         super().__init__()
+        if seg_loss not in ("dice", "dice_focal"):
+            raise ValueError(f"seg_loss must be 'dice' or 'dice_focal', got {seg_loss!r}")
+        self.focal = FocalLoss(use_softmax=False, gamma=focal_gamma, reduction="none") if seg_loss == "dice_focal" else None
         self.cls_weight = float(cls_weight)
         self.seg_weight = float(seg_weight)
         self.recon_weight = float(recon_weight)
@@ -112,6 +120,8 @@ class MultiTaskLoss(nn.Module):
 
         n_seg = int(has_label.sum())
         seg = self.dice(seg_logits[has_label].float(), (mask[has_label] > 0).float()) if n_seg else zero
+        if n_seg and self.focal is not None:
+            seg = seg + self.focal(seg_logits[has_label].float(), (mask[has_label] > 0).float()).mean()
 
         n_cls = int(has_class.sum()) if cls_logits is not None and self.cls_weight > 0 else 0
         if n_cls:
@@ -150,8 +160,14 @@ class MultiTaskLoss(nn.Module):
             g = (mask[has_label] > 0).float()
             dims = [0, *range(2, p.dim())]  # MONAI DiceLoss(batch=True): sums over samples and voxels per channel
             part = torch.cat([(p * g).sum(dims), (p * p).sum(dims) + (g * g).sum(dims)]) + keep
+            if self.focal is not None:  # summed focal loss and voxel count: the global batch's mean
+                f = self.focal(seg_logits[has_label].float(), g)
+                focal_part = torch.stack([f.sum(), torch.tensor(float(f.numel()), device=dev)]) + keep
         else:
             part = keep.view(1).expand(2)
+            focal_part = keep.view(1).expand(2)
+        if self.focal is None:
+            focal_part = keep.view(1)[:0]
         use_cls = cls_logits is not None and self.cls_weight > 0
         if use_cls:
             ce = F.cross_entropy(cls_logits[has_class].float(), cls[has_class], reduction="none")
@@ -167,12 +183,15 @@ class MultiTaskLoss(nn.Module):
             rec_part = keep.view(1).expand(2)
         counts = torch.tensor([float(has_label.sum()) if seg_logits is not None and self.seg_weight > 0 else 0.0,
                                float(has_class.sum()) if use_cls else 0.0], device=dev)
-        total = distributed.all_reduce_sum(torch.cat([part, cls_part, rec_part, counts]))
+        total = distributed.all_reduce_sum(torch.cat([part, focal_part, cls_part, rec_part, counts]))
         c = part.numel() // 2
+        o = 2 * c + focal_part.numel()  # where the class term's sums start
         n_seg, n_cls = int(total[-2]), int(total[-1])
         seg = (1.0 - 2.0 * total[:c] / (total[c:2 * c] + self.dice.smooth_dr)).mean() if n_seg else keep
-        ce_all = total[2 * c] / total[2 * c + 1] if n_cls else keep
-        rec = total[2 * c + 2] / total[2 * c + 3] if recon is not None else keep
+        if n_seg and self.focal is not None:
+            seg = seg + total[2 * c] / total[2 * c + 1]
+        ce_all = total[o] / total[o + 1] if n_cls else keep
+        rec = total[o + 2] / total[o + 3] if recon is not None else keep
         nan = torch.tensor(float("nan"), device=dev)
         return {
             "loss": self.seg_weight * seg + self.cls_weight * ce_all + self.recon_weight * rec + keep,

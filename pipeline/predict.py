@@ -168,12 +168,22 @@ def predict_raw(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfi
         ``(seg_prob, class_logits)``: ``(B, 1, H, W, D)`` tumour probabilities (no component
         rule) and ``(B, K)`` class logits (mean over the classifier's TTA flips; ``None`` for a
         segmentation-only network). A network without decoder (``has_decoder = False``, the
-        classifier alone) gives ``None`` for the tumour and is classified on the whole volume.
+        classifier alone) gives ``None`` for the tumour and is classified on the whole volume. A
+        2-D network (``spatial_dims == 2``) predicts the volume slice by slice
+        (:func:`pipeline.slices.predict_slicewise`; no sliding window, no flip TTA).
     """
     was_training = network.training
     network.eval()
-    seg_net = SegmentationOutput(network)
     device_type = image.device.type
+    if int(getattr(network, "spatial_dims", 3)) == 2 and image.dim() == 5:  # 2-D mode: slice by slice
+        from pipeline.slices import predict_slicewise
+
+        with torch.autocast(device_type=device_type, dtype=AMP_DTYPES[cfg.amp_dtype],
+                            enabled=cfg.amp and device_type == "cuda"):
+            seg_prob, logits = predict_slicewise(network, image)
+        network.train(was_training)
+        return seg_prob, logits
+    seg_net = SegmentationOutput(network)
     if not getattr(network, "has_decoder", True):
         with torch.autocast(device_type=device_type, dtype=AMP_DTYPES[cfg.amp_dtype],
                             enabled=cfg.amp and device_type == "cuda"):

@@ -1,0 +1,103 @@
+"""2-D mode: slice sampling, slice-wise volume prediction back in place, area-weighted class,
+the focal + Dice loss against a hand computation, and the 2-D overlay through the bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.losses import MultiTaskLoss
+from pipeline.predict import PredictConfig, predict_raw
+from pipeline.slices import predict_slicewise, slice_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class SliceEcho(torch.nn.Module):
+    """A '2-D network': the mask logits are the input, the class logits say which third of the
+    index range the slice's value falls in."""
+
+    spatial_dims = 2
+    has_decoder = True
+
+    def forward(self, x):
+        seg = x[:, :1].clone()
+        v = x[:, 0].flatten(1).mean(1)
+        logits = torch.stack([-(v - 2.0) ** 2, -(v - 10.0) ** 2, -(v - 20.0) ** 2], 1)
+        return seg, logits, v[:, None]
+
+
+def test_slicewise_prediction_puts_every_slice_back_in_place():
+    d = 23  # more than one chunk of 16
+    vol = torch.arange(d, dtype=torch.float32).view(1, 1, 1, 1, d).expand(2, 1, 5, 6, d).clone()
+    vol[1] = -vol[1]
+    seg, logits = predict_slicewise(SliceEcho(), vol)
+    assert seg.shape == (2, 1, 5, 6, d)
+    torch.testing.assert_close(seg, torch.sigmoid(vol))  # slice k of the output is slice k of the input
+    seg2, _ = predict_raw(SliceEcho(), vol, PredictConfig(roi_size=(5, 6, 1)))  # the bundle's path
+    torch.testing.assert_close(seg2, seg)
+
+
+def test_class_is_the_tumour_area_weighted_mean_of_the_slices():
+    vol = torch.full((1, 1, 4, 4, 3), -20.0)
+    vol[0, 0, :2, :2, 1] = 20.0  # slice 1 holds the "tumour"
+    probs = torch.softmax(SliceEcho()(vol[0].permute(3, 0, 1, 2))[1], 1)
+    seg = torch.sigmoid(vol[0].permute(3, 0, 1, 2))
+    w = seg.flatten(1).sum(1) / seg.sum()
+    _, logits = predict_slicewise(SliceEcho(), vol)
+    torch.testing.assert_close(torch.softmax(logits, 1)[0], (w[:, None] * probs).sum(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(slice_weights(torch.zeros(4, 1, 2, 2)), torch.full((4,), 0.25))
+
+
+def test_focal_plus_dice_against_a_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1, 5, 5, generator=g)
+    mask = (torch.rand(3, 1, 5, 5, generator=g) > 0.6).float()
+    has_label = torch.tensor([1, 0, 1])
+    out = MultiTaskLoss(cls_weight=0.0, seg_loss="dice_focal").compute(logits, None, mask, torch.full((3,), -1),
+                                                                      has_label)
+    x, y = logits[[0, 2]].double().numpy(), mask[[0, 2]].double().numpy()
+    p = 1 / (1 + np.exp(-x))
+    dice = 1 - 2 * (p * y).sum() / ((p ** 2).sum() + (y ** 2).sum() + 1e-5)
+    focal = -(y * (1 - p) ** 2 * np.log(p) + (1 - y) * p ** 2 * np.log(1 - p)).mean()
+    assert float(out["seg"]) == pytest.approx(dice + focal, rel=1e-5)
+    whole = MultiTaskLoss(cls_weight=0.0, seg_loss="dice_focal")._whole_batch(
+        logits, None, mask, torch.full((3,), -1), has_label.bool(), torch.zeros(3, dtype=torch.bool))
+    assert float(whole["seg"]) == pytest.approx(dice + focal, rel=1e-5)  # the multi-process form
+
+
+@pytest.mark.slow
+def test_slice_sampling_and_the_2d_overlay_through_the_bundle(tmp_path):
+    from monai.bundle import ConfigParser
+    from test_inference import CONFIGS, DEMO, TINY, TRAIN, bundle
+
+    from pipeline.data.phantom import make_cohort
+
+    datalist = make_cohort(tmp_path / "cohort", cases=8, seed=5, spacing=6.0, space="atlas").datalist
+    overlay = tmp_path / "tiny.json"
+    overlay.write_text(json.dumps({**TINY, "slice_size": [48, 48], "batch_size": 4, "num_samples": 2}))
+    configs = [DEMO, "configs/mtl2d.json", overlay]
+    # the training chain: 2-D slices, through the tumour with the stated fraction
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / c) for c in [TRAIN, *configs]])
+    parser.update({"datalist": str(datalist), "output_dir": str(tmp_path / "chain"), "pos_fraction": 0.75})
+    chain = parser.get_parsed_content("train#preprocessing")
+    item = parser.get_parsed_content("cohort").train[0]
+    chain.set_random_state(0)
+    through = []
+    for _ in range(60):
+        for s in chain(dict(item)):
+            assert s["image"].shape == (4, 48, 48) and s["label"].shape == (1, 48, 48)  # image + 3 coordinates
+            through.append(bool(s["label"].sum() > 0))
+    assert 0.6 <= np.mean(through) <= 0.9  # 0.75 asked (a slice at the tumour's edge may show none of it)
+    run = tmp_path / "run"
+    done = bundle(["run", "training"], [TRAIN, *configs], datalist=datalist, output_dir=run, epochs=1)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = bundle(["run"], [TRAIN, f"{CONFIGS}/evaluate.json", *configs], datalist=datalist, output_dir=run)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    assert 0.0 <= metrics["dice"] <= 1.0 and 0.0 <= metrics["balanced_accuracy"] <= 1.0
