@@ -34,8 +34,8 @@ multiple of 12 nearest ``1.5 f`` (at least 12); ``backbone_kwargs`` overrides an
 
 TorchScript: BasicUNet, UNet and AttentionUnet script; SwinUNETR does not (MONAI's Swin
 transformer uses constructs TorchScript rejects): export it with ONNX (``python -m pipeline onnx``).
-Not supported with these backbones: ``segment: false`` (the classifier alone is the SegResNet
-encoder's) and ``reconstruct``.
+Not supported with these backbones: ``reconstruct``; ``segment: false`` (the classifier alone) only
+on ``basic_unet`` (the 2-D study's classifier alone, ``configs/cls2d.json``).
 """
 
 from __future__ import annotations
@@ -232,13 +232,19 @@ class MultiTaskBackboneNet(TumourHeadMixin, nn.Module):
                  out_channels: int = 1, num_classes: int = 3, init_filters: int = 32,
                  cls_hidden: Sequence[int] = (128,), cls_dropout: float = 0.3, cls_pooling: str = "mean",
                  coord_channels: int = 0, tumour_floor: float = 1e-3, coord_mirror_axes: Sequence[int] = (),
-                 backbone_kwargs: dict[str, Any] | None = None) -> None:
+                 backbone_kwargs: dict[str, Any] | None = None, decoder: bool = True) -> None:
         super().__init__()
+        if not decoder and (backbone != "basic_unet" or cls_pooling != "mean" or coord_channels or num_classes <= 0):
+            raise ValueError("a backbone without decoder (the classifier alone, e.g. configs/cls2d.json) is built on "
+                             "basic_unet with cls_pooling 'mean', no coordinate channels and num_classes > 0")
         self.backbone_name = backbone
         self.spatial_dims = int(spatial_dims)
         self.backbone, width = _build(backbone, spatial_dims, in_channels, out_channels, int(init_filters),
                                       dict(backbone_kwargs or {}))
-        self.has_decoder = True
+        self.has_decoder = bool(decoder)
+        if not self.has_decoder:  # built by BasicUNet's __init__; dropped so that no weight is unused
+            for name in ("upcat_4", "upcat_3", "upcat_2", "upcat_1", "final_conv"):
+                setattr(self.backbone.net, name, nn.Identity())
         self.reconstruct = False
         self.downsampling = 1  # the adapters pad internally: any size goes in
         self.encoder_strides = list(self.backbone.strides)
@@ -252,6 +258,10 @@ class MultiTaskBackboneNet(TumourHeadMixin, nn.Module):
         return self.backbone.encode(_pad_to(x[:, : self.image_channels], self.backbone.multiple))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        if not self.has_decoder:
+            bottleneck = self.backbone.encode(_pad_to(x[:, : self.image_channels], self.backbone.multiple))[-1]
+            logits, embedding = self._classify(x, bottleneck, None)
+            return None, logits, embedding
         seg, bottleneck = self.backbone(x[:, : self.image_channels])
         logits, embedding = self._classify(x, bottleneck, seg)
         return seg, logits, embedding
@@ -278,9 +288,9 @@ def multitask_network(backbone: str = "segresnet", backbone_kwargs: dict[str, An
                                kwargs.get("num_classes", 3), patch_size or (48, 48, 48), backbone_kwargs)
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}: use one of {', '.join(BACKBONES + CLASSIFIERS)}")
-    if not kwargs.pop("decoder", True) or kwargs.pop("reconstruct", False):
-        raise ValueError(f"backbone {backbone!r}: the classifier alone (segment: false) and the reconstruction "
-                         "branch are built on SegResNet only; use backbone 'segresnet'")
+    if kwargs.pop("reconstruct", False):
+        raise ValueError(f"backbone {backbone!r}: the reconstruction branch is built on SegResNet only; use "
+                         "backbone 'segresnet'")
     for key in ("blocks_down", "blocks_up", "dropout_prob", "norm"):
         kwargs.pop(key, None)
     return MultiTaskBackboneNet(backbone=backbone, backbone_kwargs=backbone_kwargs, **kwargs)

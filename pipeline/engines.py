@@ -78,10 +78,14 @@ class MultiTaskPrepareBatch(PrepareBatch):
             patches that show the tumour (a background patch carries no evidence of its genotype,
             and at validation/inference the classifier only sees tumour-centred patches). Cases
             without a mask keep their class.
+        mask_to_inferer: also hand the cases' masks to the inferer (``(image, target, (), {"mask":
+            ...})``, MONAI's evaluator passes them on): the 2-D classifier alone weighs its slices by
+            the true tumour area, having no decoder to find the tumour (``configs/cls2d.json``).
     """
 
-    def __init__(self, cls_needs_tumour: bool = False) -> None:
+    def __init__(self, cls_needs_tumour: bool = False, mask_to_inferer: bool = False) -> None:
         self.cls_needs_tumour = cls_needs_tumour
+        self.mask_to_inferer = mask_to_inferer
 
     def __call__(self, batchdata: dict[str, Any], device: str | torch.device | None = None,
                  non_blocking: bool = False, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -101,6 +105,9 @@ class MultiTaskPrepareBatch(PrepareBatch):
             shows_tumour = (target["label"] > 0).flatten(1).any(1)
             target["has_class"] = target["has_class"] * (shows_tumour | (target["has_label"] == 0)).to(
                 target["has_class"].dtype)
+        if self.mask_to_inferer:
+            known = target["has_label"].view(-1, *[1] * (image.dim() - 1)) > 0
+            return image, target, (), {"mask": target["label"] * known}
         return image, target
 
 
@@ -121,8 +128,9 @@ class MultiTaskInferer(Inferer):
         self.cfg = PredictConfig(roi_size, sw_batch_size, overlap, mode, classify, threshold, tta_flips, amp,
                                  postprocess, class_flip_axes, min_mass_fraction, float(temperature), amp_dtype)
 
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> dict:
-        seg_raw, logits = predict_raw(network, inputs, self.cfg)
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, mask: torch.Tensor | None = None,
+                 **kwargs: Any) -> dict:
+        seg_raw, logits = predict_raw(network, inputs, self.cfg, mask=mask)
         seg, cls = finish(seg_raw, logits, self.cfg)
         return {"seg": seg, "cls": cls, "seg_raw": seg_raw, "cls_logits": logits}
 

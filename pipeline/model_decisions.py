@@ -125,8 +125,9 @@ def decide_on_validation(network: torch.nn.Module, ckpt: str | Path, dataloader:
     load_weights(network, path)
     per_iteration: list[tuple[list[dict[str, float]], list[torch.Tensor], list[int]]] = []
     for batch in dataloader:
-        image, target = prepare_batch(batch, device)
-        seg_raw, logits = predict_raw(network, image, cfg)
+        prepared = prepare_batch(batch, device)
+        image, target = prepared[0], prepared[1]
+        seg_raw, logits = predict_raw(network, image, cfg, **(prepared[3] if len(prepared) > 2 else {}))
         scores_b, logits_b, classes_b = [], [], []
         for b in range(image.shape[0]):
             if seg_raw is not None and int(target["has_label"][b]):

@@ -154,7 +154,7 @@ def finish(seg_raw: torch.Tensor | None, logits: torch.Tensor | None, cfg: Predi
 
 
 @torch.no_grad()
-def predict_raw(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfig
+def predict_raw(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfig, mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Predict one or more whole volumes before post-processing and calibration.
 
@@ -163,6 +163,8 @@ def predict_raw(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfi
             ``(seg_logits, class_logits | None, embedding)``), already on the right device.
         image: ``(B, C, H, W, D)`` float tensor on the network's device.
         cfg: :class:`PredictConfig`.
+        mask: ``(B, 1, H, W, D)`` true masks, used only by a 2-D network without decoder (its slices'
+            class probabilities weighted by the true tumour area instead of the predicted one).
 
     Returns:
         ``(seg_prob, class_logits)``: ``(B, 1, H, W, D)`` tumour probabilities (no component
@@ -180,7 +182,7 @@ def predict_raw(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfi
 
         with torch.autocast(device_type=device_type, dtype=AMP_DTYPES[cfg.amp_dtype],
                             enabled=cfg.amp and device_type == "cuda"):
-            seg_prob, logits = predict_slicewise(network, image)
+            seg_prob, logits = predict_slicewise(network, image, weights_from=mask)
         network.train(was_training)
         return seg_prob, logits
     seg_net = SegmentationOutput(network)

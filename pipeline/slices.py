@@ -40,13 +40,14 @@ def slice_weights(seg_prob: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_slicewise(network: torch.nn.Module, image: torch.Tensor, chunk: int = 16
-                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def predict_slicewise(network: torch.nn.Module, image: torch.Tensor, chunk: int = 16,
+                      weights_from: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """A 2-D network over every axial slice of ``(B, C, H, W, D)`` volumes.
 
     Returns ``(seg_prob (B, 1, H, W, D) | None, class_logits (B, K) | None)``: the slices' tumour
-    probabilities in place, and the log of the area-weighted mean class probability (a network
-    without decoder weighs its slices equally).
+    probabilities in place, and the log of the area-weighted mean class probability. A network
+    without decoder weighs its slices by ``weights_from`` (``(B, 1, H, W, D)`` true masks) when
+    given, else equally.
     """
     segs, logits = [], []
     for b in range(image.shape[0]):
@@ -63,7 +64,11 @@ def predict_slicewise(network: torch.nn.Module, image: torch.Tensor, chunk: int 
             segs.append(seg.permute(1, 2, 3, 0))  # (1, H, W, D)
         if prob_parts:
             probs = torch.cat(prob_parts)  # (D, K)
-            w = slice_weights(seg) if seg is not None else torch.full((len(probs),), 1.0 / len(probs),
-                                                                       device=probs.device)
+            if seg is not None:
+                w = slice_weights(seg)
+            elif weights_from is not None:
+                w = slice_weights(weights_from[b].permute(3, 0, 1, 2).to(probs.device))
+            else:
+                w = torch.full((len(probs),), 1.0 / len(probs), device=probs.device)
             logits.append(torch.log((w[:, None] * probs).sum(0).clamp_min(1e-12)))
     return (torch.stack(segs) if segs else None), (torch.stack(logits) if logits else None)

@@ -53,6 +53,28 @@ def test_class_is_the_tumour_area_weighted_mean_of_the_slices():
     torch.testing.assert_close(slice_weights(torch.zeros(4, 1, 2, 2)), torch.full((4,), 0.25))
 
 
+def test_classifier_alone_weighs_slices_by_the_true_tumour_area():
+    from pipeline.engines import MultiTaskPrepareBatch
+
+    class NoDecoder(SliceEcho):
+        has_decoder = False
+
+        def forward(self, x):
+            return None, *super().forward(x)[1:]
+
+    vol = torch.zeros(1, 1, 4, 4, 3)
+    vol[..., 0], vol[..., 1], vol[..., 2] = 2.0, 10.0, 20.0  # each slice its own class
+    mask = torch.zeros(1, 1, 4, 4, 3)
+    mask[0, 0, :2, :2, 2] = 1  # the tumour is in slice 2 only
+    _, logits = predict_slicewise(NoDecoder(), vol, weights_from=mask)
+    assert int(logits.argmax()) == 2
+    _, uniform = predict_slicewise(NoDecoder(), vol)
+    torch.testing.assert_close(torch.softmax(uniform, 1), torch.full((1, 3), 1 / 3), atol=1e-3, rtol=0)
+    batch = {"image": vol, "label": mask, "class": torch.tensor([2]), "has_label": torch.tensor([0])}
+    image, target, args, kwargs = MultiTaskPrepareBatch(mask_to_inferer=True)(batch)
+    assert args == () and float(kwargs["mask"].sum()) == 0.0  # a case without mask hands no tumour
+
+
 def test_focal_plus_dice_against_a_hand_computation():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 1, 5, 5, generator=g)
@@ -101,3 +123,10 @@ def test_slice_sampling_and_the_2d_overlay_through_the_bundle(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert 0.0 <= metrics["dice"] <= 1.0 and 0.0 <= metrics["balanced_accuracy"] <= 1.0
+    # the 2-D classifier alone: trained, decided on validation and evaluated with the masks' slices
+    alone = [DEMO, "configs/cls2d.json", overlay]
+    done = bundle(["run", "training"], [TRAIN, *alone], datalist=datalist, output_dir=tmp_path / "alone", epochs=1)
+    assert done.returncode == 0 and "[decide]" in done.stdout + done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
+    done = bundle(["run"], [TRAIN, f"{CONFIGS}/evaluate.json", *alone], datalist=datalist, output_dir=tmp_path / "alone")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "balanced_accuracy" in json.loads((tmp_path / "alone" / "metrics.json").read_text(encoding="utf-8"))
