@@ -76,8 +76,10 @@ def test_torchscript(backbone):
 def test_unknown_backbone_and_unsupported_options_are_refused():
     with pytest.raises(ValueError, match="unknown backbone 'vnet'"):
         multitask_network("vnet")
-    with pytest.raises(ValueError, match="SegResNet only"):
+    with pytest.raises(ValueError, match="built on basic_unet"):
         multitask_network("unet", decoder=False, cls_pooling="mean")
+    with pytest.raises(ValueError, match="SegResNet only"):
+        multitask_network("unet", reconstruct=True)
 
 
 @pytest.mark.slow
