@@ -23,7 +23,6 @@ switch to an approximate search library (FAISS, hnswlib) behind :func:`nearest`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -239,14 +238,6 @@ def case_features(model: RetrievalModel, item: dict[str, Any], use_truth: bool =
     strides = list(getattr(model.network, "encoder_strides", [2 ** i for i in range(len(levels))]))
     return CaseFeatures(id=str(item.get("id", Path(str(where)).name)), levels=levels, strides=strides,
                         box=(lo - start, hi - start), box_source=source, properties=properties)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_index(path: str | Path, embeddings: np.ndarray, cases: list[dict[str, Any]], settings: dict[str, Any]) -> Path:

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.registration import file_sha256
 from pipeline.retrieval import (
     PROPERTIES,
     CaseFeatures,
     case_features,
-    file_sha256,
     load_model,
     nearest,
     read_index,

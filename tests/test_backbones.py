@@ -88,19 +88,11 @@ def test_unet_backbone_trains_evaluates_exports_infers_and_embeds(tmp_path):
     import csv
     import json
 
-    from test_inference import CONFIGS, DEMO, INFER, TINY, TRAIN, bundle
+    from bundle_runs import train_and_evaluate
+    from test_inference import DEMO, INFER, TRAIN, bundle
 
-    from pipeline.data.phantom import make_cohort
-
-    datalist = make_cohort(tmp_path / "cohort", cases=8, seed=3, spacing=6.0, space="atlas").datalist
-    overlay = tmp_path / "tiny.json"
-    overlay.write_text(json.dumps(TINY))
+    datalist, run, overlay, _ = train_and_evaluate(tmp_path, [DEMO, "TINY", "configs/backbone_unet.json"], seed=3)
     configs = [DEMO, overlay, "configs/backbone_unet.json"]
-    run = tmp_path / "run"
-    done = bundle(["run", "training"], [TRAIN, *configs], datalist=datalist, output_dir=run, epochs=1)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    done = bundle(["run"], [TRAIN, f"{CONFIGS}/evaluate.json", *configs], datalist=datalist, output_dir=run)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert 0.0 <= metrics["dice"] <= 1.0 and "balanced_accuracy" in metrics
     ts = tmp_path / "model.ts"

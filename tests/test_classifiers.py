@@ -55,19 +55,10 @@ def test_evaluation_patch_is_centred_on_the_tumour_with_real_context():
 
 @pytest.mark.slow
 def test_vit_baseline_trains_and_evaluates_through_the_bundle(tmp_path):
-    from test_inference import CONFIGS, DEMO, TINY, TRAIN, bundle
+    from bundle_runs import train_and_evaluate
+    from test_inference import DEMO
 
-    from pipeline.data.phantom import make_cohort
-
-    datalist = make_cohort(tmp_path / "cohort", cases=8, seed=4, spacing=6.0, space="atlas").datalist
-    overlay = tmp_path / "tiny.json"
-    overlay.write_text(json.dumps(TINY))
-    configs = [DEMO, overlay, "configs/cls_vit.json"]
-    run = tmp_path / "run"
-    done = bundle(["run", "training"], [TRAIN, *configs], datalist=datalist, output_dir=run, epochs=1)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert (run / "models" / "model.pt").is_file() and "loss_seg" not in done.stdout + done.stderr
-    done = bundle(["run"], [TRAIN, f"{CONFIGS}/evaluate.json", *configs], datalist=datalist, output_dir=run)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    _, run, _, trained = train_and_evaluate(tmp_path, [DEMO, "TINY", "configs/cls_vit.json"], seed=4)
+    assert (run / "models" / "model.pt").is_file() and "loss_seg" not in trained
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert 0.0 <= metrics["balanced_accuracy"] <= 1.0 and metrics.get("dice") is None

@@ -94,8 +94,9 @@ def test_focal_plus_dice_against_a_hand_computation():
 
 @pytest.mark.slow
 def test_slice_sampling_and_the_2d_overlay_through_the_bundle(tmp_path):
+    from bundle_runs import train_and_evaluate
     from monai.bundle import ConfigParser
-    from test_inference import CONFIGS, DEMO, TINY, TRAIN, bundle
+    from test_inference import DEMO, TINY, TRAIN
 
     from pipeline.data.phantom import make_cohort
 
@@ -116,17 +117,11 @@ def test_slice_sampling_and_the_2d_overlay_through_the_bundle(tmp_path):
             assert s["image"].shape == (4, 48, 48) and s["label"].shape == (1, 48, 48)  # image + 3 coordinates
             through.append(bool(s["label"].sum() > 0))
     assert 0.6 <= np.mean(through) <= 0.9  # 0.75 asked (a slice at the tumour's edge may show none of it)
-    run = tmp_path / "run"
-    done = bundle(["run", "training"], [TRAIN, *configs], datalist=datalist, output_dir=run, epochs=1)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    done = bundle(["run"], [TRAIN, f"{CONFIGS}/evaluate.json", *configs], datalist=datalist, output_dir=run)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    _, run, _, _ = train_and_evaluate(tmp_path, configs, seed=5, datalist=datalist)
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert 0.0 <= metrics["dice"] <= 1.0 and 0.0 <= metrics["balanced_accuracy"] <= 1.0
     # the 2-D classifier alone: trained, decided on validation and evaluated with the masks' slices
-    alone = [DEMO, "configs/cls2d.json", overlay]
-    done = bundle(["run", "training"], [TRAIN, *alone], datalist=datalist, output_dir=tmp_path / "alone", epochs=1)
-    assert done.returncode == 0 and "[decide]" in done.stdout + done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
-    done = bundle(["run"], [TRAIN, f"{CONFIGS}/evaluate.json", *alone], datalist=datalist, output_dir=tmp_path / "alone")
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "balanced_accuracy" in json.loads((tmp_path / "alone" / "metrics.json").read_text(encoding="utf-8"))
+    _, alone, _, trained = train_and_evaluate(tmp_path, [DEMO, "configs/cls2d.json", overlay], seed=5,
+                                              datalist=datalist, name="alone")
+    assert "[decide]" in trained
+    assert "balanced_accuracy" in json.loads((alone / "metrics.json").read_text(encoding="utf-8"))
