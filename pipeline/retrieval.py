@@ -173,6 +173,7 @@ class CaseFeatures:
     box: tuple[np.ndarray, np.ndarray]
     box_source: str
     properties: dict[str, Any]
+    volume: tuple[np.ndarray, np.ndarray] | None = None  # (image, tumour mask) on the atlas grid, when kept
 
     def embedding(self, level: int = -1, box: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """RoI max pooling at ``level`` (``-1``: bottleneck) over ``box`` (default the tumour's)."""
@@ -192,8 +193,10 @@ def _patch(image: torch.Tensor, centre: Sequence[float], size: Sequence[int]) ->
 
 
 @torch.no_grad()
-def case_features(model: RetrievalModel, item: dict[str, Any], use_truth: bool = True) -> CaseFeatures:
-    """Preprocess one datalist item (registration included), find its tumour box, run the encoder.
+def case_features(model: RetrievalModel, item: dict[str, Any], use_truth: bool = True,
+                  keep_volume: bool = False) -> CaseFeatures:
+    """Preprocess one datalist item (registration included), find its tumour box, run the encoder;
+    ``keep_volume`` also keeps the registered image and the tumour mask used (for pictures).
 
     Raises:
         InputError: no tumour (an empty ground-truth mask, or no mask and a network that finds none
@@ -237,7 +240,8 @@ def case_features(model: RetrievalModel, item: dict[str, Any], use_truth: bool =
     levels = [f[0].float().cpu() for f in model.network.encoder_features(patch[None].to(model.device))]
     strides = list(getattr(model.network, "encoder_strides", [2 ** i for i in range(len(levels))]))
     return CaseFeatures(id=str(item.get("id", Path(str(where)).name)), levels=levels, strides=strides,
-                        box=(lo - start, hi - start), box_source=source, properties=properties)
+                        box=(lo - start, hi - start), box_source=source, properties=properties,
+                        volume=(image[0].numpy(), mask) if keep_volume else None)
 
 
 def write_index(path: str | Path, embeddings: np.ndarray, cases: list[dict[str, Any]], settings: dict[str, Any]) -> Path:

@@ -148,7 +148,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
         item["label"] = str(Path(args.mask).resolve())
     if model.brain_mask:
         item["brain"] = model.brain_mask
-    q = case_features(model, item, use_truth=args.mask is not None)
+    q = case_features(model, item, use_truth=args.mask is not None, keep_volume=True)
     dist, idx = nearest(standardise(emb, mean, sd), standardise(q.embedding(s["level"])[None], mean, sd), args.k)
     rows = [{"rank": r + 1, "distance": round(float(d), 4), **{k: doc["cases"][j][k] for k in
              ("id", "class_name", "volume_ml", "size_mm", *PROPERTIES, "image")}}
@@ -159,8 +159,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
         ",".join(json.dumps(r[c]) if isinstance(r[c], str) else str(r[c]) for c in cols) + "\n" for r in rows))
     write_text_atomic(out / "neighbours.json", json.dumps({"query": {"image": item["image"], "box_source": q.box_source,
                                                                      **q.properties}, "neighbours": rows}, indent=1) + "\n")
-    panels = [_panel(model, item, f"query {item['id']}: {q.properties['volume_ml']:.1f} mL, {q.properties['region']}, "
-                                  f"{q.properties['hemisphere']} (box from {q.box_source})", args.mask is not None)]
+    panels = [(*q.volume, f"query {item['id']}: {q.properties['volume_ml']:.1f} mL, {q.properties['region']}, "
+                          f"{q.properties['hemisphere']} (box from {q.box_source})")]
     stored = bool(s.get("already_registered"))  # the indexed images: registered like when they were indexed
     nb_model = model if stored == args.already_registered else load_model(
         s["overlays"], s["ckpt"], work, args.device, {"already_registered": stored, **args.overrides})
