@@ -13,7 +13,9 @@ the peak RSS increase, VmHWM; CUDA: ``torch.cuda.max_memory_allocated``).
 
 Accuracy: the experiment runner (``python -m pipeline experiment``, one 70/15/15 split, the demo
 overlay) with one arm per backbone (``mtl`` is SegResNet); an interrupted benchmark resumes there.
-The 2-D mode's rows are not here yet (it is not built).
+The 2-D rows (``mtl2d``, ``cls2d``) time one step on a batch of whole 128 x 128 slices; the 3-D
+classifier-alone baselines (``cls_densenet121``, ``cls_resnet18``, ``cls_vit``) are timed and trained
+only when named in ``--train``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ sys.path.insert(0, str(ROOT))
 OVERLAYS = {"segresnet": None, "basic_unet": "configs/backbone_basic_unet.json", "unet": "configs/backbone_unet.json",
             "attention_unet": "configs/backbone_attention_unet.json",
             "swin_unetr": "configs/backbone_swinunetr.json"}
+# The 2-D mode (multi-task and classifier alone) and the 3-D classifier-alone baselines: timed like the
+# backbones; their accuracy comes from their own experiments (README of this script's table).
+EXTRA = {"mtl2d": "configs/mtl2d.json", "cls2d": "configs/cls2d.json",
+         "cls_densenet121": "configs/cls_densenet121.json", "cls_resnet18": "configs/cls_resnet18.json",
+         "cls_vit": "configs/cls_vit.json"}
 
 
 def speed_one(backbone: str, size: str, device: str, iters: int) -> dict:
@@ -44,16 +51,22 @@ def speed_one(backbone: str, size: str, device: str, iters: int) -> dict:
     from pipeline.losses import MultiTaskLoss
 
     files = [str(ROOT / "bundles/plgg_mtl/configs/train.json"), str(ROOT / f"configs/{size}.json")]
-    if OVERLAYS[backbone]:
-        files.append(str(ROOT / OVERLAYS[backbone]))
+    overlay = {**OVERLAYS, **EXTRA}[backbone]
+    if overlay:
+        files.append(str(ROOT / overlay))
     p = ConfigParser()
     p.read_config(files)
     dev = torch.device(device)
     net = p.get_parsed_content("network_def").to(dev).train()
-    patch = [int(s) for s in p.get_parsed_content("patch_size")]
+    dims = int(p.get_parsed_content("spatial_dims"))
+    patch = [int(s) for s in p.get_parsed_content("patch_size" if dims == 3 else "slice_size")]
     batch = int(p.get_parsed_content("batch_size")) * int(p.get_parsed_content("num_samples"))
     channels = int(p.get_parsed_content("in_channels")) + int(p.get_parsed_content("coord_channels"))
-    loss_fn = MultiTaskLoss(cls_weight=0.3)
+    # the config's own loss terms (class_weights needs a cohort: left at None here)
+    loss_fn = MultiTaskLoss(cls_weight=float(p.get_parsed_content("loss#cls_weight")),
+                            seg_weight=float(p.get_parsed_content("seg_weight")) if p.get_parsed_content("segment") else 0.0,
+                            recon_weight=float(p.get_parsed_content("loss#recon_weight")),
+                            seg_loss=p.get_parsed_content("seg_loss"))
     opt = torch.optim.Adam(net.parameters(), 1e-4)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, channels, *patch, generator=g).to(dev)
@@ -74,14 +87,14 @@ def speed_one(backbone: str, size: str, device: str, iters: int) -> dict:
         if i:
             times.append(time.perf_counter() - t)
     peak = peak_mb(dev) - (0.0 if dev.type == "cuda" else base)
-    return {"backbone": backbone, "size": size, "params": sum(q.numel() for q in net.parameters()),
+    return {"backbone": backbone, "size": size, "dims": dims, "params": sum(q.numel() for q in net.parameters()),
             "s_per_iter": statistics.median(times), "peak_mb": peak, "batch": batch, "patch": patch}
 
 
 def speed_table(device: str, iters: int, sizes: list[str]) -> list[dict]:
     rows = []
     for size in sizes:
-        for backbone in OVERLAYS:
+        for backbone in [*OVERLAYS, *EXTRA]:
             code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.backbones import speed_one; "
                     f"print('RESULT ' + json.dumps(speed_one({backbone!r}, {size!r}, {device!r}, {iters})))")
             done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
@@ -96,9 +109,10 @@ def speed_table(device: str, iters: int, sizes: list[str]) -> list[dict]:
     return rows
 
 
-def accuracy(datalist: str, out: str, epochs: int | None) -> dict[str, dict]:
-    """Run (or resume) the experiment with one arm per backbone; its results by backbone."""
-    arms = ",".join("mtl" if o is None else f"{b}={o}" for b, o in OVERLAYS.items())
+def accuracy(datalist: str, out: str, epochs: int | None, names: list[str]) -> dict[str, dict]:
+    """Run (or resume) the experiment with one arm per backbone in ``names``; its results by name."""
+    overlays = {**OVERLAYS, **EXTRA}
+    arms = ",".join("mtl" if overlays[b] is None else f"{b}={overlays[b]}" for b in names)
     cmd = [sys.executable, "-m", "pipeline", "experiment", "--datalist", datalist, "--out", out, "--repeats", "1",
            "--overlays", "configs/demo.json", "--arms", arms]
     if epochs:
@@ -106,7 +120,7 @@ def accuracy(datalist: str, out: str, epochs: int | None) -> dict[str, dict]:
     subprocess.run(cmd, cwd=ROOT, check=True)
     with open(Path(out) / "results.csv", encoding="utf-8") as f:
         rows = {r["arm"]: r for r in csv.DictReader(f)}
-    return {b: rows.get("mtl" if o is None else b, {}) for b, o in OVERLAYS.items()}
+    return {b: rows.get("mtl" if overlays[b] is None else b, {}) for b in names}
 
 
 def _f(v: object, digits: int = 3) -> str:
@@ -124,23 +138,36 @@ def main() -> None:
     ap.add_argument("--datalist", default=None, help="train each backbone on this cohort (demo overlay)")
     ap.add_argument("--out", default="work/backbones", help="the experiment's folder (with --datalist)")
     ap.add_argument("--epochs", type=int, default=None, help="override the demo's epochs (with --datalist)")
+    ap.add_argument("--train", default=",".join([*OVERLAYS, "mtl2d", "cls2d"]),
+                    help="comma-separated rows to train with --datalist (default: every backbone and the 2-D mode; "
+                         f"also: {', '.join(k for k in EXTRA if k not in ('mtl2d', 'cls2d'))})")
+    ap.add_argument("--no_speed", action="store_true", help="skip the timing (only the accuracy columns)")
     a = ap.parse_args()
-    speed = speed_table(a.device, a.iters, ["demo", "paper"] if a.paper else ["demo"])
-    acc = accuracy(a.datalist, a.out, a.epochs) if a.datalist else {}
-    print(f"\n| backbone | dims | params (M) | s/iter at demo size ({a.device}) | peak memory (MB) | "
+    names = [n.strip() for n in a.train.split(",") if n.strip()]
+    unknown = [n for n in names if n not in {**OVERLAYS, **EXTRA}]
+    if unknown:
+        ap.error(f"unknown row(s) {unknown}; known: {', '.join([*OVERLAYS, *EXTRA])}")
+    speed = [] if a.no_speed else speed_table(a.device, a.iters, ["demo", "paper"] if a.paper else ["demo"])
+    acc = accuracy(a.datalist, a.out, a.epochs, names) if a.datalist else {}
+    print(f"\n| backbone | dims | params (M) | batch x input | s/iter at demo size ({a.device}) | peak memory (MB) | "
           "held-out Dice | held-out bal. acc. | minutes to train + evaluate |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in (r for r in speed if r["size"] == "demo"):
-        m = acc.get(r["backbone"], {})
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    timed = {r["backbone"]: r for r in speed if r["size"] == "demo"}
+    for name in [*OVERLAYS, *EXTRA]:
+        r, m = timed.get(name), acc.get(name, {})
+        if r is None and not m:
+            continue
         minutes = _f(float(m["seconds"]) / 60, 1) if m.get("seconds") else "n/a"
-        print(f"| {r['backbone']} | 3-D | {r['params'] / 1e6:.2f} | {r['s_per_iter']:.2f} | {r['peak_mb']:.0f} | "
-              f"{_f(m.get('test_dice'))} | {_f(m.get('test_balanced_accuracy'))} | {minutes} |")
+        shape = f"{r['batch']} x {'x'.join(map(str, r['patch']))}" if r else "n/a"
+        dims = f"{r['dims']}-D" if r else ("2-D" if name.endswith("2d") else "3-D")
+        print(f"| {name} | {dims} | {_f(r and r['params'] / 1e6, 2)} | {shape} | {_f(r and r['s_per_iter'], 2)} | "
+              f"{_f(r and r['peak_mb'], 0)} | {_f(m.get('test_dice'))} | {_f(m.get('test_balanced_accuracy'))} | "
+              f"{minutes} |")
     for r in (r for r in speed if r["size"] == "paper"):
-        print(f"| {r['backbone']} (paper size) | 3-D | {r['params'] / 1e6:.2f} | {r['s_per_iter']:.2f} | "
-              f"{r['peak_mb']:.0f} | | | |")
-    print(f"\nbatch {speed[0]['batch'] if speed else '?'} patches of {speed[0]['patch'] if speed else '?'} per "
-          "step; Dice / balanced accuracy on one split's held-out cases (one seed: an anecdote)")
-
+        print(f"| {r['backbone']} (paper size) | {r['dims']}-D | {r['params'] / 1e6:.2f} | "
+              f"{r['batch']} x {'x'.join(map(str, r['patch']))} | {r['s_per_iter']:.2f} | {r['peak_mb']:.0f} | | | |")
+    print("\nDice / balanced accuracy on one split's held-out cases (one cohort seed: an anecdote); n/a: not "
+          "trained in this run (--train) or no decoder (no Dice).")
 
 if __name__ == "__main__":
     main()

@@ -79,7 +79,7 @@ def _describe(state: dict[str, Any], run_dir: Path) -> str:
     if m.get("balanced_accuracy") is not None:
         parts.append(f"bal. acc. {m['balanced_accuracy']:.3f} ({m.get('n_with_class')} with class)")
     if m.get("n_with_mask") == 0:
-        parts.append("no test case with a mask")
+        parts.append("no Dice (no decoder, or no test case with a mask)")
     return ", ".join(parts) + f", {float(state.get('seconds') or 0) / 60:.1f} min"
 
 
