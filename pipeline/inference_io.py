@@ -367,18 +367,25 @@ def write_report(rows: Sequence[dict[str, Any]], output_dir: str | Path, class_n
     return csv_path, json_path
 
 
+def printable(text: str) -> str:
+    """``text`` with each surrogate-escaped byte (from a file name that is not UTF-8) written as a
+    ``\\udcXX`` escape, so that a UTF-8 terminal, log file or picture title can show it (the raw
+    surrogate makes the stream's encoder raise)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def case_title(row: dict[str, Any]) -> str:
     """One-line result of a case (QC picture title, progress line): id, class, probability, volume."""
     cls = row.get("predicted_class")
     p = row.get(f"p_{cls}") if cls else None
     what = f"{cls} (p {p:.2f})" if cls else "segmentation only"
     tumour = f"tumour {row['volume_ml']:.1f} mL" if row.get("volume_ml") else "no tumour found"
-    return f"{row['id']}: {what}, {tumour}"
+    return f"{printable(row['id'])}: {what}, {tumour}"
 
 
 def log_row(row: dict[str, Any], n: int, total: int) -> None:
     """Progress line of case ``n`` of ``total`` (logger ``pipeline.inference_io``)."""
-    head = f"[{n}/{total}] {row['id']}:"
+    head = f"[{n}/{total}] {printable(row['id'])}:"
     if row["status"] != "ok":
         logger.error("%s %s", head, row["status"])
     elif row.get("reused"):

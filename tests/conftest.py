@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,20 @@ import pytest
 import SimpleITK as sitk
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n N``, what scripts/test.sh runs) each worker gets cores / N threads,
+    and the subprocesses it starts inherit that through OMP_NUM_THREADS: N workers each using every
+    core would oversubscribe the machine (on 2 cores, 2 x 2 threads ran several times slower)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers:
+        return
+    threads = max(1, (os.cpu_count() or 1) // int(workers))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def write_volume(path: Path, arr: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
@@ -59,3 +74,14 @@ def real_data() -> Path:
     if not REAL_DATA.is_dir():
         pytest.skip("../shared/data/real is absent")
     return REAL_DATA
+
+
+# The longest files first, so that under pytest-xdist (whole files per worker) the longest one does
+# not start last and run alone at the end (test_experiment.py alone is about 6 minutes on 2 cores).
+LONGEST_FILES = ("test_experiment.py", "test_tracking.py", "test_precision.py", "test_distributed.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Order the collected tests: files of ``LONGEST_FILES`` first, the rest as collected."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

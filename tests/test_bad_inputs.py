@@ -250,7 +250,7 @@ def test_folder_level_problems(kit, tmp_path, monkeypatch):
     assert snapshot(inputs) == before
 
 
-def test_non_utf8_file_name_fails_alone(kit, tmp_path, monkeypatch):
+def test_non_utf8_file_name_fails_alone(kit, tmp_path, monkeypatch, caplog):
     """SimpleITK aborts the whole process (C++ std::logic_error) on a path that is not UTF-8."""
     inputs, out = tmp_path / "in", tmp_path / "out"
     good = good_copy(kit, inputs / "good.nii.gz")
@@ -262,6 +262,10 @@ def test_non_utf8_file_name_fails_alone(kit, tmp_path, monkeypatch):
     assert_complete(out, "good", good)
     assert "the path is not valid UTF-8" in rows["scan\udcff"]["status"]
     assert "scan\\udcff" in (out / "predictions.csv").read_text(encoding="utf-8")
+    # the progress line names it with an escape: a raw surrogate would make a UTF-8 terminal's
+    # encoder raise (logging then prints its own traceback)
+    assert "[2/2] scan\\udcff: failed" in caplog.text
+    caplog.text.encode("utf-8")
 
 
 class RewritingNetwork(torch.nn.Module):
