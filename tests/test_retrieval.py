@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -23,6 +24,7 @@ from pipeline.retrieval import (
     write_index,
 )
 from pipeline.retrieval_eval import loo_neighbours, score_neighbours, vote
+from tests.conftest import REAL_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,6 +144,19 @@ def test_index_query_evaluate_end_to_end(tmp_path):
     assert result["neighbours"][0]["id"] == cases[0]["id"] and result["neighbours"][0]["distance"] < 1e-3
     assert len(result["neighbours"]) == 3 and (tmp_path / "q" / "neighbours.png").stat().st_size > 1000
     assert (tmp_path / "q" / "neighbours.csv").read_text().startswith("rank,distance,id")
+    real = REAL_DATA / "TCGA-FG-6692" / "sri24"
+    if real.is_dir():  # a real, differently shaped scan (240 x 240 x 155, 1 mm, LPS), registered the usual way
+        _run(["-m", "pipeline", "retrieval", "query", "--index", str(tmp_path / "index"), "--image",
+              str(real / "flair_brain.nii.gz"), "--mask", str(real / "seg_consensus.nii.gz"), "--k", "3",
+              "--out", str(tmp_path / "qreal")])
+        result = json.loads((tmp_path / "qreal" / "neighbours.json").read_text())
+        assert len(result["neighbours"]) == 3 and result["query"]["box_source"] == "truth"
+        assert (tmp_path / "qreal" / "neighbours.png").stat().st_size > 1000
+        seg = nib.load(real / "seg_consensus.nii.gz")
+        native_ml = float((np.asarray(seg.dataobj) > 0).sum() * np.prod(seg.header.get_zooms()[:3]) / 1000)
+        # an affine registration rescales the volume by its determinant (brain size against the atlas'),
+        # and the 6 mm grid is coarse: the same tumour, within a factor of two
+        assert 0.5 * native_ml < result["query"]["volume_ml"] < 2.0 * native_ml
     _run(["-m", "pipeline", "retrieval", "evaluate", "--datalist", str(datalist), "--out", str(tmp_path / "ev"),
           "--model", "mtl", str(ckpt), *overlays, "--kmax", "4", "--report_k", "3", "--draws", "1",
           "--already_registered"])
