@@ -36,10 +36,11 @@ OVERLAYS = {"segresnet": None, "basic_unet": "configs/backbone_basic_unet.json",
             "attention_unet": "configs/backbone_attention_unet.json",
             "swin_unetr": "configs/backbone_swinunetr.json"}
 # The 2-D mode (multi-task and classifier alone) and the 3-D classifier-alone baselines: timed like the
-# backbones; their accuracy comes from their own experiments (README of this script's table).
+# backbones, trained when named in --train.
 EXTRA = {"mtl2d": "configs/mtl2d.json", "cls2d": "configs/cls2d.json",
          "cls_densenet121": "configs/cls_densenet121.json", "cls_resnet18": "configs/cls_resnet18.json",
          "cls_vit": "configs/cls_vit.json"}
+ROWS = {**OVERLAYS, **EXTRA}  # every row of the table: name -> overlay (None: the default SegResNet)
 
 
 def speed_one(backbone: str, size: str, device: str, iters: int) -> dict:
@@ -51,7 +52,7 @@ def speed_one(backbone: str, size: str, device: str, iters: int) -> dict:
     from pipeline.losses import MultiTaskLoss
 
     files = [str(ROOT / "bundles/plgg_mtl/configs/train.json"), str(ROOT / f"configs/{size}.json")]
-    overlay = {**OVERLAYS, **EXTRA}[backbone]
+    overlay = ROWS[backbone]
     if overlay:
         files.append(str(ROOT / overlay))
     p = ConfigParser()
@@ -94,7 +95,7 @@ def speed_one(backbone: str, size: str, device: str, iters: int) -> dict:
 def speed_table(device: str, iters: int, sizes: list[str]) -> list[dict]:
     rows = []
     for size in sizes:
-        for backbone in [*OVERLAYS, *EXTRA]:
+        for backbone in ROWS:
             code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.backbones import speed_one; "
                     f"print('RESULT ' + json.dumps(speed_one({backbone!r}, {size!r}, {device!r}, {iters})))")
             done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
@@ -111,8 +112,7 @@ def speed_table(device: str, iters: int, sizes: list[str]) -> list[dict]:
 
 def accuracy(datalist: str, out: str, epochs: int | None, names: list[str]) -> dict[str, dict]:
     """Run (or resume) the experiment with one arm per backbone in ``names``; its results by name."""
-    overlays = {**OVERLAYS, **EXTRA}
-    arms = ",".join("mtl" if overlays[b] is None else f"{b}={overlays[b]}" for b in names)
+    arms = ",".join("mtl" if ROWS[b] is None else f"{b}={ROWS[b]}" for b in names)
     cmd = [sys.executable, "-m", "pipeline", "experiment", "--datalist", datalist, "--out", out, "--repeats", "1",
            "--overlays", "configs/demo.json", "--arms", arms]
     if epochs:
@@ -120,7 +120,7 @@ def accuracy(datalist: str, out: str, epochs: int | None, names: list[str]) -> d
     subprocess.run(cmd, cwd=ROOT, check=True)
     with open(Path(out) / "results.csv", encoding="utf-8") as f:
         rows = {r["arm"]: r for r in csv.DictReader(f)}
-    return {b: rows.get("mtl" if overlays[b] is None else b, {}) for b in names}
+    return {b: rows.get("mtl" if ROWS[b] is None else b, {}) for b in names}
 
 
 def _f(v: object, digits: int = 3) -> str:
@@ -144,16 +144,16 @@ def main() -> None:
     ap.add_argument("--no_speed", action="store_true", help="skip the timing (only the accuracy columns)")
     a = ap.parse_args()
     names = [n.strip() for n in a.train.split(",") if n.strip()]
-    unknown = [n for n in names if n not in {**OVERLAYS, **EXTRA}]
+    unknown = [n for n in names if n not in ROWS]
     if unknown:
-        ap.error(f"unknown row(s) {unknown}; known: {', '.join([*OVERLAYS, *EXTRA])}")
+        ap.error(f"unknown row(s) {unknown}; known: {', '.join(ROWS)}")
     speed = [] if a.no_speed else speed_table(a.device, a.iters, ["demo", "paper"] if a.paper else ["demo"])
     acc = accuracy(a.datalist, a.out, a.epochs, names) if a.datalist else {}
     print(f"\n| backbone | dims | params (M) | batch x input | s/iter at demo size ({a.device}) | peak memory (MB) | "
           "held-out Dice | held-out bal. acc. | minutes to train + evaluate |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     timed = {r["backbone"]: r for r in speed if r["size"] == "demo"}
-    for name in [*OVERLAYS, *EXTRA]:
+    for name in ROWS:
         r, m = timed.get(name), acc.get(name, {})
         if r is None and not m:
             continue
@@ -168,6 +168,7 @@ def main() -> None:
               f"{r['batch']} x {'x'.join(map(str, r['patch']))} | {r['s_per_iter']:.2f} | {r['peak_mb']:.0f} | | | |")
     print("\nDice / balanced accuracy on one split's held-out cases (one cohort seed: an anecdote); n/a: not "
           "trained in this run (--train) or no decoder (no Dice).")
+
 
 if __name__ == "__main__":
     main()
