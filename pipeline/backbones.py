@@ -34,6 +34,10 @@ multiple of 12 nearest ``1.5 f`` (at least 12); ``backbone_kwargs`` overrides an
 
 TorchScript: BasicUNet, UNet and AttentionUnet script; SwinUNETR does not (MONAI's Swin
 transformer uses constructs TorchScript rejects): export it with ONNX (``python -m pipeline onnx``).
+ONNX with free spatial axes (``python -m pipeline onnx``): every U-Net backbone and the
+reconstruction network; sizes are multiples of ``export_factor`` (16) and at least
+``export_min_size`` (twice that), where the padding below is zero. SwinUNETR exports with a free
+batch and the spatial size fixed to ``patch_size`` (the window attention mask is traced as a constant).
 Not supported with these backbones: ``reconstruct``; ``segment: false`` (the classifier alone) only
 on ``basic_unet`` (the 2-D study's classifier alone, ``configs/cls2d.json``).
 """
@@ -60,7 +64,7 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
     and at least ``2 * multiple``: the bottleneck's instance norm needs more than one cell."""
     pad: list[int] = []
     for i in range(x.dim() - 1, 1, -1):
-        n = int(x.shape[i])
+        n = x.shape[i]  # not int(): under torch.export a symbolic size stays symbolic (ONNX export)
         pad += [0, max((multiple - n % multiple) % multiple, 2 * multiple - n)]
     return nn.functional.pad(x, pad)
 
@@ -247,6 +251,14 @@ class MultiTaskBackboneNet(TumourHeadMixin, nn.Module):
                 setattr(self.backbone.net, name, nn.Identity())
         self.reconstruct = False
         self.downsampling = 1  # the adapters pad internally: any size goes in
+        # ONNX export (pipeline.onnx_export) traces sizes that are multiples of the backbone's own
+        # down-sampling and at least twice it, where the padding is provably zero
+        self.export_factor = int(self.backbone.multiple)
+        self.export_min_size = 2 * int(self.backbone.multiple)
+        # MONAI's SwinUNETR computes its shifted-window attention mask from the input size in Python:
+        # a trace bakes it in, so its ONNX export has a fixed spatial size (measured: ONNX Runtime
+        # fails to reshape at any other size)
+        self.export_dynamic_spatial = backbone != "swin_unetr"
         self.encoder_strides = list(self.backbone.strides)
         self._init_head(width, spatial_dims, in_channels, num_classes, cls_hidden, cls_dropout, cls_pooling,
                         coord_channels, tumour_floor, coord_mirror_axes)

@@ -30,9 +30,11 @@ OUTPUTS = ["seg_logits", "class_logits", "embedding"]
 
 
 def export_onnx(network: torch.nn.Module, path: str | Path, channels: int, factor: int, example: list[int],
-                metadata: dict | None = None, max_size: int = 1024) -> float:
+                metadata: dict | None = None, max_size: int = 1024, min_size: int = 1,
+                dynamic_spatial: bool = True) -> float:
     """Export ``network`` (eval mode) to ``path``; returns the largest |ONNX Runtime - PyTorch| output
-    difference over two checks (the example size, and batch 2 at another size).
+    difference over two checks (the example size, and batch 2 at another size, or at the same size
+    when ``dynamic_spatial`` is False).
 
     Args:
         channels: input channels (image + coordinate channels).
@@ -40,6 +42,10 @@ def export_onnx(network: torch.nn.Module, path: str | Path, channels: int, facto
         example: spatial size traced (multiples of ``factor``), e.g. the training patch.
         metadata: stored in the model as ``metadata_props["metadata.json"]``.
         max_size: largest spatial size allowed.
+        min_size: smallest spatial size allowed (rounded up to a multiple of ``factor``).
+        dynamic_spatial: False fixes the spatial size to ``example`` (batch still free): for networks
+            whose forward computes shape-dependent constants in Python (MONAI's SwinUNETR builds its
+            shifted-window attention mask from the input size), which a trace bakes in.
     """
     import onnx
     from torch.export import Dim
@@ -47,8 +53,9 @@ def export_onnx(network: torch.nn.Module, path: str | Path, channels: int, facto
     from pipeline.onnx_backend import OnnxNetwork
 
     network = network.eval()
-    dims = [Dim(f"s{i}", min=1, max=max_size // factor) for i in range(len(example))]
-    shapes = {"x": {0: Dim("batch", min=1, max=1024), **{2 + i: factor * d for i, d in enumerate(dims)}}}
+    dims = [Dim(f"s{i}", min=max(1, -(-min_size // factor)), max=max_size // factor) for i in range(len(example))]
+    shapes = {"x": {0: Dim("batch", min=1, max=1024),
+                    **({2 + i: factor * d for i, d in enumerate(dims)} if dynamic_spatial else {})}}
     x = torch.randn(1, channels, *example)
 
     def write(tmp: str) -> None:
@@ -62,7 +69,8 @@ def export_onnx(network: torch.nn.Module, path: str | Path, channels: int, facto
     path = atomic_write(Path(path), write, ".onnx")
     exported = OnnxNetwork(path)  # the same ONNX Runtime wrapper inference uses
     worst = 0.0
-    for shape in ([1, channels, *example], [2, channels, *[s + factor for s in example]]):
+    step = factor if dynamic_spatial else 0
+    for shape in ([1, channels, *example], [2, channels, *[s + step for s in example]]):
         xi = torch.randn(*shape)
         with torch.no_grad():
             ref = network(xi)
@@ -92,10 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.read_config(a.config_file)
     network = load_weights(parser.get_parsed_content("network_def"), a.ckpt)
     channels = int(parser.get_parsed_content("in_channels")) + int(parser.get_parsed_content("coord_channels"))
-    factor = max(int(getattr(network, "downsampling", 8)), 8)
+    # the backbone adapters declare the sizes their padding traces statically (export_factor)
+    factor = int(getattr(network, "export_factor", max(int(getattr(network, "downsampling", 8)), 8)))
+    min_size = int(getattr(network, "export_min_size", 1))
+    dynamic = bool(getattr(network, "export_dynamic_spatial", True))
     patch = [int(s) for s in parser.get_parsed_content("patch_size")]
+    bad = [s for s in patch if dynamic and (s % factor or s < min_size)]
+    if bad:
+        raise InputError(a.config_file[-1], f"patch_size {patch}: ONNX export of this network needs sizes that "
+                         f"are multiples of {factor} and at least {min_size}")
     metadata = json.loads(METADATA.read_text(encoding="utf-8"))
-    worst = export_onnx(network, a.out, channels, factor, patch, metadata)
-    print(f"[onnx] {a.out}: inputs (batch, {channels}, x, y, z) with x, y, z multiples of {factor}; ONNX Runtime "
-          f"agrees with PyTorch to {worst:.1e} (checked at {patch} and batch 2 at +{factor})")
+    worst = export_onnx(network, a.out, channels, factor, patch, metadata, min_size=min_size,
+                        dynamic_spatial=dynamic)
+    sizes = (f"x, y, z multiples of {factor} from {max(min_size, factor)}" if dynamic else
+             f"x, y, z = {patch} (this backbone's trace fixes the spatial size; inference feeds only patch_size)")
+    print(f"[onnx] {a.out}: inputs (batch, {channels}, x, y, z) with {sizes}; ONNX Runtime agrees with PyTorch to "
+          f"{worst:.1e} (checked at {patch} and batch 2{f' at +{factor}' if dynamic else ''})")
     return 0

@@ -129,3 +129,28 @@ def test_pipeline_onnx_has_dynamic_spatial_axes(exported, tmp_path):
         got = net(x)
         assert all(torch.allclose(r, g, atol=1e-4) for r, g in zip(ref, got, strict=True)), shape
         assert got[0].shape == (shape[0], 1, *shape[2:])
+
+
+@pytest.mark.parametrize("kwargs", [{"backbone": "basic_unet"}, {"backbone": "segresnet", "reconstruct": True}],
+                         ids=["basic_unet", "segresnet_recon"])
+def test_other_networks_export_with_dynamic_spatial_axes(kwargs, tmp_path):
+    """A backbone adapter (which pads inside its forward) and the reconstruction network (four outputs)
+    export with free spatial sizes; ONNX Runtime equals PyTorch at a size the trace never saw."""
+    from pipeline.backbones import multitask_network
+    from pipeline.onnx_backend import OnnxNetwork
+    from pipeline.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    network = multitask_network(in_channels=4, init_filters=8, cls_hidden=[8], **kwargs).eval()
+    factor = int(getattr(network, "export_factor", 8))
+    min_size = int(getattr(network, "export_min_size", 1))
+    size = max(2 * factor, min_size)
+    export_onnx(network, tmp_path / "net.onnx", 4, factor, [size] * 3, min_size=min_size)
+    x = torch.randn(1, 4, size + factor, size, size + 2 * factor)
+    with torch.no_grad():
+        ref = network(x)
+    got = OnnxNetwork(tmp_path / "net.onnx")(x)
+    assert len(got) == len(ref) == (4 if kwargs.get("reconstruct") else 3)
+    assert got[0].shape == (1, 1, *x.shape[2:])
+    for r, g in zip(ref, got, strict=True):
+        assert torch.allclose(r, g, atol=1e-4), float((r - g).abs().max())
