@@ -172,7 +172,7 @@ def predict_raw(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfi
         segmentation-only network). A network without decoder (``has_decoder = False``, the
         classifier alone) gives ``None`` for the tumour and is classified on the whole volume. A
         2-D network (``spatial_dims == 2``) predicts the volume slice by slice
-        (:func:`pipeline.slices.predict_slicewise`; no sliding window, no flip TTA).
+        (:func:`pipeline.slices.predict_slicewise`; no sliding window; the same flip TTA).
     """
     was_training = network.training
     network.eval()
@@ -180,11 +180,21 @@ def predict_raw(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfi
     if int(getattr(network, "spatial_dims", 3)) == 2 and image.dim() == 5:  # 2-D mode: slice by slice
         from pipeline.slices import predict_slicewise
 
+        # flip TTA as in 3-D: each flip set's slice-by-slice prediction, un-flipped; the tumour is
+        # the mean over every flip set, the class over those within the training flips
+        segs, class_logits = [], []
         with torch.autocast(device_type=device_type, dtype=AMP_DTYPES[cfg.amp_dtype],
                             enabled=cfg.amp and device_type == "cuda"):
-            seg_prob, logits = predict_slicewise(network, image, weights_from=mask)
+            for f in cfg.flips:
+                seg_f, logits_f = predict_slicewise(network, _flip(image, f),
+                                                    weights_from=None if mask is None else _flip(mask, f))
+                if seg_f is not None:
+                    segs.append(_flip(seg_f, f))
+                if logits_f is not None and f in cfg.class_flips:
+                    class_logits.append(logits_f.float())
         network.train(was_training)
-        return seg_prob, logits
+        return (torch.stack(segs).mean(0) if segs else None,
+                torch.stack(class_logits).mean(0) if class_logits else None)
     seg_net = SegmentationOutput(network)
     if not getattr(network, "has_decoder", True):
         with torch.autocast(device_type=device_type, dtype=AMP_DTYPES[cfg.amp_dtype],

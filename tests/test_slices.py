@@ -53,6 +53,47 @@ def test_class_is_the_tumour_area_weighted_mean_of_the_slices():
     torch.testing.assert_close(slice_weights(torch.zeros(4, 1, 2, 2)), torch.full((4,), 0.25))
 
 
+class TinySliceNet(torch.nn.Module):
+    """A real 2-D network (a convolution, a linear layer over the flattened slice) with no symmetry:
+    neither its mask nor its class is unchanged by a flip of the slice."""
+
+    spatial_dims = 2
+    has_decoder = True
+
+    def __init__(self, size: int = 6) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        self.fc = torch.nn.Linear(size * size, 3)
+
+    def forward(self, x):
+        seg = self.conv(x)
+        return seg, self.fc(torch.tanh(seg).flatten(1)), seg.flatten(1)
+
+
+def test_flip_tta_in_2d_makes_the_prediction_flip_equivariant():
+    """With TTA over {identity, flip of H}, predicting the flipped volume gives the flipped
+    prediction (mask) and the same class; without TTA this network does not (so the check bites).
+    A flip outside the training flips (``class_flip_axes``) averages the mask but not the class."""
+    torch.manual_seed(0)
+    net = TinySliceNet()
+    vol = torch.randn(1, 1, 6, 6, 5)
+    flipped = torch.flip(vol, dims=[2])
+    plain = PredictConfig(roi_size=(6, 6, 1))
+    seg, logits = predict_raw(net, vol, plain)
+    seg_f, logits_f = predict_raw(net, flipped, plain)
+    assert not torch.allclose(torch.flip(seg_f, dims=[2]), seg, atol=1e-3)
+    assert not torch.allclose(logits_f, logits, atol=1e-3)
+    tta = PredictConfig(roi_size=(6, 6, 1), tta_flips=[[0]], class_flip_axes=[0])
+    seg, logits = predict_raw(net, vol, tta)
+    seg_f, logits_f = predict_raw(net, flipped, tta)
+    torch.testing.assert_close(torch.flip(seg_f, dims=[2]), seg)
+    torch.testing.assert_close(logits_f, logits)
+    outside = PredictConfig(roi_size=(6, 6, 1), tta_flips=[[1]], class_flip_axes=[0])
+    seg_o, logits_o = predict_raw(net, vol, outside)
+    torch.testing.assert_close(logits_o, predict_raw(net, vol, plain)[1])  # the class ignores the W flip
+    assert not torch.allclose(seg_o, predict_raw(net, vol, plain)[0], atol=1e-3)  # the mask does not
+
+
 def test_classifier_alone_weighs_slices_by_the_true_tumour_area():
     from pipeline.engines import MultiTaskPrepareBatch
 
