@@ -54,6 +54,12 @@ class OnnxNetwork(nn.Module):
         self.input_name = inp.name
         self.input_shape = list(inp.shape)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # written by ``python -m pipeline onnx`` (0.7.2+): free spatial sizes are multiples of
+        # spatial_factor from spatial_min; absent (MONAI's verb, older files): the encoder's 8
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.spatial_factor = int(props.get("spatial_factor", 0))
+        self.spatial_min = int(props.get("spatial_min", 1))
+        self.downsampling = self.spatial_factor or 8  # what a whole-volume classification pads to
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         expected = self.input_shape[1:]
@@ -62,6 +68,9 @@ class OnnxNetwork(nn.Module):
             raise InputError(self.path, f"exported for inputs of (batch, {', '.join(map(str, expected))}), given "
                                         f"(batch, {', '.join(map(str, got))}): export it with --input_shape "
                                         f"[1, {', '.join(map(str, got))}] (the overlay's patch_size)")
+        if self.spatial_factor and any(g % self.spatial_factor or g < self.spatial_min for g in got[1:]):
+            raise InputError(self.path, f"exported for spatial sizes that are multiples of {self.spatial_factor} "
+                                        f"from {self.spatial_min}, given {', '.join(map(str, got[1:]))}")
         array = np.ascontiguousarray(x.detach().float().cpu().numpy())
         outputs = self.session.run(self.output_names, {self.input_name: array})
         return tuple(torch.from_numpy(o).to(x.device) for o in outputs)

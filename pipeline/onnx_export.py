@@ -58,12 +58,18 @@ def export_onnx(network: torch.nn.Module, path: str | Path, channels: int, facto
                     **({2 + i: factor * d for i, d in enumerate(dims)} if dynamic_spatial else {})}}
     x = torch.randn(1, channels, *example)
 
+    names = OUTPUTS + (["reconstruction"] if getattr(network, "reconstruct", False) else [])
+    # the sizes the file accepts, read back by pipeline.onnx_backend.OnnxNetwork (its checks, and the
+    # padding of a whole-volume classification)
+    props = {"spatial_factor": str(factor if dynamic_spatial else 0), "spatial_min": str(min_size)}
+    if metadata is not None:
+        props["metadata.json"] = json.dumps(metadata)
+
     def write(tmp: str) -> None:
         torch.onnx.export(network, (x,), tmp, dynamo=True, dynamic_shapes=shapes, input_names=["image"],
-                          output_names=OUTPUTS)
+                          output_names=names)
         model = onnx.load(tmp)
-        if metadata is not None:
-            onnx.helper.set_model_props(model, {"metadata.json": json.dumps(metadata)})
+        onnx.helper.set_model_props(model, props)
         onnx.save(model, tmp)
 
     path = atomic_write(Path(path), write, ".onnx")
@@ -99,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = ConfigParser()
     parser.read_config(a.config_file)
     network = load_weights(parser.get_parsed_content("network_def"), a.ckpt)
+    if int(getattr(network, "spatial_dims", 3)) != 3:
+        raise InputError(a.config_file[-1], "ONNX export is for 3-D networks; this overlay's network is 2-D "
+                         "(spatial_dims 2): infer it with the PyTorch checkpoint")
     channels = int(parser.get_parsed_content("in_channels")) + int(parser.get_parsed_content("coord_channels"))
     # the backbone adapters declare the sizes their padding traces statically (export_factor)
     factor = int(getattr(network, "export_factor", max(int(getattr(network, "downsampling", 8)), 8)))

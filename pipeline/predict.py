@@ -130,6 +130,11 @@ def _flip(x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
     return torch.flip(x, dims=[a + 2 for a in axes]) if axes else x
 
 
+def _in_plane(flips: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """2-D mode: the flip sets without the depth axis (2), duplicates removed, order kept."""
+    return list(dict.fromkeys(tuple(a for a in f if a != 2) for f in flips))
+
+
 @torch.no_grad()
 def predict_volume(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfig
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -172,7 +177,8 @@ def predict_raw(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfi
         segmentation-only network). A network without decoder (``has_decoder = False``, the
         classifier alone) gives ``None`` for the tumour and is classified on the whole volume. A
         2-D network (``spatial_dims == 2``) predicts the volume slice by slice
-        (:func:`pipeline.slices.predict_slicewise`; no sliding window; the same flip TTA).
+        (:func:`pipeline.slices.predict_slicewise`; no sliding window; flip TTA in the slices' plane,
+        depth flips dropped).
     """
     was_training = network.training
     network.eval()
@@ -180,17 +186,20 @@ def predict_raw(network: torch.nn.Module, image: torch.Tensor, cfg: PredictConfi
     if int(getattr(network, "spatial_dims", 3)) == 2 and image.dim() == 5:  # 2-D mode: slice by slice
         from pipeline.slices import predict_slicewise
 
-        # flip TTA as in 3-D: each flip set's slice-by-slice prediction, un-flipped; the tumour is
-        # the mean over every flip set, the class over those within the training flips
+        # flip TTA in the slices' plane: each flip set's slice-by-slice prediction, un-flipped; the
+        # tumour is the mean over every flip set, the class over those within the training flips.
+        # A depth flip (axis 2) only reorders slices predicted one by one, so it is dropped.
+        seg_flips = _in_plane(cfg.flips) if getattr(network, "has_decoder", True) else []
+        class_flips = _in_plane(cfg.class_flips)
         segs, class_logits = [], []
         with torch.autocast(device_type=device_type, dtype=AMP_DTYPES[cfg.amp_dtype],
                             enabled=cfg.amp and device_type == "cuda"):
-            for f in cfg.flips:
+            for f in dict.fromkeys(seg_flips + class_flips):  # each pass once, in order
                 seg_f, logits_f = predict_slicewise(network, _flip(image, f),
                                                     weights_from=None if mask is None else _flip(mask, f))
-                if seg_f is not None:
+                if seg_f is not None and f in seg_flips:
                     segs.append(_flip(seg_f, f))
-                if logits_f is not None and f in cfg.class_flips:
+                if logits_f is not None and f in class_flips:
                     class_logits.append(logits_f.float())
         network.train(was_training)
         return (torch.stack(segs).mean(0) if segs else None,

@@ -141,7 +141,9 @@ def test_other_networks_export_with_dynamic_spatial_axes(kwargs, tmp_path):
     from pipeline.onnx_export import export_onnx
 
     torch.manual_seed(0)
-    network = multitask_network(in_channels=4, init_filters=8, cls_hidden=[8], **kwargs).eval()
+    # the product's head: tumour-weighted pooling and 3 coordinate channels after the image
+    network = multitask_network(in_channels=1, coord_channels=3, cls_pooling="tumour", init_filters=8,
+                                cls_hidden=[8], **kwargs).eval()
     factor = int(getattr(network, "export_factor", 8))
     min_size = int(getattr(network, "export_min_size", 1))
     size = max(2 * factor, min_size)
@@ -149,8 +151,13 @@ def test_other_networks_export_with_dynamic_spatial_axes(kwargs, tmp_path):
     x = torch.randn(1, 4, size + factor, size, size + 2 * factor)
     with torch.no_grad():
         ref = network(x)
-    got = OnnxNetwork(tmp_path / "net.onnx")(x)
+    onnx_net = OnnxNetwork(tmp_path / "net.onnx")
+    got = onnx_net(x)
     assert len(got) == len(ref) == (4 if kwargs.get("reconstruct") else 3)
+    assert onnx_net.output_names[-1] == ("reconstruction" if kwargs.get("reconstruct") else "embedding")
     assert got[0].shape == (1, 1, *x.shape[2:])
     for r, g in zip(ref, got, strict=True):
         assert torch.allclose(r, g, atol=1e-4), float((r - g).abs().max())
+    assert onnx_net.downsampling == factor  # a whole-volume classification pads to what the file accepts
+    with pytest.raises(InputError, match=f"multiples of {factor} from {min_size}"):
+        onnx_net(torch.randn(1, 4, size + 1, size, size))

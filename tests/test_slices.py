@@ -88,6 +88,10 @@ def test_flip_tta_in_2d_makes_the_prediction_flip_equivariant():
     seg_f, logits_f = predict_raw(net, flipped, tta)
     torch.testing.assert_close(torch.flip(seg_f, dims=[2]), seg)
     torch.testing.assert_close(logits_f, logits)
+    # a depth flip only reorders slices predicted one by one: dropped, so [[2], [0, 2]] is [[0]]
+    depth = PredictConfig(roi_size=(6, 6, 1), tta_flips=[[2], [0, 2]], class_flip_axes=[0, 2])
+    for got, want in zip(predict_raw(net, vol, depth), (seg, logits), strict=True):
+        torch.testing.assert_close(got, want)
     outside = PredictConfig(roi_size=(6, 6, 1), tta_flips=[[1]], class_flip_axes=[0])
     seg_o, logits_o = predict_raw(net, vol, outside)
     torch.testing.assert_close(logits_o, predict_raw(net, vol, plain)[1])  # the class ignores the W flip
@@ -109,6 +113,9 @@ def test_classifier_alone_weighs_slices_by_the_true_tumour_area():
     mask[0, 0, :2, :2, 2] = 1  # the tumour is in slice 2 only
     _, logits = predict_slicewise(NoDecoder(), vol, weights_from=mask)
     assert int(logits.argmax()) == 2
+    tta = PredictConfig(roi_size=(4, 4, 1), tta_flips=[[0], [2]], class_flip_axes=[0, 2])
+    _, with_tta = predict_raw(NoDecoder(), vol, tta, mask=mask)  # the mask flips with the image
+    torch.testing.assert_close(with_tta, logits)  # this network ignores in-plane flips
     _, uniform = predict_slicewise(NoDecoder(), vol)
     torch.testing.assert_close(torch.softmax(uniform, 1), torch.full((1, 3), 1 / 3), atol=1e-3, rtol=0)
     batch = {"image": vol, "label": mask, "class": torch.tensor([2]), "has_label": torch.tensor([0])}
@@ -135,9 +142,12 @@ def test_focal_plus_dice_against_a_hand_computation():
 
 @pytest.mark.slow
 def test_slice_sampling_and_the_2d_overlay_through_the_bundle(tmp_path):
+    import csv
+
+    import nibabel as nib
     from bundle_runs import train_and_evaluate
     from monai.bundle import ConfigParser
-    from test_inference import DEMO, TINY, TRAIN
+    from test_inference import DEMO, INFER, TINY, TRAIN, bundle
 
     from pipeline.data.phantom import make_cohort
 
@@ -161,6 +171,21 @@ def test_slice_sampling_and_the_2d_overlay_through_the_bundle(tmp_path):
     _, run, _, _ = train_and_evaluate(tmp_path, configs, seed=5, datalist=datalist)
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert 0.0 <= metrics["dice"] <= 1.0 and 0.0 <= metrics["balanced_accuracy"] <= 1.0
+    # the inference bundle on new scans with the 2-D overlay (it once failed to parse: the overlay
+    # named a key of train.json), with flip TTA, writing a mask on each scan's grid
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for cid in ("c000", "c001"):
+        (scans / f"{cid}.nii.gz").write_bytes((Path(datalist).parent / cid / "image.nii.gz").read_bytes())
+    out = tmp_path / "pred"
+    done = bundle(["run"], [INFER, *configs], input_dir=scans, output_dir=out, ckpt=run / "models" / "model.pt",
+                  tta_flips=[[0], [1]])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = list(csv.DictReader((out / "predictions.csv").open(encoding="utf-8")))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    for cid in ("c000", "c001"):
+        seg, scan = nib.load(out / cid / "seg.nii.gz"), nib.load(scans / f"{cid}.nii.gz")
+        assert seg.shape == scan.shape and np.allclose(seg.affine, scan.affine, atol=1e-4)
     # the 2-D classifier alone: trained, decided on validation and evaluated with the masks' slices
     _, alone, _, trained = train_and_evaluate(tmp_path, [DEMO, "configs/cls2d.json", overlay], seed=5,
                                               datalist=datalist, name="alone")
