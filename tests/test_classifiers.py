@@ -62,3 +62,32 @@ def test_vit_baseline_trains_and_evaluates_through_the_bundle(tmp_path):
     assert (run / "models" / "model.pt").is_file() and "loss_seg" not in trained
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert 0.0 <= metrics["balanced_accuracy"] <= 1.0 and metrics.get("dice") is None
+
+
+@pytest.mark.slow
+def test_baseline_overlay_refused_by_folder_inference_in_one_line(tmp_path):
+    """The inference bundle reads the baseline overlays (they once set a key only train.json has, and
+    MONAI's parser then died in a KeyError traceback) and refuses a classifier-alone model in one
+    line naming the checkpoint: folder inference writes masks, which it cannot give. Nothing is written."""
+    from monai.bundle import ConfigParser
+    from test_inference import DEMO, INFER, ROOT, TINY, bundle
+
+    from pipeline.data.phantom import make_cohort
+
+    datalist = make_cohort(tmp_path / "cohort", cases=2, seed=6, spacing=6.0, space="atlas").datalist
+    overlay = tmp_path / "tiny.json"
+    overlay.write_text(json.dumps(TINY), encoding="utf-8")
+    configs = [DEMO, overlay, "configs/cls_resnet18.json"]
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / c) for c in [INFER, *configs]])
+    ckpt = tmp_path / "models" / "model.pt"
+    ckpt.parent.mkdir()
+    torch.save(parser.get_parsed_content("network_def").state_dict(), ckpt)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "c000.nii.gz").write_bytes((datalist.parent / "c000" / "image.nii.gz").read_bytes())
+    out = tmp_path / "pred"
+    done = bundle(["run"], [INFER, *configs], input_dir=scans, output_dir=out, ckpt=ckpt)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"error: {ckpt}: this model is the classifier alone" in done.stderr
+    assert "Traceback" not in done.stderr and not (out / "c000").exists()
