@@ -84,3 +84,30 @@ def test_whole_volume_patch_is_the_atlas_grid_rounded_up():
     size = load_atlas(None, None, 2.0).size
     patch = grid_patch_size(None, None, 2.0, 8)
     assert all(p % 8 == 0 and 0 <= p - s < 8 for p, s in zip(patch, size, strict=True))
+
+
+@pytest.mark.slow
+def test_classifier_alone_on_the_tumour_patch_trains_and_evaluates_on_that_patch(tmp_path):
+    """``configs/classify_patch.json``: validation items are one training-size patch around the true
+    tumour (not the whole brain, as for ``cls``); training and evaluation run through the bundle."""
+    from bundle_runs import train_and_evaluate
+    from monai.bundle import ConfigParser
+    from test_inference import DEMO, ROOT, TINY, TRAIN
+
+    from pipeline.data.phantom import make_cohort
+
+    datalist = make_cohort(tmp_path / "cohort", cases=8, seed=7, spacing=6.0, space="atlas").datalist
+    overlay = tmp_path / "tiny.json"
+    overlay.write_text(json.dumps(TINY), encoding="utf-8")
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / c) for c in [TRAIN, DEMO, overlay, "configs/classify_patch.json"]])
+    parser.update({"datalist": str(datalist), "output_dir": str(tmp_path / "chain")})
+    item = parser.get_parsed_content("validate#preprocessing")(dict(parser.get_parsed_content("cohort").val[0]))
+    assert tuple(item["image"].shape[1:]) == tuple(TINY["patch_size"])
+    label = item["label"][0].numpy()
+    assert label.sum() > 0  # the case's tumour is inside its evaluation patch
+    _, run, _, trained = train_and_evaluate(tmp_path, [DEMO, "TINY", "configs/classify_patch.json"], seed=7,
+                                            datalist=datalist)
+    assert "loss_seg" not in trained
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    assert 0.0 <= metrics["balanced_accuracy"] <= 1.0 and metrics.get("dice") is None
