@@ -33,8 +33,8 @@ def _spacing(batch: dict[str, Any], b: int) -> list[float]:
 
 
 class EvaluationReport:
-    """Evaluator handler: per-case Dice, HD95 and surface Dice (mm, :mod:`pipeline.surface_metrics`)
-    and class probabilities to ``cases.csv`` and the run's
+    """Evaluator handler: per-case Dice, HD95 and surface Dice (mm, :mod:`pipeline.surface_metrics`),
+    the BraTS lesion-wise Dice and HD95 (:mod:`pipeline.lesion_metrics`) and class probabilities to ``cases.csv`` and the run's
     summary (every metric of ``engine.state.metrics`` plus ``dice`` and counts) to
     ``metrics.json``, both written atomically in ``output_dir`` when the evaluation completes.
     Under a process group it runs on every rank: the cases of all ranks are gathered and rank 0
@@ -85,6 +85,7 @@ class EvaluationReport:
     def record(self, engine: Engine) -> None:
         from monai.metrics import compute_dice
 
+        from pipeline.lesion_metrics import lesion_scores
         from pipeline.postprocess import dice_by_rule
         from pipeline.surface_metrics import surface_scores
 
@@ -100,8 +101,9 @@ class EvaluationReport:
             if pred_mask is not None and int(target["has_label"][b]):
                 truth = (target["label"][b:b + 1] > 0).float()
                 row["dice"] = float(compute_dice(pred_mask, truth, include_background=True, ignore_empty=False).item())
-                row.update(surface_scores(pred_mask[0, 0].cpu().numpy(), truth[0, 0].cpu().numpy(),
-                                          _spacing(batch, b), self.surface_tolerance_mm))
+                pred_np, truth_np, spacing = pred_mask[0, 0].cpu().numpy(), truth[0, 0].cpu().numpy(), _spacing(batch, b)
+                row.update(surface_scores(pred_np, truth_np, spacing, self.surface_tolerance_mm))
+                row.update(lesion_scores(pred_np, truth_np, spacing))
                 row["true_volume_vox"] = int(truth.sum())
                 if seg_raw is not None:
                     scores = dice_by_rule(seg_raw[b:b + 1], target["label"][b:b + 1], self.threshold,
@@ -141,10 +143,12 @@ class EvaluationReport:
         dices = [r["dice"] for r in self.rows if "dice" in r]
         by_rule = {k[5:-1]: [r[k] for r in self.rows if k in r] for k in {k for r in self.rows for k in r}
                    if k.startswith("dice[")}
+        from pipeline.lesion_metrics import summarise_lesions
         from pipeline.surface_metrics import summarise_surface
 
         summary.update({
             **summarise_surface(self.rows),
+            **summarise_lesions(self.rows),
             "surface_tolerance_mm": self.surface_tolerance_mm,
             "dice_std": float(torch.tensor(dices).std()) if len(dices) > 1 else float("nan"),
             "dice_min": min(dices) if dices else float("nan"),
@@ -157,7 +161,7 @@ class EvaluationReport:
             "n_with_class": sum(1 for r in self.rows if r.get("true_class")),
             "metrics": metrics,
         })
-        for key in ("hd95_mm", "surface_dice", "ece"):  # for the handlers after this one (MLflow with --tracking)
+        for key in ("hd95_mm", "surface_dice", "lesion_dice", "lesion_hd95_mm", "ece"):  # for the handlers after this one (MLflow with --tracking)
             if isinstance(summary.get(key), float) and summary[key] == summary[key]:
                 engine.state.metrics[key] = summary[key]
         clean = json.loads(json.dumps(summary, default=float), parse_constant=lambda _: None)
@@ -208,6 +212,7 @@ def print_summary(eval_dir: str | Path) -> dict[str, Any]:
     print(f"evaluation on {summary['n_cases']} cases ({summary['n_with_mask']} with mask, "
           f"{summary['n_with_class']} with class): Dice {fmt('dice')} (sd {fmt('dice_std')}), HD95 "
           f"{fmt('hd95_mm')} mm, surface Dice {fmt('surface_dice')} ({summary.get('surface_tolerance_mm')} mm), "
+          f"lesion-wise Dice {fmt('lesion_dice')} and HD95 {fmt('lesion_hd95_mm')} mm, "
           f"accuracy {fmt('accuracy')}, balanced accuracy {fmt('balanced_accuracy')}, AUC {fmt('auc')}, "
           f"ECE {fmt('ece')}")
     by_rule = summary.get("dice_by_postprocessing") or {}

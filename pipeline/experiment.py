@@ -76,6 +76,10 @@ def _describe(state: dict[str, Any], run_dir: Path) -> str:
     parts = []
     if m.get("dice") is not None:
         parts.append(f"test Dice {m['dice']:.3f} ({m.get('n_with_mask')} scored)")
+        for key, label, unit in (("hd95_mm", "HD95", " mm"), ("surface_dice", "surface Dice", ""),
+                                 ("lesion_dice", "lesion-wise Dice", ""), ("lesion_hd95_mm", "lesion-wise HD95", " mm")):
+            if m.get(key) is not None:
+                parts.append(f"{label} {m[key]:.{1 if unit else 3}f}{unit}")
     if m.get("balanced_accuracy") is not None:
         parts.append(f"bal. acc. {m['balanced_accuracy']:.3f} ({m.get('n_with_class')} with class)")
     if m.get("n_with_mask") == 0:

@@ -36,10 +36,12 @@ __all__ = ["RESULT_COLUMNS", "collect_run", "write_reports", "REFERENCE"]
 
 RESULT_COLUMNS = [
     "arm", "split", "split_name", "status", "val_dice", "val_balanced_accuracy", "best_epoch", "epochs",
-    "test_dice", "test_dice_sd", "test_dice_min", "test_hd95_mm", "test_surface_dice", "test_accuracy",
+    "test_dice", "test_dice_sd", "test_dice_min", "test_hd95_mm", "test_surface_dice", "test_lesion_dice",
+    "test_lesion_hd95_mm", "test_lesions_tp", "test_lesions_fn", "test_lesions_fp", "test_accuracy",
     "test_balanced_accuracy", "test_auc", "test_ece", "n_test", "n_test_with_mask", "n_test_with_class", "postprocessing", "seconds", "error",
 ]
-ARM_METRICS = ["val_dice", "test_dice", "val_balanced_accuracy", "test_accuracy", "test_balanced_accuracy", "test_auc"]
+ARM_METRICS = ["val_dice", "test_dice", "test_hd95_mm", "test_surface_dice", "test_lesion_dice", "test_lesion_hd95_mm",
+               "val_balanced_accuracy", "test_accuracy", "test_balanced_accuracy", "test_auc"]
 # the single-task arm -> the metric of its own task (per split, per case)
 COMPARED = {"seg": ("test_dice", "dice"), "cls": ("test_balanced_accuracy", "p_true")}
 REFERENCE = {
@@ -87,12 +89,19 @@ def collect_run(run_dir: Path, arm: str, split: int, split_name: str, class_name
                test_accuracy=_num(m.get("accuracy")), test_balanced_accuracy=_num(m.get("balanced_accuracy")),
                test_auc=_num(m.get("auc")), test_ece=_num(m.get("ece")), n_test=m.get("n_cases"),
                test_hd95_mm=_num(m.get("hd95_mm")), test_surface_dice=_num(m.get("surface_dice")),
+               test_lesion_dice=_num(m.get("lesion_dice")), test_lesion_hd95_mm=_num(m.get("lesion_hd95_mm")),
+               test_lesions_tp=m.get("lesions_tp"), test_lesions_fn=m.get("lesions_fn"),
+               test_lesions_fp=m.get("lesions_fp"),
                n_test_with_mask=m.get("n_with_mask"), n_test_with_class=m.get("n_with_class"),
                postprocessing=m.get("postprocessing"))
     with (run_dir / "cases.csv").open(newline="", encoding="utf-8") as fh:
         for r in csv.DictReader(fh):
             case: dict[str, Any] = {"id": r["id"], "split": split, "arm": arm, "dice": _num(r.get("dice")),
                                     "hd95_mm": _num(r.get("hd95_mm")), "surface_dice": _num(r.get("surface_dice")),
+                                    "lesion_dice": _num(r.get("lesion_dice")),
+                                    "lesion_hd95_mm": _num(r.get("lesion_hd95_mm")),
+                                    "pred_volume_vox": _num(r.get("pred_volume_vox")),
+                                    "true_volume_vox": _num(r.get("true_volume_vox")),
                                     "true_class": r.get("true_class", ""), "predicted_class": r.get("predicted_class", "")}
             for name in class_names:
                 case[f"p_{name}"] = _num(r.get(f"p_{name}"))
@@ -135,6 +144,7 @@ def summarise(rows: list[dict[str, Any]], cases: list[dict[str, Any]], arms: lis
             mean, sd, n = mean_sd([r.get(metric) for r in arm_rows])
             entry[f"{metric}_mean"], entry[f"{metric}_sd"] = mean, sd
         entry["n_test_cases_scored"] = sum(int(r.get("n_test_with_mask") or 0) for r in arm_rows)
+        entry["pooled_cases"] = _pooled([c for c in cases if c["arm"] == arm and c.get("dice") is not None])
         summary["arms"][arm] = entry
     if "mtl" in arms:
         for single in (a for a in ("seg", "cls") if a in arms):
@@ -168,6 +178,18 @@ def summarise(rows: list[dict[str, Any]], cases: list[dict[str, Any]], arms: lis
     return summary
 
 
+def _pooled(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, sd and minimum of each case metric over the pooled test cases of an arm (with k-fold,
+    every case once: the cross-validated figure)."""
+    out: dict[str, Any] = {"n": len(cases)}
+    for key in ("dice", "hd95_mm", "surface_dice", "lesion_dice", "lesion_hd95_mm"):
+        mean, sd, _ = mean_sd([c.get(key) for c in cases])
+        values = [c[key] for c in cases if c.get(key) is not None]
+        out[key] = {"mean": mean, "sd": sd, "min": min(values) if values else None,
+                    "max": max(values) if values else None}
+    return out
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
@@ -181,16 +203,22 @@ def summary_markdown(summary: dict[str, Any], rows: list[dict[str, Any]], info: 
     lines = [f"# Experiment: {info.get('kind', '')} splits, arms {', '.join(summary['arms'])}", "",
              f"Datalist `{info.get('datalist')}`, overlays {info.get('overlays')}, seed {info.get('seed')}, "
              f"epochs {info.get('epochs') or 'from the overlays'}.", "", "## Per run", "",
-             "| arm | split | status | val Dice (best epoch) | best epoch | test Dice (sd) | test bal. acc. | test AUC "
-             "| test cases scored (mask / class) | min |", "|" + " --- |" * 10]
+             "| arm | split | status | val Dice (best epoch) | best epoch | test Dice (sd) | HD95 mm | surface Dice "
+             "| lesion Dice | lesion HD95 mm | lesions TP / FN / FP | test bal. acc. | test AUC "
+             "| test cases scored (mask / class) | min |", "|" + " --- |" * 15]
     for r in rows:
         lines.append(f"| {r['arm']} | {r['split']} | {r['status']} | {_fmt(r.get('val_dice'))} | {_fmt(r.get('best_epoch'))} "
-                     f"| {_fmt(r.get('test_dice'))} ({_fmt(r.get('test_dice_sd'))}) | {_fmt(r.get('test_balanced_accuracy'))} "
+                     f"| {_fmt(r.get('test_dice'))} ({_fmt(r.get('test_dice_sd'))}) | {_fmt(r.get('test_hd95_mm'), 1)} "
+                     f"| {_fmt(r.get('test_surface_dice'))} | {_fmt(r.get('test_lesion_dice'))} "
+                     f"| {_fmt(r.get('test_lesion_hd95_mm'), 1)} | {_fmt(r.get('test_lesions_tp'))} / "
+                     f"{_fmt(r.get('test_lesions_fn'))} / {_fmt(r.get('test_lesions_fp'))} "
+                     f"| {_fmt(r.get('test_balanced_accuracy'))} "
                      f"| {_fmt(r.get('test_auc'))} | {_fmt(r.get('n_test_with_mask'))} / {_fmt(r.get('n_test_with_class'))} "
                      f"| {_fmt((r.get('seconds') or 0) / 60, 1)} |")
     lines += ["", "## Per arm: mean (sd) over splits", "",
-              "| arm | splits | val Dice | test Dice | test accuracy | test bal. acc. | test AUC | reference |",
-              "|" + " --- |" * 8]
+              "| arm | splits | val Dice | test Dice | test HD95 mm | test surface Dice | test lesion Dice "
+              "| test lesion HD95 mm | test accuracy | test bal. acc. | test AUC | reference |",
+              "|" + " --- |" * 12]
     for arm, a in summary["arms"].items():
         refs = [REFERENCE[arm]] if arm in REFERENCE else []
         if arm == "mtl" and "cls" in summary["arms"]:
@@ -199,8 +227,21 @@ def summary_markdown(summary: dict[str, Any], rows: list[dict[str, Any]], info: 
                             for r in refs)
         lines.append(f"| {arm} | {a['n_splits']}/{a['n_planned']} | "
                      + " | ".join(f"{_fmt(a[f'{m}_mean'])} ({_fmt(a[f'{m}_sd'])})"
-                                  for m in ("val_dice", "test_dice", "test_accuracy", "test_balanced_accuracy", "test_auc"))
+                                  for m in ("val_dice", "test_dice", "test_hd95_mm", "test_surface_dice",
+                                            "test_lesion_dice", "test_lesion_hd95_mm", "test_accuracy",
+                                            "test_balanced_accuracy", "test_auc"))
                      + f" | {ref_txt} |")
+    lines += ["", "## Per arm: every test case pooled (k-fold: each case once)", "",
+              "| arm | cases | Dice mean (sd) [min] | HD95 mm | surface Dice | lesion Dice | lesion HD95 mm |",
+              "|" + " --- |" * 7]
+    for arm, a in summary["arms"].items():
+        pooled = a.get("pooled_cases") or {"n": 0}
+        if not pooled["n"]:
+            continue
+        d = pooled["dice"]
+        lines.append(f"| {arm} | {pooled['n']} | {_fmt(d['mean'])} ({_fmt(d['sd'])}) [{_fmt(d['min'])}] | "
+                     + " | ".join(f"{_fmt(pooled[k]['mean'], 1 if k.endswith('mm') else 3)}"
+                                  for k in ("hd95_mm", "surface_dice", "lesion_dice", "lesion_hd95_mm")) + " |")
     for c in summary["comparisons"]:
         s, k = c["splits"], c["cases"]
         lines += ["", f"## Multi-task minus single-task ({c['single_task_arm']}) on {c['metric']}", "",
@@ -269,7 +310,8 @@ def write_reports(out_dir: Path, rows: list[dict[str, Any]], cases: list[dict[st
     """Write ``results.csv``, ``cases.csv``, ``summary.json``, ``summary.md`` and ``summary.png``
     in ``out_dir`` (each atomically) and return the summary."""
     write_text_atomic(out_dir / "results.csv", _csv(rows, RESULT_COLUMNS))
-    case_cols = ["id", "split", "arm", "dice", "hd95_mm", "surface_dice", "true_class", "predicted_class",
+    case_cols = ["id", "split", "arm", "dice", "hd95_mm", "surface_dice", "lesion_dice", "lesion_hd95_mm",
+                 "pred_volume_vox", "true_volume_vox", "true_class", "predicted_class",
                  *[f"p_{n}" for n in class_names]]
     write_text_atomic(out_dir / "cases.csv", _csv(cases, case_cols))
     summary = summarise(rows, cases, arms, seed=int(info.get("seed") or 0))

@@ -14,15 +14,21 @@ _INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline, "neare
 
 def resample_image_to_atlas(moving: sitk.Image, transform: sitk.Transform, atlas: Atlas,
                             interpolator: str = "linear") -> sitk.Image:
-    """Resample a native image onto the atlas grid; float32, 0 outside the scan.
+    """Resample a native image onto the atlas grid; float32; outside the scan 0, or the scan's
+    minimum where that is negative.
+
+    A scan's background is 0 in scanner counts but negative in a z-scored copy: padding with it
+    keeps the atlas-grid image an affine function of the input's intensities, so the padding
+    never passes for tissue (:class:`~pipeline.transforms.BrainNormalised`).
 
     Args:
         interpolator: ``"linear"`` or ``"bspline"`` (cubic; may overshoot slightly).
     """
     if interpolator not in ("linear", "bspline"):
         raise InputError(None, f"image interpolator must be 'linear' or 'bspline', got {interpolator!r}")
-    return sitk.Resample(sitk.Cast(moving, sitk.sitkFloat32), atlas.image, transform, _INTERPOLATORS[interpolator],
-                         0.0, sitk.sitkFloat32)
+    image = sitk.Cast(moving, sitk.sitkFloat32)
+    background = min(0.0, float(sitk.GetArrayViewFromImage(image).min()))
+    return sitk.Resample(image, atlas.image, transform, _INTERPOLATORS[interpolator], background, sitk.sitkFloat32)
 
 
 def resample_mask_to_atlas(mask: sitk.Image, transform: sitk.Transform, atlas: Atlas, mode: str = "linear") -> sitk.Image:

@@ -2,8 +2,8 @@
 
 ``python -m pipeline score --predictions OUT --datalist DATALIST [--ids-from SPLIT --part test]``
 reads ``OUT/<id>/seg.nii.gz`` and ``OUT/predictions.csv`` (written by the inference bundle) and
-compares them with the datalist's native masks and classes: per-case Dice on the native grid,
-mean Dice, accuracy and balanced accuracy. Writes ``OUT/score.json``.
+compares them with the datalist's native masks and classes: per-case Dice, HD95, surface Dice and
+the BraTS lesion-wise Dice and HD95 on the native grid, their means, accuracy and balanced accuracy. Writes ``OUT/score.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pipeline.data.datalist import load_datalist
 from pipeline.data.splits import load_splits
 from pipeline.errors import InputError
 from pipeline.imageio import read_mask, write_text_atomic
+from pipeline.lesion_metrics import lesion_scores, summarise_lesions
 from pipeline.surface_metrics import summarise_surface, surface_scores
 
 __all__ = ["score_predictions", "dice", "main"]
@@ -64,6 +65,7 @@ def score_predictions(pred_dir: str | Path, datalist: str | Path, ids: list[str]
             p_arr, t_arr = sitk.GetArrayViewFromImage(pred) > 0, sitk.GetArrayViewFromImage(truth) > 0
             entry["dice"] = dice(p_arr, t_arr)
             entry.update(surface_scores(p_arr, t_arr, truth.GetSpacing()[::-1]))  # arrays are (z, y, x)
+            entry.update(lesion_scores(p_arr, t_arr, truth.GetSpacing()[::-1]))
         if case.cls is not None and row.get("predicted_class"):
             entry["true_class"] = dl.classes[case.cls]
             entry["predicted_class"] = row["predicted_class"]
@@ -88,6 +90,7 @@ def score_predictions(pred_dir: str | Path, datalist: str | Path, ids: list[str]
         "dice": float(np.mean(dices)) if dices else None,
         "dice_std": float(np.std(dices)) if dices else None,
         **surface,
+        **summarise_lesions([c for c in cases if "dice" in c]),
         "accuracy": float(np.mean([c["predicted_class"] == c["true_class"] for c in classified])) if classified else None,
         "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
         "cases": cases,
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = f" ({s['n_failed']} failed, not scored)" if s["n_failed"] else ""
     print(f"native space, {s['n']} cases{failed}: Dice {fmt(s['dice'])} (sd {fmt(s['dice_std'])}), "
-          f"HD95 {fmt(s['hd95_mm'])} mm, surface Dice {fmt(s['surface_dice'])} (1 mm), "
+          f"HD95 {fmt(s['hd95_mm'])} mm, surface Dice {fmt(s['surface_dice'])} (1 mm), lesion-wise Dice "
+          f"{fmt(s['lesion_dice'])} and HD95 {fmt(s['lesion_hd95_mm'])} mm, "
           f"accuracy {fmt(s['accuracy'])}, balanced accuracy {fmt(s['balanced_accuracy'])}")
     return 0

@@ -29,7 +29,9 @@ from pipeline.registration import (
     resample_mask_to_atlas,
 )
 
-__all__ = ["RegisterToAtlasd", "native_meta", "split_at_registration"]
+__all__ = ["BrainNormalised", "NormaliseIntensityd", "RegisterToAtlasd", "native_meta", "split_at_registration"]
+
+NORMALISATIONS = ("nonzero", "brain")
 
 
 def native_meta(path: str | Path, image: sitk.Image | None = None) -> dict[str, Any]:
@@ -175,6 +177,93 @@ class RegisterToAtlasd(MapTransform):
         d[self.image_key] = str(image_out)
         d["to_atlas"] = str(tfm_path)
         d["native_meta"] = native_meta(path, image)
+        return d
+
+
+class BrainNormalised:
+    """Z-score an image inside its brain, blind to the scanner's intensity scale.
+
+    The brain is the atlas brain mask intersected, per channel, with the scan's own foreground: the
+    voxels above the image's minimum (a skull-stripped scan's background and the resampling's
+    padding both sit at that minimum, see :func:`~pipeline.registration.resample_image_to_atlas`).
+    Inside it the channel is clipped to the ``percentiles`` of its brain voxels (hot vessels and
+    artefacts) and z-scored; outside it is 0. Every step commutes with a positive affine change of
+    intensities (``a * x + b``, ``a > 0``), so int16 scanner counts and a z-scored float copy of
+    the same scan give the same output: MONAI's ``NormalizeIntensity(nonzero=True)`` does not (its
+    foreground is the non-zero voxels, which a shifted copy changes). Written here because neither
+    MONAI nor SimpleITK has a masked, clipped z-score; MONAI's ``NormalizeIntensity`` and NumPy do
+    the arithmetic.
+
+    Args:
+        percentiles: clip range, in percent of the brain voxels (``None``: no clipping).
+        rel_tol: a voxel is foreground when above ``min + rel_tol * (max - min)``.
+    """
+
+    def __init__(self, percentiles: tuple[float, float] | None = (0.5, 99.5), rel_tol: float = 1e-4) -> None:
+        self.percentiles = percentiles
+        self.rel_tol = rel_tol
+
+    def __call__(self, image: Any, brain: Any | None) -> Any:
+        """``image`` ``(C, H, W, D)`` tensor or array; ``brain`` ``(1, H, W, D)`` mask or ``None``
+        (the whole grid). Returns a float32 image of the same type and shape."""
+        import numpy as np
+        import torch
+        from monai.transforms import NormalizeIntensity
+        from monai.utils import convert_to_dst_type
+
+        arr = image.detach().cpu().numpy().astype(np.float64) if isinstance(image, torch.Tensor) \
+            else np.asarray(image, dtype=np.float64)
+        inside = np.ones(arr.shape[1:], bool) if brain is None else np.asarray(brain)[0] > 0
+        out = np.zeros(arr.shape, np.float32)
+        for c, channel in enumerate(arr):
+            lo, hi = float(channel.min()), float(channel.max())
+            fg = inside & (channel > lo + self.rel_tol * (hi - lo))
+            if not fg.any():
+                continue
+            values = channel[fg]
+            if self.percentiles is not None:
+                values = np.clip(values, *np.percentile(values, self.percentiles))
+            normed = NormalizeIntensity(nonzero=False, dtype=np.float64)(values)
+            out[c][fg] = np.asarray(normed, dtype=np.float32)
+        return convert_to_dst_type(out, image, dtype=torch.float32)[0]  # a MetaTensor keeps its metadata
+
+
+class NormaliseIntensityd(MapTransform):
+    """Intensity normalisation of the chain, chosen by ``mode`` (``common.json#intensity_norm``).
+
+    * ``"nonzero"``: the image masked by the atlas brain mask, then MONAI's
+      ``NormalizeIntensity(nonzero=True, channel_wise=True)`` (the study's and nnU-Net's MRI rule);
+    * ``"brain"``: :class:`BrainNormalised` (``configs/real.json``): independent of the scanner's
+      intensity scale and offset, clipped to percentiles of the brain.
+
+    Args:
+        keys: image key(s).
+        brain_key: key of the atlas brain mask (``(1, H, W, D)``); a missing one means the whole grid.
+        mode: one of :data:`NORMALISATIONS`.
+
+    Raises:
+        InputError: an unknown ``mode``.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", brain_key: str = "brain", mode: str = "nonzero") -> None:
+        super().__init__(keys)
+        if mode not in NORMALISATIONS:
+            raise InputError(None, f"intensity_norm must be one of {NORMALISATIONS}, got {mode!r}")
+        self.brain_key = brain_key
+        self.mode = mode
+        self._brain = BrainNormalised()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from monai.transforms import MaskIntensity, NormalizeIntensity
+
+        d = dict(data)
+        brain = d.get(self.brain_key)
+        for key in self.key_iterator(d):
+            if self.mode == "brain":
+                d[key] = self._brain(d[key], brain)
+                continue
+            image = d[key] if brain is None else MaskIntensity(brain)(d[key])
+            d[key] = NormalizeIntensity(nonzero=True, channel_wise=True)(image)
         return d
 
 

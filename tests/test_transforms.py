@@ -14,8 +14,8 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
 from pipeline.atlas import load_atlas
 from pipeline.errors import InputError
-from pipeline.registration import RegistrationSettings, map_to_native, read_transform
-from pipeline.transforms import RegisterToAtlasd
+from pipeline.registration import RegistrationSettings, map_to_native, read_transform, resample_image_to_atlas
+from pipeline.transforms import NormaliseIntensityd, RegisterToAtlasd
 
 FAST = RegistrationSettings(working_spacing=3.0, shrink_factors=(2, 1), smoothing_sigmas=(4.0, 2.0), iterations=60,
                             skull_strip="morphology", initial_rotations=(0.0,), refine_passes=0, threads=2)
@@ -147,3 +147,67 @@ def test_coordinate_channels_of_the_bundle_chain_match_the_atlas_grid(tmp_path):
             assert torch.allclose(steps, torch.full_like(steps, 1.0 / (size[a] - 1)), atol=1e-5)
         corner = [round(float((coords[a].amin() + 0.5) * (size[a] - 1))) for a in range(3)]
         assert all(0 <= c <= n - 8 for c, n in zip(corner, size, strict=True))
+
+
+def _stripped_scan(rng: np.random.Generator) -> np.ndarray:
+    """A skull-stripped-like channel: integer counts inside a ball, exactly 0 around it."""
+    z, y, x = np.indices((24, 24, 24))
+    inside = (z - 12) ** 2 + (y - 12) ** 2 + (x - 11) ** 2 < 81
+    return np.where(inside, rng.integers(200, 900, inside.shape), 0).astype(np.int16)[None]
+
+
+def test_brain_normalisation_ignores_the_intensity_scale_and_offset() -> None:
+    scan = _stripped_scan(np.random.default_rng(0))
+    brain = np.ones_like(scan, dtype=np.uint8)
+    brain[0, :, :, :4] = 0  # the atlas brain mask cuts off a slab
+    counts = NormaliseIntensityd(mode="brain")({"image": scan.astype(np.float32), "brain": brain})["image"]
+    zscored = (scan - scan.mean()) / scan.std()  # background now negative
+    copy = NormaliseIntensityd(mode="brain")({"image": zscored.astype(np.float32), "brain": brain})["image"]
+    np.testing.assert_allclose(counts, copy, atol=1e-5)
+    fg = (scan > 0) & (brain > 0)
+    assert counts[fg].mean() == pytest.approx(0.0, abs=1e-5) and counts[fg].std() == pytest.approx(1.0, abs=0.01)
+    assert not counts[~fg].any()
+    # MONAI's non-zero rule (the default "nonzero" mode) takes the negative background for brain
+    old = NormaliseIntensityd(mode="nonzero")({"image": zscored.astype(np.float32), "brain": brain})["image"]
+    assert np.abs(np.asarray(old) - counts).max() > 0.5
+
+
+def test_brain_normalisation_clips_hot_voxels() -> None:
+    scan = _stripped_scan(np.random.default_rng(1)).astype(np.float32)
+    hot = scan.copy()
+    hot[0, 12, 12, 12] = 1e6  # one artefact voxel
+    brain = np.ones_like(scan, dtype=np.uint8)
+    a = NormaliseIntensityd(mode="brain")({"image": scan, "brain": brain})["image"]
+    b = NormaliseIntensityd(mode="brain")({"image": hot, "brain": brain})["image"]
+    others = np.ones(scan.shape, bool)
+    others[0, 12, 12, 12] = False
+    assert np.abs(a - b)[others].max() < 0.05  # without clipping the brain would collapse to ~0
+
+
+def test_unknown_normalisation_is_refused() -> None:
+    with pytest.raises(InputError, match="intensity_norm"):
+        NormaliseIntensityd(mode="percentile")
+
+
+def test_real_scan_counts_and_zscored_copy_give_one_network_input(real_data: Path) -> None:
+    """A real BraTS FLAIR (int16 counts) and its z-scored float copy, resampled onto the atlas grid
+    with one transform that leaves part of the grid outside the scan, then normalised: the same input."""
+    scan = sitk.ReadImage(str(real_data / "brats2018" / "Brats18_TCIA10_639_1" / "flair.nii.gz"))
+    counts = sitk.Shrink(scan, [2, 2, 2])
+    arr = sitk.GetArrayFromImage(counts).astype(np.float32)
+    zscored = sitk.GetImageFromArray((arr - arr.mean()) / arr.std())
+    zscored.CopyInformation(counts)
+    atlas = load_atlas(spacing=4.0)
+    t = sitk.Euler3DTransform(sitk.CenteredTransformInitializer(
+        atlas.image, sitk.Cast(counts, sitk.sitkFloat32), sitk.Euler3DTransform(),
+        sitk.CenteredTransformInitializerFilter.GEOMETRY))
+    t.SetRotation(0.1, 0.0, -0.05)
+    t.SetTranslation(np.add(t.GetTranslation(), (0.0, 0.0, 40.0)).tolist())  # the top of the brain: padding
+    moved = [resample_image_to_atlas(img, t, atlas) for img in (counts, zscored)]
+    brain = sitk.GetArrayFromImage(atlas.brain_mask)[None]
+    outs = [NormaliseIntensityd(mode="brain")({"image": sitk.GetArrayFromImage(m)[None], "brain": brain})["image"]
+            for m in moved]
+    brain_fov = sitk.GetArrayFromImage(resample_image_to_atlas(sitk.Cast(counts * 0 + 1, sitk.sitkFloat32), t, atlas))[None] > 0
+    assert (brain > 0).sum() > (brain_fov & (brain > 0)).sum() > 1000  # part of the brain outside the scan
+    assert np.count_nonzero(outs[0]) > 1000
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)
