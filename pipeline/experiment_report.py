@@ -100,6 +100,7 @@ def collect_run(run_dir: Path, arm: str, split: int, split_name: str, class_name
                                     "hd95_mm": _num(r.get("hd95_mm")), "surface_dice": _num(r.get("surface_dice")),
                                     "lesion_dice": _num(r.get("lesion_dice")),
                                     "lesion_hd95_mm": _num(r.get("lesion_hd95_mm")),
+                                    **{k: _num(r.get(k)) for k in ("lesions_tp", "lesions_fn", "lesions_fp")},
                                     "pred_volume_vox": _num(r.get("pred_volume_vox")),
                                     "true_volume_vox": _num(r.get("true_volume_vox")),
                                     "true_class": r.get("true_class", ""), "predicted_class": r.get("predicted_class", "")}
@@ -311,7 +312,8 @@ def write_reports(out_dir: Path, rows: list[dict[str, Any]], cases: list[dict[st
     in ``out_dir`` (each atomically) and return the summary."""
     write_text_atomic(out_dir / "results.csv", _csv(rows, RESULT_COLUMNS))
     case_cols = ["id", "split", "arm", "dice", "hd95_mm", "surface_dice", "lesion_dice", "lesion_hd95_mm",
-                 "pred_volume_vox", "true_volume_vox", "true_class", "predicted_class",
+                 "lesions_tp", "lesions_fn", "lesions_fp", "pred_volume_vox", "true_volume_vox", "true_class",
+                 "predicted_class",
                  *[f"p_{n}" for n in class_names]]
     write_text_atomic(out_dir / "cases.csv", _csv(cases, case_cols))
     summary = summarise(rows, cases, arms, seed=int(info.get("seed") or 0))
