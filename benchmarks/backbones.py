@@ -49,7 +49,7 @@ def speed_one(backbone: str, size: str, device: str, iters: int) -> dict:
     from monai.bundle import ConfigParser
 
     from benchmarks.train_step import peak_mb
-    from pipeline.losses import MultiTaskLoss
+    from pipeline.models.losses import MultiTaskLoss
 
     files = [str(ROOT / "bundles/plgg_mtl/configs/train.json"), str(ROOT / f"configs/{size}.json")]
     overlay = ROWS[backbone]

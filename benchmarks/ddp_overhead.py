@@ -1,5 +1,5 @@
 """The cost of ``multi_gpu_train.json``'s wrapper on one device: seconds per training step of the
-config's network as is, and wrapped by :func:`pipeline.distributed.wrap` (DistributedDataParallel,
+config's network as is, and wrapped by :func:`pipeline.runtime.distributed.wrap` (DistributedDataParallel,
 synchronised head batch norm) in a one-process group, in turn, on the same synthetic batches.
 Prints both and the overhead in %; not a test.
 
@@ -27,9 +27,9 @@ from monai.bundle import ConfigParser
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import distributed  # noqa: E402
-from pipeline.losses import MultiTaskLoss  # noqa: E402
-from pipeline.precision import amp_kwargs, resolve_amp_dtype  # noqa: E402
+from pipeline.models.losses import MultiTaskLoss  # noqa: E402
+from pipeline.runtime import distributed  # noqa: E402
+from pipeline.runtime.precision import amp_kwargs, resolve_amp_dtype  # noqa: E402
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Seconds per case of the inference bundle, split into registration, network and writing.
 
-Runs the real ``bundles/plgg_mtl/configs/inference.json`` in-process (:func:`pipeline.inference.runner_from_config`)
+Runs the real ``bundles/plgg_mtl/configs/inference.json`` in-process (:func:`pipeline.inference.folder.runner_from_config`)
 on one 1 mm volume, once with each overlay (``configs/demo.json``: 2 mm atlas, 8 filters, 48-cubed
 patches, the demo's quick phantom registration; ``configs/paper.json``: 1 mm atlas, 32 filters,
 128 x 128 x 112 patches, the default registration with deepbet), with RANDOMLY INITIALISED
@@ -40,7 +40,8 @@ def _input_volume(image: str | None, work: Path) -> Path:
         name = Path(image).name if Path(image).name.endswith((".nii", ".nii.gz")) else "case.nii.gz"
         shutil.copy(image, folder / name)
         return folder
-    from pipeline.data.phantom import PhantomConfig, make_cohort
+    from pipeline.data.phantom.build import make_cohort
+    from pipeline.data.phantom.config import PhantomConfig
 
     iso = PhantomConfig(thickness_mm=(1.0, 1.0))  # 1 mm isotropic (posed, any orientation)
     make_cohort(work / "phantom", cases=1, seed=3, spacing=1.0, space="native", config=iso)
@@ -49,7 +50,7 @@ def _input_volume(image: str | None, work: Path) -> Path:
 
 
 def _run(config: str, inputs: Path, out: Path, device: str, overwrite: bool) -> dict:
-    from pipeline.inference import runner_from_config
+    from pipeline.inference.folder import runner_from_config
 
     files = [ROOT / "bundles/plgg_mtl/configs/inference.json", ROOT / OVERLAYS[config]]
     runner, cases = runner_from_config(

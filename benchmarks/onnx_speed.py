@@ -22,7 +22,7 @@ from monai.bundle import ConfigParser
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.onnx_backend import OnnxNetwork  # noqa: E402
+from pipeline.models.onnx_backend import OnnxNetwork  # noqa: E402
 
 CONFIGS = ROOT / "bundles" / "plgg_mtl" / "configs"
 

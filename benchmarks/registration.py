@@ -34,14 +34,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline.atlas import Atlas, load_atlas
-from pipeline.imageio import read_mask, read_volume
-from pipeline.registration import (
-    RegistrationSettings,
-    register_to_atlas,
-    resample_mask_to_atlas,
-    to_affine,
-)
+from pipeline.io.imageio import read_mask, read_volume
+from pipeline.registration.atlas import Atlas, load_atlas
+from pipeline.registration.register import register_to_atlas
+from pipeline.registration.resample import resample_mask_to_atlas
+from pipeline.registration.settings import RegistrationSettings
+from pipeline.registration.transforms import to_affine
 
 REAL_CASE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "TCGA-FG-6692"
 

@@ -6,7 +6,7 @@ go. Prints a table; not a test.
         [--device cpu|cuda] [--workers 2]
 
 The totals come from the bundle itself (``python -m monai.bundle run training``; the
-``pipeline.startup.StartupTimer`` handler logs them; the run is stopped as soon as the first
+``pipeline.runtime.startup.StartupTimer`` handler logs them; the run is stopped as soon as the first
 iteration starts). The breakdown parses the same config in this process and times its parts in the
 order the bundle evaluates them.
 """

@@ -63,8 +63,8 @@ def bare_loop(p, batches: list, epochs: int) -> list[float]:
     """Seconds per iteration of a plain loop: prepare batch, autocast forward, loss, backward, step."""
     import copy
 
-    from pipeline.engines import MultiTaskPrepareBatch
-    from pipeline.precision import amp_kwargs
+    from pipeline.runtime.precision import amp_kwargs
+    from pipeline.training.engines import MultiTaskPrepareBatch
 
     device = torch.device(p.get_parsed_content("device"))
     net = copy.deepcopy(p.get_parsed_content("network_def")).to(device).train()

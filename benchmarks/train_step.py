@@ -35,7 +35,7 @@ from monai.networks.nets import SegResNet
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.losses import MultiTaskLoss  # noqa: E402
+from pipeline.models.losses import MultiTaskLoss  # noqa: E402
 
 
 def parse(overlay: str) -> ConfigParser:
@@ -169,7 +169,7 @@ def bench_networks(device: torch.device, iters: int, amp: bool, overlays: list[s
 
 def bench_data(iters: int) -> None:
     """Patches/s from the demo's training DataLoader once the deterministic part is cached."""
-    from pipeline.data.phantom import make_cohort
+    from pipeline.data.phantom.build import make_cohort
 
     with tempfile.TemporaryDirectory() as tmp:
         dl_path = make_cohort(Path(tmp) / "cohort", cases=6, seed=0, spacing=2.0, space="atlas").datalist

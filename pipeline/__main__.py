@@ -9,17 +9,17 @@ from __future__ import annotations
 import importlib
 import sys
 
-from pipeline.errors import DEBUG_ENV, InputError, InputErrors, debug_requested
+from pipeline.io.errors import DEBUG_ENV, InputError, InputErrors, debug_requested
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "phantom": ("pipeline.data.phantom", "build the synthetic cohort (MNI152 anatomy, class-dependent tumours)"),
+    "phantom": ("pipeline.data.phantom.build", "build the synthetic cohort (MNI152 anatomy, class-dependent tumours)"),
     "validate": ("pipeline.data.datalist", "check every entry of a datalist (JSON or CSV) and report all problems"),
     "split": ("pipeline.data.splits", "write seeded patient-level splits (ratio or k-fold) to a JSON file"),
-    "score": ("pipeline.score", "native-space Dice and class accuracy of an inference run against ground truth"),
-    "prepare": ("pipeline.prepare", "register a whole datalist to the atlas (cached, resumable, QC pictures)"),
-    "onnx": ("pipeline.onnx_export", "export trained weights to ONNX, dynamic batch and spatial axes, checked by ONNX Runtime"),
-    "retrieval": ("pipeline.retrieval_cli", "similar-case retrieval: index a datalist, query a scan, evaluate K-NN (Pisov et al.)"),
-    "experiment": ("pipeline.experiment", "the study's protocol: repeated splits / k-fold, single- vs multi-task, paired tests"),
+    "score": ("pipeline.evaluation.score", "native-space Dice and class accuracy of an inference run against ground truth"),
+    "prepare": ("pipeline.data.prepare", "register a whole datalist to the atlas (cached, resumable, QC pictures)"),
+    "onnx": ("pipeline.models.onnx_export", "export trained weights to ONNX, dynamic batch and spatial axes, checked by ONNX Runtime"),
+    "retrieval": ("pipeline.retrieval.cli", "similar-case retrieval: index a datalist, query a scan, evaluate K-NN (Pisov et al.)"),
+    "experiment": ("pipeline.experiment.runner", "the study's protocol: repeated splits / k-fold, single- vs multi-task, paired tests"),
 }
 
 

@@ -77,8 +77,8 @@ def real_data() -> Path:
 
 
 # The longest files first, so that under pytest-xdist (whole files per worker) the longest one does
-# not start last and run alone at the end (test_experiment.py alone is about 6 minutes on 2 cores).
-LONGEST_FILES = ("test_experiment.py", "test_tracking.py", "test_precision.py", "test_distributed.py", "test_real_recipe.py")
+# not start last and run alone at the end (test_runner.py alone is about 6 minutes on 2 cores).
+LONGEST_FILES = ("test_runner.py", "test_tracking.py", "test_precision.py", "test_distributed.py", "test_real_recipe.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,4 +1,4 @@
-"""Helper of tests/test_distributed.py, run by ``torchrun --nproc_per_node=2``: one training step
+"""Helper of tests/runtime/test_distributed.py, run by ``torchrun --nproc_per_node=2``: one training step
 of a tiny multi-task network on a batch of 4, (1) in one process on the whole batch (before any
 process group exists: the plain single-process code), then (2) with DistributedDataParallel on two
 halves of the batch, one per process. Rank 0 saves both parameter sets and losses to ``OUT``.
@@ -14,9 +14,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from pipeline import distributed
-from pipeline.losses import MultiTaskLoss
-from pipeline.networks import MultiTaskSegResNet
+from pipeline.models.losses import MultiTaskLoss
+from pipeline.models.networks import MultiTaskSegResNet
+from pipeline.runtime import distributed
 
 
 def batch(head: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,14 +1,14 @@
-"""Data: datalist I/O and validation, patient-level splits, synthetic cohort."""
+"""Data: the datalist (JSON or CSV) and its validation, patient-level splits, the cohort a run
+trains on, the MONAI transforms that bring a scan onto the atlas grid, 2-D slicing, `prepare`
+(register a whole datalist ahead of training) and the synthetic cohort (:mod:`pipeline.data.phantom`).
+
+Modules load on first use (``pipeline.data.<module>``), so importing the package costs nothing.
+"""
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
+from pipeline.lazy import submodule_loader
 
+__all__ = ["cohort", "datalist", "feed", "missing_labels", "prepare", "slices", "splits", "transforms", "validation"]
 
-def __getattr__(name: str) -> ModuleType:
-    """Lazy submodule import (see :mod:`pipeline`)."""
-    try:
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as exc:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from exc
+__getattr__ = submodule_loader(__name__)

@@ -17,8 +17,8 @@ import SimpleITK as sitk
 
 from pipeline.data.datalist import class_weights, load_datalist, to_monai_dicts
 from pipeline.data.splits import load_splits, ratio_split, save_splits
-from pipeline.distributed import main_process_first
-from pipeline.errors import InputError
+from pipeline.io.errors import InputError
+from pipeline.runtime.distributed import main_process_first
 
 __all__ = ["Cohort", "load_cohort", "atlas_brain_mask_file"]
 
@@ -49,7 +49,7 @@ def atlas_brain_mask_file(atlas_path: str | None, atlas_mask: str | None, spacin
     The chain multiplies each registered image by it (skull and background removed, tumours at
     the brain surface kept by the margin) before z-scoring inside it.
     """
-    from pipeline.atlas import load_atlas
+    from pipeline.registration.atlas import load_atlas
 
     atlas = load_atlas(atlas_path, atlas_mask, spacing)
     path = Path(cache_dir) / f"atlas_{atlas.name}_{atlas.fingerprint()}_brain{dilate_mm:g}mm.nii.gz"
@@ -60,7 +60,7 @@ def atlas_brain_mask_file(atlas_path: str | None, atlas_mask: str | None, spacin
 
 
 def _write_brain_mask(atlas: Any, path: Path, dilate_mm: float) -> None:
-    from pipeline.imageio import write_image_atomic
+    from pipeline.io.imageio import write_image_atomic
 
     radius = [max(1, round(dilate_mm / s)) for s in atlas.brain_mask.GetSpacing()]
     mask = sitk.BinaryDilate(atlas.brain_mask > 0, radius) if dilate_mm > 0 else atlas.brain_mask > 0

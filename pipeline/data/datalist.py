@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.validation import content_errors
-from pipeline.errors import InputError, InputErrors
+from pipeline.io.errors import InputError, InputErrors
 
 __all__ = [
     "DEFAULT_CLASSES",
@@ -91,14 +91,14 @@ class Datalist:
 
 def _absolute(path: str | Path) -> Path:
     """Absolute, normalised path WITHOUT following links: a link loop or a dangling link is then
-    reported under the name the user wrote (by :func:`pipeline.filecheck.check_entry`)."""
+    reported under the name the user wrote (by :func:`pipeline.io.filecheck.check_entry`)."""
     return Path(os.path.abspath(path))
 
 
 def _entry_problem(path: Path) -> str | None:
     """Why ``path`` cannot be an input file (missing, link loop, dangling link, FIFO, unreadable,
     empty), or ``None``; the contents are checked by :func:`validate_datalist`."""
-    from pipeline.filecheck import check_entry
+    from pipeline.io.filecheck import check_entry
 
     try:
         check_entry(path, allow_dir=True)  # a DICOM series folder is an image too
@@ -234,7 +234,7 @@ def load_datalist(path: str | Path, check_files: bool = True, check_contents: bo
 def validate_datalist(dl: Datalist, check_contents: bool = True, check_cache: str | Path | None = None) -> None:
     """Open every image and mask: missing files, link loops, dangling links, unreadable, corrupt or
     non-3-D files, degenerate geometry, NaN voxels, bad mask values, mask grid different from its
-    image (:mod:`pipeline.filecheck` and :mod:`pipeline.imageio`). Every problem is collected and
+    image (:mod:`pipeline.io.filecheck` and :mod:`pipeline.io.imageio`). Every problem is collected and
     raised together.
 
     Raises:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.datalist import Case, load_datalist
-from pipeline.errors import InputError
+from pipeline.io.errors import InputError
 
 __all__ = ["ratio_split", "kfold_split", "repeated_ratio_splits", "save_splits", "load_splits", "main"]
 

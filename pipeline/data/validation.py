@@ -1,7 +1,7 @@
 """Opening every image and mask of a datalist before training, fast enough to run on every start.
 
-The checks are those of :func:`pipeline.imageio.read_volume` / :func:`~pipeline.imageio.read_mask`
-(:mod:`pipeline.filecheck` first, then voxels and grids), done so that a 40-case 1 mm cohort does not
+The checks are those of :func:`pipeline.io.imageio.read_volume` / :func:`~pipeline.io.imageio.read_mask`
+(:mod:`pipeline.io.filecheck` first, then voxels and grids), done so that a 40-case 1 mm cohort does not
 cost half a minute at every start:
 
 - one read of the voxels per NIfTI file (nibabel; the grid comes from SimpleITK's header read), where
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.io.errors import InputError
 
 __all__ = ["CHECKS_VERSION", "check_volume_file", "check_mask_file", "case_errors", "content_errors"]
 
@@ -63,7 +63,7 @@ class Grid:
 
 
 def _header_grid(reader: Any, path: Path) -> Grid:
-    """The 3-D grid from SimpleITK's header read (:func:`pipeline.filecheck.check_image_information`);
+    """The 3-D grid from SimpleITK's header read (:func:`pipeline.io.filecheck.check_image_information`);
     a 4-D file holding one volume: its first 3 axes."""
     n = len(reader.GetSize())
     direction = np.array(reader.GetDirection()).reshape(n, n)[:3, :3]
@@ -77,7 +77,7 @@ def _header_grid(reader: Any, path: Path) -> Grid:
 
 
 def _is_nifti_file(path: Path) -> bool:
-    from pipeline.filecheck import is_nifti_name
+    from pipeline.io.filecheck import is_nifti_name
 
     return path.is_file() and is_nifti_name(path)
 
@@ -86,10 +86,10 @@ def check_volume_file(path: str | Path) -> Grid:
     """Every check of ``read_volume(path)``, reading a NIfTI's voxels once; returns its grid.
 
     Raises:
-        InputError: see :func:`pipeline.imageio.read_volume`.
+        InputError: see :func:`pipeline.io.imageio.read_volume`.
     """
-    from pipeline.filecheck import check_image_path
-    from pipeline.imageio import check_volume_array, nifti_voxels, read_volume
+    from pipeline.io.filecheck import check_image_path
+    from pipeline.io.imageio import check_volume_array, nifti_voxels, read_volume
 
     p = Path(path)
     reader = check_image_path(p)
@@ -104,10 +104,10 @@ def check_mask_file(path: str | Path, reference: Grid | None = None, reference_p
     """Every check of ``read_mask(path, reference)``, reading a NIfTI's voxels once.
 
     Raises:
-        InputError: see :func:`pipeline.imageio.read_mask`.
+        InputError: see :func:`pipeline.io.imageio.read_mask`.
     """
-    from pipeline.filecheck import check_image_path
-    from pipeline.imageio import check_mask_array, check_same_grid, nifti_voxels, read_mask
+    from pipeline.io.filecheck import check_image_path
+    from pipeline.io.imageio import check_mask_array, check_same_grid, nifti_voxels, read_mask
 
     p = Path(path)
     reader = check_image_path(p)
@@ -152,7 +152,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _digest(case: Any) -> str | None:
     """SHA-256 of the case's files' bytes and the checks' version; ``None`` when a file cannot be hashed."""
-    from pipeline.registration import file_sha256
+    from pipeline.io.filecheck import file_sha256
 
     h = hashlib.sha256(CHECKS_VERSION.encode())
     for path in (case.image, case.label):

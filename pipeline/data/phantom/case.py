@@ -1,0 +1,125 @@
+"""Synthetic cohort (phantom): render one case from its cohort-level draws and write its files.
+
+``<id>/image.nii.gz``, the mask (``mask.nii.gz`` or ``mask_truth.nii.gz``), ``to_atlas.tfm`` and
+``truth.json`` (see :mod:`pipeline.data.phantom.build` for the layout).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from pipeline.data.phantom.acquisition import (
+    Acquisition,
+    acquire_native,
+    corrupt_image,
+    sample_acquisition,
+    to_image,
+)
+from pipeline.data.phantom.anatomy import RAS_FROM_LPS, Anatomy, voxel_lps
+from pipeline.data.phantom.config import APPEARANCES, CLASSES, REGIONS, PhantomConfig
+from pipeline.data.phantom.tumour import Tumour, make_tumour, render_flair
+from pipeline.io.imageio import write_image_atomic, write_text_atomic
+from pipeline.registration.transforms import write_transform_atomic
+
+__all__: list[str] = []
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1))
+
+
+def _write_transform_atomic(tfm: sitk.Transform, path: Path) -> None:
+    write_transform_atomic(tfm, path)
+
+
+def _orientation_code(direction: np.ndarray) -> str:
+    """Nearest NIfTI-style axis code (e.g. ``LAS``) of an ITK (LPS) direction matrix."""
+    ras = direction * RAS_FROM_LPS[:, None]
+    letters = []
+    for col in ras.T:
+        a = int(np.argmax(np.abs(col)))
+        letters.append(("RAS" if col[a] > 0 else "LPI")[a])
+    return "".join(letters)
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """Cohort-level draws of one case."""
+
+    cid: str
+    cls: int
+    region: int
+    appearance: int
+    skull: bool
+    has_label: bool
+    has_class: bool
+    seed: np.random.SeedSequence
+
+
+def render_case(spec: CaseSpec, anat: Anatomy, space: str, config: PhantomConfig
+                 ) -> tuple[sitk.Image, sitk.Image, sitk.AffineTransform, dict[str, Any]]:
+    """Build one case; returns image, mask, atlas -> native transform and its truth record."""
+    anat_rng, acq_rng = (np.random.default_rng(s) for s in spec.seed.spawn(2))
+    tumour = make_tumour(anat, REGIONS[spec.region], APPEARANCES[spec.appearance] == "cystic", anat_rng, config)
+    flair, head_mm = render_flair(anat, tumour, spec.skull, anat_rng)
+    mask = np.zeros(anat.brain.shape, dtype=bool)
+    mask[tumour.box] = tumour.mask
+    acq = sample_acquisition(acq_rng, config, anat.spacing)
+    if space == "atlas":
+        signal, seg, tfm = to_image(flair, anat.grid, sitk.sitkFloat32), to_image(
+            mask.astype(np.uint8), anat.grid, sitk.sitkUInt8), sitk.AffineTransform(3)
+    else:
+        signal, seg, tfm = acquire_native(anat, flair, mask, head_mm, acq, config.margin_mm)
+    image = to_image(corrupt_image(sitk.GetArrayFromImage(signal), acq, acq_rng), signal, sitk.sitkFloat32)
+    truth = _truth_record(spec, anat, tumour, acq, space, image, seg, tfm)
+    return image, seg, tfm, truth
+
+
+def _truth_record(spec: CaseSpec, anat: Anatomy, tumour: Tumour, acq: Acquisition, space: str,
+                  image: sitk.Image, seg: sitk.Image, tfm: sitk.AffineTransform) -> dict[str, Any]:
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    centre_ras = voxel_lps(anat.grid, np.array([tumour.centre_zyx]))[0] * RAS_FROM_LPS
+    native_ml = float(sitk.GetArrayViewFromImage(seg).sum() * np.prod(seg.GetSpacing()) / 1000.0)
+    rec: dict[str, Any] = {
+        "id": spec.cid, "class": spec.cls, "class_name": CLASSES[spec.cls], "region": REGIONS[spec.region],
+        "appearance": APPEARANCES[spec.appearance], "skull": spec.skull, "space": space,
+        "label_in_datalist": spec.has_label, "class_in_datalist": spec.has_class,
+        "mask_file": "mask.nii.gz" if spec.has_label else "mask_truth.nii.gz",
+        "tumour_centre_mni_ras_mm": [round(float(v), 2) for v in centre_ras],
+        "tumour_volume_ml_atlas": round(float(tumour.mask.sum()) * anat.spacing**3 / 1000.0, 3),
+        "tumour_volume_ml_native": round(native_ml, 3),
+        "cyst_volume_ml_atlas": round(float(tumour.cyst.sum()) * anat.spacing**3 / 1000.0, 3),
+        "atlas": anat.name,
+        "size": list(image.GetSize()), "spacing_mm": [round(v, 4) for v in image.GetSpacing()],
+        "orientation": _orientation_code(direction), "direction": [round(v, 6) for v in image.GetDirection()],
+        "intensity_scale": acq.intensity_scale, "noise_sigma_rel_gm": acq.noise_sigma,
+        "bias_coeffs": list(acq.bias_coeffs),
+        "to_atlas_matrix": list(tfm.GetMatrix()), "to_atlas_translation": list(tfm.GetTranslation()),
+    }
+    if space == "native":
+        rec.update({
+            "pose": {"rotation_deg_xyz": list(acq.rotation_deg), "translation_mm": list(acq.translation_mm),
+                     "scale": acq.scale, "centre_lps_mm": [float(v) for v in anat.centre_lps]},
+            "oblique": acq.oblique_deg is not None, "oblique_deg_xyz": acq.oblique_deg,
+            "slice_thickness_mm": acq.thickness_mm, "thick_axis": acq.thick_axis,
+        })
+    else:
+        rec.update({"pose": None, "oblique": False, "slice_thickness_mm": anat.spacing, "thick_axis": None})
+    return rec
+
+
+def write_case_files(folder: Path, image: sitk.Image, seg: sitk.Image, tfm: sitk.Transform,
+                truth: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_image_atomic(image, folder / "image.nii.gz")
+    write_image_atomic(seg, folder / truth["mask_file"])
+    stale = folder / ("mask_truth.nii.gz" if truth["mask_file"] == "mask.nii.gz" else "mask.nii.gz")
+    stale.unlink(missing_ok=True)
+    _write_transform_atomic(tfm, folder / "to_atlas.tfm")
+    write_json_atomic(truth, folder / "truth.json")

@@ -1,0 +1,88 @@
+"""Synthetic cohort (phantom): class / region / appearance names and the generator's knobs.
+
+:class:`PhantomConfig` holds the class-cue priors, tumour size, pose and acquisition ranges that
+:mod:`pipeline.data.phantom.build` draws from; the names here fix the order of every prior's rows and
+columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.io.errors import InputError
+
+__all__ = ["CLASSES", "REGIONS", "APPEARANCES", "ORIENTATIONS", "SPACES", "SPACING_RANGE_MM", "PhantomConfig"]
+
+CLASSES: tuple[str, ...] = ("BRAF V600E", "BRAF fusion", "other")
+REGIONS: tuple[str, ...] = ("hemispheric", "infratentorial", "midline")
+APPEARANCES: tuple[str, ...] = ("solid", "cystic")
+#: Orientation codes of native grids (NIfTI/nibabel convention: axis i, j, k point to these).
+ORIENTATIONS: tuple[str, ...] = ("RAS", "LAS", "LPS", "RSA", "ASR")
+SPACES: tuple[str, ...] = ("native", "atlas")
+SPACING_RANGE_MM: tuple[float, float] = (0.5, 8.0)
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """The generator's knobs (priors, tumour size, pose and acquisition ranges).
+
+    Attributes:
+        region_prior: P(region | class), one row per class in :data:`CLASSES`, columns in
+            :data:`REGIONS` order. Default: each class 0.8 on its typical region (V600E
+            hemispheric, fusion infratentorial, other midline).
+        appearance_prior: P(appearance | class), columns in :data:`APPEARANCES` order (solid,
+            cystic); fusion tumours (pilocytic-like) are mostly cystic.
+        skull_fraction: fraction of cases with a skull/scalp shell (the others look skull-stripped).
+        volume_ml: tumour volume range in mL, drawn log-uniformly.
+        min_depth_mm: tumour centres lie at least this deep inside the brain mask.
+        max_rotation_deg: pose rotation, uniform in +-this about each axis.
+        max_translation_mm: pose translation, uniform in +-this along each axis.
+        scale_range: isotropic pose scale range.
+        thickness_mm: slice thickness range (never below the in-plane spacing).
+        oblique_fraction: fraction of native grids whose direction matrix is tilted (oblique).
+        max_oblique_deg: tilt of oblique grids, uniform in +-this about each axis.
+        intensity_scale: range of the arbitrary intensity scale, drawn log-uniformly.
+        noise_sigma: Rician noise sigma range, relative to grey matter (1.0).
+        bias_strength: std of the log bias-field polynomial coefficients.
+        margin_mm: margin of the native field of view around the head.
+    """
+
+    region_prior: tuple[tuple[float, ...], ...] = ((0.8, 0.05, 0.15), (0.05, 0.8, 0.15), (0.1, 0.1, 0.8))
+    appearance_prior: tuple[tuple[float, ...], ...] = ((0.75, 0.25), (0.3, 0.7), (0.85, 0.15))
+    skull_fraction: float = 0.5
+    volume_ml: tuple[float, float] = (10.0, 60.0)
+    min_depth_mm: float = 10.0
+    max_rotation_deg: float = 15.0
+    max_translation_mm: float = 15.0
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    thickness_mm: tuple[float, float] = (1.0, 6.0)
+    oblique_fraction: float = 0.3
+    max_oblique_deg: float = 20.0
+    intensity_scale: tuple[float, float] = (50.0, 3000.0)
+    noise_sigma: tuple[float, float] = (0.02, 0.05)
+    bias_strength: float = 0.08
+    margin_mm: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check_prior(self.region_prior, len(REGIONS), "region_prior")
+        _check_prior(self.appearance_prior, len(APPEARANCES), "appearance_prior")
+        check_fraction(self.skull_fraction, "skull fraction")
+        check_fraction(self.oblique_fraction, "oblique fraction")
+        for name in ("volume_ml", "scale_range", "thickness_mm", "intensity_scale", "noise_sigma"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise InputError(None, f"{name} must be a range 0 < low <= high, got ({lo}, {hi})")
+
+
+def check_fraction(value: float, name: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise InputError(None, f"{name} must be in [0, 1], got {value}")
+
+
+def _check_prior(prior: Sequence[Sequence[float]], n_cols: int, name: str) -> None:
+    arr = np.asarray(prior, dtype=float)
+    if arr.shape != (len(CLASSES), n_cols) or np.any(arr < 0) or not np.allclose(arr.sum(1), 1.0):
+        raise InputError(None, f"{name} must be {len(CLASSES)} rows of {n_cols} probabilities summing to 1")

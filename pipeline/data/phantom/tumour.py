@@ -1,0 +1,128 @@
+"""Synthetic cohort (phantom): one irregular tumour (optionally cystic) and the FLAIR-like atlas-space volume.
+
+Both draw from the case's anatomy stream, in the order :func:`make_tumour` then :func:`render_flair`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from pipeline.data.phantom.anatomy import Anatomy
+from pipeline.data.phantom.config import PhantomConfig
+
+__all__ = ["Tumour", "make_tumour", "render_flair"]
+
+
+@dataclass(frozen=True)
+class Tumour:
+    """A tumour in a box of the atlas grid: ``box`` slices (z, y, x) and boolean masks inside it."""
+
+    box: tuple[slice, slice, slice]
+    mask: np.ndarray
+    cyst: np.ndarray
+    centre_zyx: tuple[int, int, int]
+    target_ml: float
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """Uniformly random 3-D rotation matrix (QR of a Gaussian matrix, signs fixed)."""
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def _unit_noise(shape: tuple[int, ...], sigma_vox: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian-smoothed white noise scaled to zero mean and unit std."""
+    field_ = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox, mode="reflect")
+    return (field_ - field_.mean()) / (field_.std() + 1e-8)
+
+
+def _ellipsoid_norm(shape: tuple[int, ...], centre_vox: np.ndarray, spacing: float, radii: np.ndarray,
+                    rot: np.ndarray) -> np.ndarray:
+    """Ellipsoidal radius (1 on the surface) of every voxel of a box."""
+    d = (np.indices(shape).reshape(3, -1).T - centre_vox) * spacing
+    return np.sqrt((((d @ rot) / radii) ** 2).sum(axis=1)).reshape(shape)
+
+
+def _box_around(centre: np.ndarray, half: int, shape: tuple[int, ...]) -> tuple[slice, slice, slice]:
+    lo = np.maximum(centre - half, 0)
+    hi = np.minimum(centre + half + 1, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))  # type: ignore[return-value]
+
+
+def make_tumour(anat: Anatomy, region: str, cystic: bool, rng: np.random.Generator,
+                config: PhantomConfig) -> Tumour:
+    """One irregular tumour centred in ``region``: smoothed noise thresholded in a deformed ellipsoid.
+
+    The threshold is chosen so that the tumour (restricted to the brain mask) has the drawn volume;
+    the largest connected piece is kept. A cystic tumour gets an ellipsoidal cyst inside its core.
+    """
+    s = anat.spacing
+    centre = anat.centres[region][rng.integers(len(anat.centres[region]))]
+    lo, hi = np.log(config.volume_ml)
+    volume_ml = float(np.exp(rng.uniform(lo, hi)))
+    r_eq = (3.0 * volume_ml * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)
+    box = _box_around(centre, int(np.ceil(1.8 * r_eq / s)), anat.brain.shape)
+    shape = tuple(b.stop - b.start for b in box)
+    local_centre = centre - np.array([b.start for b in box])
+    radii = r_eq * np.exp(rng.normal(0.0, 0.25, 3))
+    radii *= r_eq / np.prod(radii) ** (1.0 / 3.0)
+    rho = _ellipsoid_norm(shape, local_centre, s, radii, _random_rotation(rng))
+    score = (1.0 - rho + 0.3 * _unit_noise(shape, 0.35 * r_eq / s, rng)
+             + 0.12 * _unit_noise(shape, max(0.7, 2.0 / s), rng))
+    allowed = anat.brain[box]
+    n_target = max(1, int(round(volume_ml * 1000.0 / s**3)))
+    values = np.sort(score[allowed])[::-1]
+    mask = allowed & (score >= values[min(n_target, len(values)) - 1])
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        mask = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+    cyst = np.zeros_like(mask)
+    if cystic:
+        cyst_centre = local_centre + rng.normal(0.0, 0.15 * r_eq, 3) / s
+        cyst_radii = r_eq * rng.uniform(0.4, 0.6) * np.exp(rng.normal(0.0, 0.15, 3))
+        core = ndimage.binary_erosion(mask, iterations=max(1, int(round(2.0 / s))))
+        cyst = core & (_ellipsoid_norm(shape, cyst_centre, s, cyst_radii, _random_rotation(rng)) < 1.0)
+    return Tumour(box=box, mask=mask, cyst=cyst, centre_zyx=tuple(int(c) for c in centre),  # type: ignore[arg-type]
+                  target_ml=volume_ml)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _skull_shell(outside_mm: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """FLAIR intensity of a CSF / bone / scalp shell around the brain hull, and its outer radius."""
+    f = rng.uniform(0.8, 1.25)
+    csf, bone, scalp = 2.0 * f, 8.0 * f, 14.0 * f
+    shell = np.zeros_like(outside_mm)
+    shell[(outside_mm > 0) & (outside_mm <= csf)] = rng.uniform(0.05, 0.15)
+    shell[(outside_mm > csf) & (outside_mm <= bone)] = rng.uniform(0.02, 0.08)
+    shell[(outside_mm > bone) & (outside_mm <= scalp)] = rng.uniform(0.9, 1.4)
+    return shell, scalp
+
+
+def render_flair(anat: Anatomy, tumour: Tumour, skull: bool, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """FLAIR-like atlas-space volume (GM = 1) with the tumour painted in.
+
+    Returns:
+        The float32 array (z, y, x) and the head's outer radius beyond the brain hull in mm
+        (0 without skull).
+    """
+    img = anat.gm + rng.uniform(0.7, 0.85) * anat.wm + rng.uniform(0.08, 0.2) * anat.csf
+    img *= 1.0 + 0.04 * _unit_noise(img.shape, max(0.5, 1.5 / anat.spacing), rng)
+    head_mm = 0.0
+    if skull:
+        shell, head_mm = _skull_shell(anat.outside_mm, rng)
+        img += shell
+    b = tumour.box
+    level = rng.uniform(1.35, 1.7) * (1.0 + 0.06 * _unit_noise(tumour.mask.shape, max(0.5, 1.5 / anat.spacing), rng))
+    level = np.where(tumour.cyst, rng.uniform(0.15, 0.35), level)
+    weight = np.clip(ndimage.gaussian_filter(tumour.mask.astype(np.float32), 0.5), 0.0, 1.0)
+    weight = np.where(tumour.mask, np.maximum(weight, 0.7), weight)
+    img[b] = img[b] * (1.0 - weight) + level * weight
+    return img.astype(np.float32), head_mm

@@ -1,0 +1,203 @@
+"""MultiTaskLoss: the study's ``L = L_seg + w * L_cls`` with per-sample masking of missing labels, and an
+optional reconstruction term ``+ w_rec * MSE`` (the auxiliary branch of ``configs/recon.json``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss, FocalLoss
+from torch import nn
+
+from pipeline.runtime import distributed
+
+__all__ = ["MultiTaskLoss"]
+
+
+class MultiTaskLoss(nn.Module):
+    """Soft Dice (squared denominators, sigmoid, over the batch) + ``w`` x class-weighted CE.
+
+    ``L_seg = 1 - 2 sum(p g) / (sum(p^2) + sum(g^2) + eps)`` over every voxel of every sample
+    that has a mask (MONAI ``DiceLoss(sigmoid=True, squared_pred=True, batch=True)``), and
+    ``L_cls`` = cross-entropy weighted by class (``weight[c] * CE``, normalised by the summed
+    weights as in ``torch.nn.CrossEntropyLoss``) over the samples that have a class. A sample
+    without a mask adds no segmentation term, one without a class no classification term; a
+    batch with neither gives a zero loss that still back-propagates (zero gradients).
+
+    With a reconstruction output (the network's fourth, ``reconstruct=True``), ``L_rec`` is the mean
+    squared error between it and the input image's channels over every voxel of every sample (a
+    case without mask or class still trains it). ``L = w_seg L_seg + w L_cls + w_rec L_rec``; a
+    term whose weight is 0 is not computed (staged training, :mod:`pipeline.training.staging`).
+
+    Args:
+        cls_weight: ``w`` (study: 0.3). ``0`` or a network without a head: segmentation only.
+        class_weights: per-class CE weights (e.g. inverse training frequencies from
+            :func:`pipeline.data.datalist.class_weights`); ``None`` = uniform.
+        eps: denominator smoothing of the Dice term.
+        seg_weight: ``w_seg`` (1; 0 in a stage that does not train the segmentation).
+        recon_weight: ``w_rec`` (0: no reconstruction term even if the network reconstructs).
+        seg_loss: ``dice`` (the study) or ``dice_focal``: the Dice plus the binary focal loss
+            (MONAI ``FocalLoss`` on the sigmoid, ``focal_gamma``, mean over the voxels of the samples
+            with a mask), the 2-D study's segmentation loss (``configs/mtl2d.json``).
+        focal_gamma: the focal loss's exponent.
+
+    :meth:`compute` takes the tensors explicitly; :meth:`forward` is the MONAI-engine adapter
+    (``loss(pred, target)`` with the network's output tuple and the target dict from
+    :class:`pipeline.training.engines.MultiTaskPrepareBatch`) and returns the total, keeping the
+    components of the last call in ``last_terms`` for logging.
+
+    Returns (compute):
+        dict with ``loss`` (total, scalar tensor), ``seg``, ``cls`` and ``recon`` (detached
+        components, ``nan`` when the batch has no sample for that task or the term is off) and
+        ``n_seg`` / ``n_cls``.
+
+    Example:
+        >>> loss = MultiTaskLoss(cls_weight=0.3, class_weights=[1.0, 2.0, 1.0])
+        >>> out = loss.compute(seg_logits, cls_logits, masks, classes, has_label, has_class)
+        >>> out["loss"].backward()
+    """
+
+    def __init__(self, cls_weight: float = 0.3, class_weights: Sequence[float] | torch.Tensor | None = None,
+                 eps: float = 1e-5, seg_weight: float = 1.0, recon_weight: float = 0.0, seg_loss: str = "dice",
+                 focal_gamma: float = 2.0) -> None:
+        super().__init__()
+        if seg_loss not in ("dice", "dice_focal"):
+            raise ValueError(f"seg_loss must be 'dice' or 'dice_focal', got {seg_loss!r}")
+        self.focal = FocalLoss(use_softmax=False, gamma=focal_gamma, reduction="none") if seg_loss == "dice_focal" else None
+        self.cls_weight = float(cls_weight)
+        self.seg_weight = float(seg_weight)
+        self.recon_weight = float(recon_weight)
+        self.dice = DiceLoss(sigmoid=True, squared_pred=True, batch=True, smooth_nr=0.0, smooth_dr=eps)
+        w = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        self.register_buffer("class_weights", w, persistent=False)
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def forward(self, pred: tuple | list, target: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Engine adapter: ``pred = (seg_logits, class_logits | None, embedding[, reconstruction])``,
+        ``target`` with keys ``label``, ``class``, ``has_label``, ``has_class`` (and ``image``, the
+        network's input, for the reconstruction term). Returns the total loss."""
+        recon = pred[3] if len(pred) > 3 else None
+        terms = self.compute(pred[0], pred[1], target["label"], target["class"],
+                             target.get("has_label"), target.get("has_class"), recon, target.get("image"))
+        self.last_terms = terms
+        return terms["loss"]
+
+    def compute(
+        self,
+        seg_logits: torch.Tensor | None,
+        cls_logits: torch.Tensor | None,
+        mask: torch.Tensor,
+        cls: torch.Tensor,
+        has_label: torch.Tensor | None = None,
+        has_class: torch.Tensor | None = None,
+        recon: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Args: ``seg_logits`` / ``mask`` ``(B, 1, H, W, D)``; ``cls_logits`` ``(B, K)`` or None;
+        ``cls`` ``(B,)`` int (``-1`` = unknown); ``has_label`` / ``has_class`` ``(B,)`` 0/1
+        (default: every mask present; class present where ``cls >= 0``). ``seg_logits`` is ``None``
+        for a network without decoder (the classifier alone): no segmentation term. ``recon``
+        ``(B, C, H, W, D)`` and ``image`` (whose first ``C`` channels it reconstructs): the
+        reconstruction term, when ``recon_weight > 0``."""
+        if seg_logits is None and cls_logits is None:
+            raise ValueError("the network returned neither segmentation nor class logits")
+        ref = seg_logits if seg_logits is not None else cls_logits
+        b = ref.shape[0]
+        dev = ref.device
+        has_label = torch.ones(b, dtype=torch.bool, device=dev) if has_label is None else has_label.to(dev).bool().view(-1)
+        if seg_logits is None or self.seg_weight == 0:
+            has_label = torch.zeros_like(has_label)
+        use_recon = recon is not None and self.recon_weight > 0
+        if use_recon and image is None:
+            raise ValueError("the reconstruction term needs the input image (target['image'])")
+        cls = cls.to(dev).long().view(-1)
+        has_class = (cls >= 0) if has_class is None else (has_class.to(dev).bool().view(-1) & (cls >= 0))
+        zero = ref.float().sum() * 0.0  # keeps the graph: a valid loss with zero gradients
+        if distributed.is_distributed():
+            return self._whole_batch(seg_logits, cls_logits, mask, cls, has_label, has_class,
+                                     recon if use_recon else None, image)
+
+        n_seg = int(has_label.sum())
+        seg = self.dice(seg_logits[has_label].float(), (mask[has_label] > 0).float()) if n_seg else zero
+        if n_seg and self.focal is not None:
+            seg = seg + self.focal(seg_logits[has_label].float(), (mask[has_label] > 0).float()).mean()
+
+        n_cls = int(has_class.sum()) if cls_logits is not None and self.cls_weight > 0 else 0
+        if n_cls:
+            weight = None if self.class_weights is None else self.class_weights.to(dev)
+            ce = F.cross_entropy(cls_logits[has_class].float(), cls[has_class], weight=weight)
+        else:
+            ce = zero
+        rec = F.mse_loss(recon.float(), image[:, : recon.shape[1]].float()) if use_recon else zero
+        total = self.seg_weight * seg + self.cls_weight * ce + self.recon_weight * rec
+        nan = torch.tensor(float("nan"), device=dev)
+        return {
+            "loss": total,
+            "seg": seg.detach() if n_seg else nan,
+            "cls": ce.detach() if n_cls else nan,
+            "recon": rec.detach() if use_recon else nan,
+            "n_seg": torch.tensor(n_seg),
+            "n_cls": torch.tensor(n_cls),
+        }
+
+    def _whole_batch(self, seg_logits: torch.Tensor | None, cls_logits: torch.Tensor | None, mask: torch.Tensor,
+                     cls: torch.Tensor, has_label: torch.Tensor, has_class: torch.Tensor,
+                     recon: torch.Tensor | None = None, image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The loss of the global batch (every process's samples), identical on every rank.
+
+        Each process sums its part of the Dice's intersection / denominator and of the weighted
+        cross-entropy's numerator / denominator; :func:`pipeline.runtime.distributed.all_reduce_sum` adds
+        them over the processes (differentiably), so DDP's gradient average equals one process's
+        gradient on the whole batch: the batch-level Dice and the class-weighted mean do not
+        decompose into a mean of per-process losses. Every output enters the loss (times 0 where a
+        process has no sample for a task), so every parameter has a gradient on every rank (DDP).
+        """
+        dev = (seg_logits if seg_logits is not None else cls_logits).device
+        keep = sum(o.float().sum() * 0.0 for o in (seg_logits, cls_logits, recon) if o is not None)
+        if seg_logits is not None and self.seg_weight > 0:
+            p = torch.sigmoid(seg_logits[has_label].float())
+            g = (mask[has_label] > 0).float()
+            dims = [0, *range(2, p.dim())]  # MONAI DiceLoss(batch=True): sums over samples and voxels per channel
+            part = torch.cat([(p * g).sum(dims), (p * p).sum(dims) + (g * g).sum(dims)]) + keep
+            if self.focal is not None:  # summed focal loss and voxel count: the global batch's mean
+                f = self.focal(seg_logits[has_label].float(), g)
+                focal_part = torch.stack([f.sum(), torch.tensor(float(f.numel()), device=dev)]) + keep
+        else:
+            part = keep.view(1).expand(2)
+            focal_part = keep.view(1).expand(2)
+        if self.focal is None:
+            focal_part = keep.view(1)[:0]
+        use_cls = cls_logits is not None and self.cls_weight > 0
+        if use_cls:
+            ce = F.cross_entropy(cls_logits[has_class].float(), cls[has_class], reduction="none")
+            w = (self.class_weights.to(dev)[cls[has_class]] if self.class_weights is not None
+                 else torch.ones_like(ce))
+            cls_part = torch.stack([(w * ce).sum(), w.sum()]) + keep
+        else:
+            cls_part = keep.view(1).expand(2)
+        if recon is not None:  # summed squared error and voxel count: the global batch's mean
+            err = (recon.float() - image[:, : recon.shape[1]].float()) ** 2
+            rec_part = torch.stack([err.sum(), torch.tensor(float(err.numel()), device=dev)]) + keep
+        else:
+            rec_part = keep.view(1).expand(2)
+        counts = torch.tensor([float(has_label.sum()) if seg_logits is not None and self.seg_weight > 0 else 0.0,
+                               float(has_class.sum()) if use_cls else 0.0], device=dev)
+        total = distributed.all_reduce_sum(torch.cat([part, focal_part, cls_part, rec_part, counts]))
+        c = part.numel() // 2
+        o = 2 * c + focal_part.numel()  # where the class term's sums start
+        n_seg, n_cls = int(total[-2]), int(total[-1])
+        seg = (1.0 - 2.0 * total[:c] / (total[c:2 * c] + self.dice.smooth_dr)).mean() if n_seg else keep
+        if n_seg and self.focal is not None:
+            seg = seg + total[2 * c] / total[2 * c + 1]
+        ce_all = total[o] / total[o + 1] if n_cls else keep
+        rec = total[o + 2] / total[o + 3] if recon is not None else keep
+        nan = torch.tensor(float("nan"), device=dev)
+        return {
+            "loss": self.seg_weight * seg + self.cls_weight * ce_all + self.recon_weight * rec + keep,
+            "seg": seg.detach() if n_seg else nan,
+            "cls": ce_all.detach() if n_cls else nan,
+            "recon": rec.detach() if recon is not None else nan,
+            "n_seg": torch.tensor(n_seg),
+            "n_cls": torch.tensor(n_cls),
+        }

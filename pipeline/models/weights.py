@@ -1,0 +1,130 @@
+"""Reading trained weights: a checkpoint of this bundle, or one clear reason why a file is not one.
+
+Used by inference (:func:`load_network`), evaluation (``evaluate.json`` loads the weights with
+:func:`load_weights` before the evaluator is built: MONAI's ``CheckpointLoader`` would take a nested
+``checkpoint_epoch=N.pt`` for a plain state dict) and the post-training decisions. ``torch.load`` alone answers a foreign or
+corrupt file with an explanation of its ``weights_only`` default or a zip-archive error; here every
+such file is "not a checkpoint of this bundle", with what it is instead.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.io.errors import InputError
+from pipeline.io.filecheck import check_entry
+from pipeline.runtime.distributed import unwrap
+
+__all__ = ["state_dict_of", "read_weights", "load_weights", "load_network"]
+
+_NOT_OURS = "is not a checkpoint of this bundle"
+_WHICH = "use OUTPUT_DIR/models/model.pt (or a checkpoint_epoch=N.pt) of a training run"
+
+
+def state_dict_of(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The network weights in a checkpoint: a plain state dict (``model.pt`` of a training run) or
+    one nested under ``network`` / ``model`` / ``state_dict`` (``checkpoint_epoch=N.pt``)."""
+    for key in ("network", "model", "state_dict"):
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The network weights stored in ``path`` (CPU tensors), read without running any pickled code.
+
+    Raises:
+        InputError: missing / unreadable file, not a PyTorch file (corrupt, truncated, another
+            format), a pickle of other code's objects, or a file that holds no tensors.
+    """
+    p = Path(path)
+    check_entry(p)
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            raise InputError(p, f"{_NOT_OURS}: it holds Python objects other than tensors (saved by other code), "
+                                f"and loading them could run that code; {_WHICH}") from None
+        raise InputError(p, f"{_NOT_OURS}: not a PyTorch file (corrupt, truncated or another format); {_WHICH}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise InputError(p, f"{_NOT_OURS}: not a PyTorch file ({first}); {_WHICH}") from None
+    state = state_dict_of(obj) if isinstance(obj, dict) else None
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        what = type(obj).__name__ if not isinstance(obj, dict) else f"a dict without weights (keys {list(obj)[:5]})"
+        raise InputError(p, f"{_NOT_OURS}: it holds {what}, not network weights; {_WHICH}")
+    return state
+
+
+def load_weights(network: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load ``path``'s weights into ``network`` (strict), with a reason when they do not fit; a plain
+    state dict (``model.pt``) or a resumable checkpoint (``checkpoint_epoch=N.pt``) alike.
+
+    Raises:
+        InputError: :func:`read_weights`'s reasons; no tensor names a layer of this network (another
+            model's file); or the layers differ (trained with another overlay).
+    """
+    if Path(path).suffix == ".ts":
+        raise InputError(path, "a TorchScript export, not the weights: evaluation and training need "
+                               "OUTPUT_DIR/models/model.pt (or a checkpoint_epoch=N.pt) of a training run")
+    state = read_weights(path)
+    network = unwrap(network)  # a DistributedDataParallel wrapper's keys carry "module."
+    ours = set(network.state_dict())
+    if not ours & set(state):
+        raise InputError(path, f"{_NOT_OURS}: none of its {len(state)} tensors names a layer of this network "
+                               f"(first: {next(iter(state))!r}); {_WHICH}")
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = str(exc).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else str(exc)
+        raise InputError(path, f"weights do not fit the network of this config ({detail[:160]}); use the overlay the "
+                               "model was trained with, e.g. --config_file "
+                               "\"['bundles/plgg_mtl/configs/inference.json','configs/demo.json']\"") from None
+    return network
+
+
+def load_network(network: torch.nn.Module, ckpt: str | Path | None, device: str | torch.device = "cpu",
+                 backend: str = "auto") -> torch.nn.Module:
+    """Load trained weights into the network built from the config (or a TorchScript ``.ts``).
+
+    Args:
+        network: the config's ``network_def``.
+        ckpt: ``model.pt`` written by a training run (or a resumable ``checkpoint_epoch=N.pt``),
+            a TorchScript file from ``monai.bundle ckpt_export`` (``.ts``) or an ONNX file from
+            ``monai.bundle onnx_export`` (``.onnx``, run by ONNX Runtime); exports are used instead of ``network``.
+        device: where the network runs.
+        backend: ``auto`` (from the file's suffix), ``torch`` or ``onnx`` (which needs a ``.onnx`` file).
+
+    Returns:
+        The network on ``device`` in eval mode.
+
+    Raises:
+        InputError: no checkpoint given, or :func:`load_weights`'s reasons.
+    """
+    if ckpt in (None, ""):
+        raise InputError(None, "no checkpoint: pass --ckpt PATH (OUTPUT_DIR/models/model.pt of a training run)")
+    path = Path(ckpt)
+    if not path.exists() and not path.is_symlink():
+        raise InputError(path, "checkpoint not found (pass --ckpt PATH)")
+    if backend not in ("auto", "torch", "onnx"):
+        raise InputError(None, f"backend must be auto, torch or onnx, got {backend!r}")
+    onnx = path.suffix == ".onnx"
+    if backend != "auto" and onnx != (backend == "onnx"):
+        raise InputError(path, f"backend {backend} needs {'an ONNX file (model.onnx from monai.bundle onnx_export)' if backend == 'onnx' else 'a PyTorch checkpoint (model.pt) or TorchScript file'}")
+    if onnx:
+        check_entry(path)
+        from pipeline.models.onnx_backend import OnnxNetwork
+
+        return OnnxNetwork(path, device).eval()
+    if path.suffix == ".ts":
+        check_entry(path)
+        try:
+            return torch.jit.load(str(path), map_location=device).eval()
+        except Exception as exc:  # noqa: BLE001 - any loading problem is a bad file
+            raise InputError(path, f"cannot be read as a TorchScript model: {str(exc).splitlines()[0][:200]}") from None
+    return load_weights(network, path).to(device).eval()

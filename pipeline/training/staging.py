@@ -1,0 +1,101 @@
+"""Staged training: start from another checkpoint's weights, train only the branches the loss uses.
+
+The multi-task recipe of Hryniewska-Guzik et al. trains in stages, each from the previous stage's
+weights (``configs/stage1_cls_recon.json``, then ``configs/stage2_seg_recon.json --init_from``).
+:func:`prepare_for_training` is what ``train.json``'s ``network`` calls on the config's network:
+
+- ``init_from``: every tensor of the checkpoint whose name and shape match a tensor of this network
+  is copied; the rest stays at random. It prints what was loaded and what was not, by branch.
+- Branches whose loss weight is 0 are frozen (``requires_grad = False``, so the optimizer and DDP
+  leave them alone): the segmentation decoder when ``seg_weight = 0``, the classifier when
+  ``cls_weight = 0``, the reconstruction decoder when ``recon_weight = 0``. The shared encoder
+  always trains. A frozen classifier's batch norm still updates its running statistics in training
+  mode (it follows the encoder's features); its weights do not move.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from pipeline.io.errors import InputError
+
+__all__ = ["BRANCHES", "branch_of", "load_matching", "freeze_untrained", "prepare_for_training"]
+
+#: Top-level module names of each branch of :class:`pipeline.models.networks.MultiTaskSegResNet`.
+BRANCHES: dict[str, tuple[str, ...]] = {
+    "encoder": ("convInit", "down_layers"),
+    "seg": ("up_layers", "up_samples", "conv_final"),
+    "cls": ("classifier",),
+    "recon": ("recon_up_layers", "recon_up_samples", "recon_final"),
+}
+
+
+def branch_of(name: str) -> str:
+    """The branch (:data:`BRANCHES`) a parameter or buffer name belongs to, ``other`` if none."""
+    top = name.split(".", 1)[0]
+    return next((b for b, tops in BRANCHES.items() if top in tops), "other")
+
+
+def _summary(names: list[str]) -> str:
+    counts = Counter(branch_of(n) for n in names)
+    return ", ".join(f"{b} {n}" for b, n in sorted(counts.items())) or "none"
+
+
+def load_matching(network: torch.nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """Copy every tensor of checkpoint ``path`` whose name and shape match into ``network``.
+
+    Returns ``{"loaded": [...], "random": [...], "mismatched": [...], "unused": [...]}`` (names):
+    loaded, left at their random initialisation (absent from the file), present with another
+    shape (left random too), and the file's tensors this network has no place for.
+
+    Raises:
+        InputError: not a checkpoint (:func:`pipeline.models.weights.read_weights`), or no tensor matches.
+    """
+    from pipeline.models.weights import read_weights
+    from pipeline.runtime.distributed import unwrap
+
+    state = read_weights(path)
+    net = unwrap(network)
+    own = net.state_dict()
+    loaded = [k for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)]
+    mismatched = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if not loaded:
+        raise InputError(path, f"--init_from: none of its {len(state)} tensors fits this network (first: "
+                               f"{next(iter(state))!r}); give a checkpoint of this bundle")
+    net.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    return {"loaded": loaded, "random": [k for k in own if k not in state], "mismatched": mismatched,
+            "unused": [k for k in state if k not in own]}
+
+
+def freeze_untrained(network: torch.nn.Module, seg_weight: float, cls_weight: float, recon_weight: float) -> list[str]:
+    """Set ``requires_grad = False`` on the branches whose loss weight is 0; returns their names."""
+    off = {"seg": seg_weight == 0, "cls": cls_weight == 0, "recon": recon_weight == 0}
+    frozen = [b for b, is_off in off.items() if is_off]
+    for name, p in network.named_parameters():
+        if branch_of(name) in frozen:
+            p.requires_grad_(False)
+    present = {branch_of(n) for n, _ in network.named_parameters()}
+    return [b for b in frozen if b in present]
+
+
+def prepare_for_training(network: torch.nn.Module, init_from: str | None = None, seg_weight: float = 1.0,
+                         cls_weight: float = 0.3, recon_weight: float = 0.0) -> torch.nn.Module:
+    """``init_from`` (optional) then :func:`freeze_untrained`; prints both. Returns ``network``."""
+    if init_from:
+        r = load_matching(network, init_from)
+        print(f"[init_from] {init_from}: loaded {len(r['loaded'])} tensors ({_summary(r['loaded'])}); "
+              f"left at random {len(r['random'])} ({_summary(r['random'])})"
+              + (f": {', '.join(r['random'][:8])}{' ...' if len(r['random']) > 8 else ''}" if r["random"] else "")
+              + (f"; {len(r['mismatched'])} with another shape, left at random: {', '.join(r['mismatched'][:8])}"
+                 if r["mismatched"] else "")
+              + (f"; {len(r['unused'])} of the file's tensors unused ({_summary(r['unused'])})" if r["unused"] else ""),
+              flush=True)
+    frozen = freeze_untrained(network, seg_weight, cls_weight, recon_weight)
+    if frozen:
+        n = sum(p.numel() for p in network.parameters() if not p.requires_grad)
+        print(f"[staging] frozen (loss weight 0): {', '.join(frozen)} ({n} parameters); training "
+              f"{sum(p.numel() for p in network.parameters() if p.requires_grad)} parameters", flush=True)
+    return network
