@@ -40,7 +40,6 @@ from pipeline.experiment.execute import (
     finish,
     is_complete,
     latest_checkpoint_epoch,
-    read_json,
 )
 from pipeline.experiment.plan import (
     ExperimentConfig,
@@ -50,6 +49,7 @@ from pipeline.experiment.plan import (
     gpu_slots,
     make_or_load_splits,
     plan_runs,
+    read_json,
 )
 from pipeline.io.errors import InputError
 

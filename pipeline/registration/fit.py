@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from pipeline.registration.settings import STAGE_TYPES, RegistrationSettings
 from pipeline.registration.transforms import to_affine
 
-__all__: list[str] = []
+__all__ = ["as_stage", "initial_transform", "run_stages", "volume_mm3"]
 
 
 def _registration_method(settings: RegistrationSettings, fixed_mask: sitk.Image,

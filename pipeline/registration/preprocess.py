@@ -9,7 +9,7 @@ import SimpleITK as sitk
 
 from pipeline.registration.atlas import Atlas
 
-__all__: list[str] = []
+__all__ = ["normalise_working", "working_fixed", "working_moving"]
 
 
 def normalise_working(image: sitk.Image, mask: sitk.Image, percentiles: tuple[float, float]) -> sitk.Image:

@@ -32,6 +32,8 @@ from pipeline.retrieval.index import (
     write_index,
 )
 
+__all__ = ["main", "save_neighbour_picture"]
+
 TRAIN = "bundles/plgg_mtl/configs/train.json"
 
 

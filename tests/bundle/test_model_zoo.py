@@ -56,7 +56,7 @@ def test_bundle_file_set():
     assert (BUNDLE / "LICENSE").read_text(encoding="utf-8").lstrip().startswith("Apache License")
     assert "MNI" in (BUNDLE / "docs" / "data_license.txt").read_text(encoding="utf-8")
     meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text(encoding="utf-8"))
-    assert "optional_packages_version" not in meta and "pipeline" in meta["required_packages_version"]
+    assert "optional_packages_version" not in meta and "plgg-mtl" in meta["required_packages_version"]
     assert all(isinstance(v, int | float) for v in meta["eval_metrics"].values())
     assert meta["network_data_format"]["outputs"]["class_logits"]["type"] == "logits"
     for name in ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json"):

@@ -27,7 +27,7 @@ from pipeline.data.phantom.tumour import Tumour, make_tumour, render_flair
 from pipeline.io.imageio import write_image_atomic, write_text_atomic
 from pipeline.registration.transforms import write_transform_atomic
 
-__all__: list[str] = []
+__all__ = ["CaseSpec", "render_case", "write_case_files", "write_json_atomic"]
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
