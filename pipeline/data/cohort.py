@@ -78,6 +78,7 @@ def load_cohort(
     brain_mask: str | None = None,
     class_names: list[str] | tuple[str, ...] | None = None,
     check_cache: str | Path | None = None,
+    sequences: list[str] | tuple[str, ...] | None = None,
 ) -> Cohort:
     """Validate a datalist and return the items of one train/val/test split.
 
@@ -95,6 +96,8 @@ def load_cohort(
             matched to them by name (another order is fine, an unknown class is an error).
         check_cache: folder remembering cases that passed validation, by content (an unchanged
             case is not opened again at the next start).
+        sequences: the sequences the model takes, in channel order (:meth:`Datalist.select`);
+            ``None``: all of the datalist's.
 
     Raises:
         InputError / InputErrors: bad datalist, files or split.
@@ -103,13 +106,15 @@ def load_cohort(
         raise InputError(None, "no datalist given: pass --datalist PATH (JSON or CSV)")
     with main_process_first():  # several processes: rank 0 checks the files and writes the split first
         return _load_cohort(datalist, output_dir, split_file, split_index, ratios, seed, validate, brain_mask,
-                            class_names, check_cache)
+                            class_names, check_cache, sequences)
 
 
 def _load_cohort(datalist: str | Path, output_dir: str | Path, split_file: str | Path | None, split_index: int,
                  ratios: tuple[float, float, float], seed: int, validate: bool, brain_mask: str | None,
-                 class_names: list[str] | tuple[str, ...] | None, check_cache: str | Path | None) -> Cohort:
+                 class_names: list[str] | tuple[str, ...] | None, check_cache: str | Path | None,
+                 sequences: list[str] | tuple[str, ...] | None) -> Cohort:
     dl = load_datalist(datalist, check_contents=validate, check_cache=check_cache)  # every entry and file problem at once
+    dl = dl.select(sequences)
     if class_names is not None:
         dl = dl.with_classes(class_names)
     own = Path(output_dir) / "split.json"
@@ -140,5 +145,5 @@ def _load_cohort(datalist: str | Path, output_dir: str | Path, split_file: str |
         test=parts["test"],
         class_weights=class_weights(train_cases, len(dl.classes)),
         split_file=str(source),
-        info={"split": split.get("name"), "datalist": str(dl.path)},
+        info={"split": split.get("name"), "datalist": str(dl.path), "sequences": list(dl.sequences)},
     )

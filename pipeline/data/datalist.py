@@ -6,6 +6,19 @@ Format (DESIGN.md): ``{"classes": ["BRAF V600E", "BRAF fusion", "other"], "train
 or a class name. A CSV with the columns ``id,image,label,class`` is accepted too (empty cell =
 missing). Relative paths are relative to the datalist's folder.
 
+Several MRI sequences per case (one image channel each, in one order for every case), in three forms:
+
+* ``"image": ["c001/flair.nii.gz", "c001/t2.nii.gz"]``, optionally named by a top-level
+  ``"sequences": ["flair", "t2"]`` (unnamed lists are ``image1``, ``image2``, ...);
+* named: a top-level ``"sequences": ["flair", "t2"]`` and a key per sequence in each case
+  (``{"id": "c001", "flair": "c001/flair.nii.gz", "t2": "c001/t2.nii.gz"}``);
+* CSV without an ``image`` column: every column other than ``id``, ``label`` and ``class`` is a
+  sequence, in column order (``id,flair,t2,label,class``).
+
+A single image is the sequence ``image`` (or the one name of ``"sequences"``). The mask is on the
+grid of the sequences, which must share one grid (checked with the contents). Which sequences a
+model takes, and in which order, is :meth:`Datalist.select`'s business (the config's ``sequences``).
+
 Classes missing from a case are stored as ``-1`` (``MISSING_CLASS``) and a missing mask as
 ``has_label = 0`` so the loss can drop the term of the absent task per sample.
 """
@@ -29,6 +42,9 @@ __all__ = [
     "MISSING_CLASS",
     "Case",
     "Datalist",
+    "SINGLE_SEQUENCE",
+    "reference_index",
+    "model_sequences",
     "load_datalist",
     "validate_datalist",
     "to_monai_dicts",
@@ -38,17 +54,29 @@ __all__ = [
 
 DEFAULT_CLASSES = ("BRAF V600E", "BRAF fusion", "other")
 MISSING_CLASS = -1
+#: The name of the one sequence of a datalist that names none.
+SINGLE_SEQUENCE = "image"
 
 
 @dataclass(frozen=True)
 class Case:
-    """One patient: absolute image path, optional mask path and class index."""
+    """One patient: absolute image path(s), optional mask path and class index.
+
+    ``image`` is the first sequence; ``images`` every sequence in the datalist's order (empty for a
+    single image: :attr:`paths` is the way to read them all).
+    """
 
     id: str
     image: Path
     label: Path | None = None
     cls: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    images: tuple[Path, ...] = ()
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """Every sequence's file, in the datalist's order."""
+        return self.images or (self.image,)
 
 
 @dataclass(frozen=True)
@@ -59,6 +87,7 @@ class Datalist:
     classes: tuple[str, ...]
     cases: tuple[Case, ...]
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    sequences: tuple[str, ...] = (SINGLE_SEQUENCE,)
 
     def by_id(self) -> dict[str, Case]:
         return {c.id: c for c in self.cases}
@@ -76,9 +105,42 @@ class Datalist:
             raise InputError(self.path, f"classes {unknown} of the datalist are not among the model's class_names "
                                         f"{list(names)}: fix the datalist's 'classes' or set --class_names")
         order = [lookup[c.lower()] for c in self.classes]
-        cases = tuple(Case(c.id, c.image, c.label, None if c.cls is None else order[c.cls], c.extra)
+        cases = tuple(Case(c.id, c.image, c.label, None if c.cls is None else order[c.cls], c.extra, c.images)
                       for c in self.cases)
-        return Datalist(self.path, tuple(names), cases, self.meta)
+        return Datalist(self.path, tuple(names), cases, self.meta, self.sequences)
+
+    def select(self, wanted: list[str] | tuple[str, ...] | None) -> Datalist:
+        """The same datalist with the sequences a model takes, in its order.
+
+        ``None`` keeps them all. A datalist of one sequence serves any one-sequence model whatever
+        the names (a FLAIR-only datalist names nothing). Unnamed sequences (``image1`` ...) are
+        taken by position when the counts agree; named ones by name (case-insensitive).
+
+        Raises:
+            InputError: a wanted sequence the datalist does not have, or a count that differs.
+        """
+        if wanted is None or list(wanted) == list(self.sequences):
+            return self
+        wanted = [str(w) for w in wanted]
+        if not wanted:
+            raise InputError(self.path, "the list of sequences to use is empty")
+        have = [s.lower() for s in self.sequences]
+        if len(self.sequences) == 1 and len(wanted) == 1:
+            order = [0]
+        elif all(w.lower() in have for w in wanted):
+            order = [have.index(w.lower()) for w in wanted]
+        elif _unnamed(self.sequences) and len(wanted) == len(self.sequences):
+            order = list(range(len(wanted)))
+        else:
+            missing = [w for w in wanted if w.lower() not in have]
+            raise InputError(self.path, f"the model takes the sequences {wanted} but the datalist has "
+                                        f"{list(self.sequences)} (missing {missing}): name them with a top-level "
+                                        "'sequences' list or set 'sequences' in the overlay")
+        cases = []
+        for c in self.cases:
+            paths = tuple(c.paths[k] for k in order)
+            cases.append(Case(c.id, paths[0], c.label, c.cls, c.extra, paths if len(paths) > 1 else ()))
+        return Datalist(self.path, self.classes, tuple(cases), self.meta, tuple(wanted))
 
     def subset(self, ids: list[str]) -> list[Case]:
         """Cases with these ids, in the given order."""
@@ -87,6 +149,52 @@ class Datalist:
         if missing:
             raise InputError(self.path, f"split refers to ids not in the datalist: {missing[:5]}")
         return [index[i] for i in ids]
+
+
+def reference_index(sequences: list[str] | tuple[str, ...] | None, reference: str | int | None = None) -> int:
+    """Which of a case's sequences the registration is estimated on.
+
+    Args:
+        sequences: the sequences' names in channel order (``None``: one image).
+        reference: a name (case-insensitive), an index, or ``None``: ``flair`` when among the
+            sequences, else the first.
+
+    Raises:
+        InputError: a name that is not among ``sequences``, or an index out of range.
+    """
+    names = [str(n).lower() for n in (sequences or [SINGLE_SEQUENCE])]
+    if reference is None:
+        return names.index("flair") if "flair" in names else 0
+    if isinstance(reference, int) and not isinstance(reference, bool):
+        if not 0 <= reference < len(names):
+            raise InputError(None, f"reference_sequence {reference} is out of range for the sequences {list(sequences or [])}")
+        return reference
+    if str(reference).lower() not in names:
+        raise InputError(None, f"reference_sequence {reference!r} is not among the sequences {list(sequences or [])}")
+    return names.index(str(reference).lower())
+
+
+def model_sequences(datalist: str | Path | None, sequences: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """The sequences a model trained on ``datalist`` takes, in channel order (``in_channels`` is
+    their number): ``sequences`` when the config names them, else every sequence of the datalist,
+    else one image.
+
+    Raises:
+        InputError / InputErrors: ``sequences`` is not a non-empty list of names, or the datalist
+            cannot be read.
+    """
+    if sequences is not None:
+        if isinstance(sequences, str) or not sequences or not all(isinstance(n, str) and n for n in sequences):
+            raise InputError(None, f"sequences must be a non-empty list of sequence names, e.g. ['flair', 't2'], "
+                                   f"got {sequences!r}")
+        return list(sequences)
+    if datalist in (None, ""):
+        return [SINGLE_SEQUENCE]
+    return list(load_datalist(datalist, check_files=False).sequences)
+
+
+def _unnamed(sequences: tuple[str, ...]) -> bool:
+    return sequences == tuple(f"image{k}" for k in range(1, len(sequences) + 1)) or sequences == (SINGLE_SEQUENCE,)
 
 
 def _absolute(path: str | Path) -> Path:
@@ -137,16 +245,21 @@ def _parse_class(value: Any, classes: tuple[str, ...], where: str, path: Path) -
     return idx, None
 
 
-def _read_rows(path: Path) -> tuple[list[dict[str, Any]], tuple[str, ...], dict[str, Any]]:
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], tuple[str, ...], dict[str, Any], tuple[str, ...] | None]:
+    """``(rows, classes, meta, declared sequence names or None)``."""
     if not path.is_file():
         raise InputError(path, "datalist not found")
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            if reader.fieldnames is None or "image" not in reader.fieldnames:
-                raise InputError(path, f"CSV datalist needs an 'image' column (columns: {reader.fieldnames})")
+            columns = list(reader.fieldnames or [])
             rows = [dict(r) for r in reader]
-        return rows, DEFAULT_CLASSES, {}
+        if "image" in columns:
+            return rows, DEFAULT_CLASSES, {}, None
+        sequences = tuple(c for c in columns if c not in ("id", "label", "class"))
+        if not sequences:
+            raise InputError(path, f"CSV datalist needs an 'image' column or one column per sequence (columns: {columns})")
+        return rows, DEFAULT_CLASSES, {}, sequences
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -161,8 +274,41 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], tuple[str, ...], dict[
     classes = tuple(data.get("classes") or DEFAULT_CLASSES)
     if len(set(c.lower() for c in classes)) != len(classes):
         raise InputError(path, f"duplicate class names in 'classes': {list(classes)}")
-    meta = {k: v for k, v in data.items() if k not in ("training", "cases", "classes")}
-    return rows, classes, meta
+    declared = data.get("sequences")
+    if declared is not None:
+        if (not isinstance(declared, list) or not declared
+                or not all(isinstance(n, str) and n.strip() for n in declared)):
+            raise InputError(path, f"'sequences' must be a list of sequence names, got {declared!r}")
+        if len({n.lower() for n in declared}) != len(declared):
+            raise InputError(path, f"duplicate names in 'sequences': {declared}")
+        if {n.lower() for n in declared} & {"id", "label", "class", "image"}:
+            raise InputError(path, f"'sequences' {declared}: 'id', 'label', 'class' and 'image' are reserved keys")
+        declared = tuple(declared)
+    meta = {k: v for k, v in data.items() if k not in ("training", "cases", "classes", "sequences")}
+    return rows, classes, meta, declared
+
+
+def _row_images(row: dict[str, Any], declared: tuple[str, ...] | None, where: str) -> tuple[list[str], str | None]:
+    """The case's sequence files as written (relative or absolute), or why they cannot be read."""
+    image = row.get("image")
+    if isinstance(image, list):
+        if not image or not all(isinstance(v, str) and v.strip() for v in image):
+            return [], f"{where}: 'image' must be a file name or a non-empty list of file names"
+        if declared is not None and len(image) != len(declared):
+            return [], (f"{where}: {len(image)} images but the datalist's 'sequences' names {len(declared)} "
+                        f"({list(declared)})")
+        return [str(v) for v in image], None
+    if image not in (None, ""):
+        if declared is not None and len(declared) > 1:
+            return [], (f"{where}: one image but the datalist has the sequences {list(declared)}: give a list or "
+                        "a key per sequence")
+        return [str(image)], None
+    if declared is None:
+        return [], f"{where}: no 'image'"
+    missing = [n for n in declared if row.get(n) in (None, "")]
+    if missing:
+        return [], f"{where}: no {', '.join(repr(n) for n in missing)} sequence (the datalist's sequences: {list(declared)})"
+    return [str(row[n]) for n in declared], None
 
 
 def load_datalist(path: str | Path, check_files: bool = True, check_contents: bool = False,
@@ -185,50 +331,64 @@ def load_datalist(path: str | Path, check_files: bool = True, check_contents: bo
         InputErrors: one or more entries are wrong (missing key/file, unknown class, duplicate id).
     """
     path = _absolute(path)
-    rows, classes, meta = _read_rows(path)
+    rows, classes, meta, declared = _read_rows(path)
     root = path.parent
     errors: list[InputError] = []
     cases: list[Case] = []
     seen: Counter[str] = Counter()
+    first: tuple[str, int] | None = None  # the first readable case and its number of sequences
     for n, row in enumerate(rows):
         if not isinstance(row, dict):
             errors.append(InputError(path, f"entry {n}: expected an object, got {type(row).__name__}"))
             continue
-        image = row.get("image")
-        cid = str(row.get("id") or (Path(str(image)).name.split(".")[0] if image else f"#{n}"))
+        images, problem = _row_images(row, declared, "")
+        cid = str(row.get("id") or (Path(images[0]).name.split(".")[0] if images else f"#{n}"))
         where = f"case {cid!r}"
         seen[cid] += 1
         if any(sep in cid for sep in ("/", "\\")) or cid in (".", ".."):
             errors.append(InputError(path, f"{where}: an id names the case's output folder, so it cannot "
                                            "contain '/' or '\\' or be '.' or '..'"))
             continue
-        if not image:
-            errors.append(InputError(path, f"{where}: no 'image'"))
+        if problem:
+            errors.append(InputError(path, f"{where}{problem}"))
             continue
-        img_path = _absolute(root / str(image))
+        if first is None:
+            first = (cid, len(images))
+        elif len(images) != first[1]:
+            errors.append(InputError(path, f"{where}: {len(images)} sequence(s), but case {first[0]!r} has {first[1]}: "
+                                           "every case needs the same sequences in the same order"))
+            continue
+        names = declared or ((SINGLE_SEQUENCE,) if len(images) == 1 else
+                             tuple(f"image{k}" for k in range(1, len(images) + 1)))
+        img_paths = tuple(_absolute(root / v) for v in images)
         lbl = row.get("label")
         lbl_path = _absolute(root / str(lbl)) if lbl not in (None, "") else None
         cls, err = _parse_class(row.get("class"), classes, where, path)
         if err:
             errors.append(err)
         if check_files and not check_contents:
-            for kind, file in (("image", img_path), ("mask", lbl_path)):
+            kinds = [("image" if len(img_paths) == 1 else f"sequence {name!r}", f)
+                     for name, f in zip(names, img_paths, strict=True)]
+            for kind, file in (*kinds, ("mask", lbl_path)):
                 problem = None if file is None else _entry_problem(file)
                 if problem:
                     text = f"{kind} file not found" if problem == "file not found" else f"{kind}: {problem}"
                     errors.append(InputError(file, f"{where}: {text}"))
-        extra = {k: v for k, v in row.items() if k not in ("id", "image", "label", "class")}
-        cases.append(Case(cid, img_path, lbl_path, cls, extra))
+        keys = {"id", "image", "label", "class", *(declared or ())}
+        extra = {k: v for k, v in row.items() if k not in keys}
+        cases.append(Case(cid, img_paths[0], lbl_path, cls, extra, img_paths if len(img_paths) > 1 else ()))
     for cid, k in seen.items():
         if k > 1:
             errors.append(InputError(path, f"duplicate id {cid!r} ({k} entries)"))
     if not rows:
         errors.append(InputError(path, "datalist has no cases"))
+    sequences = declared or ((SINGLE_SEQUENCE,) if first is None or first[1] == 1 else
+                             tuple(f"image{k}" for k in range(1, first[1] + 1)))
     if check_contents:
-        errors += content_errors(cases, check_cache)
+        errors += content_errors(cases, check_cache, sequences)
     if errors:
         raise InputErrors(errors, header=f"datalist {path}")
-    return Datalist(path, classes, tuple(cases), meta)
+    return Datalist(path, classes, tuple(cases), meta, sequences)
 
 
 def validate_datalist(dl: Datalist, check_contents: bool = True, check_cache: str | Path | None = None) -> None:
@@ -242,13 +402,16 @@ def validate_datalist(dl: Datalist, check_contents: bool = True, check_cache: st
     """
     if not check_contents:
         return
-    errors = content_errors(dl.cases, check_cache)
+    errors = content_errors(dl.cases, check_cache, dl.sequences)
     if errors:
         raise InputErrors(errors, header=f"datalist {dl.path}")
 
 
 def to_monai_dicts(cases: list[Case] | tuple[Case, ...]) -> list[dict[str, Any]]:
     """MONAI dataset items: ``image``/``label`` paths, ``class`` (-1 when missing), ``has_label``.
+
+    ``image`` is one path, or a list of paths for several sequences (``LoadImaged`` stacks them as
+    channels in that order).
 
     Cases without a mask have no ``label`` key: :class:`pipeline.data.missing_labels.FillMissingMaskd`
     adds an all-zero mask after loading (so a batch collates), and ``has_label = 0`` removes it
@@ -258,7 +421,7 @@ def to_monai_dicts(cases: list[Case] | tuple[Case, ...]) -> list[dict[str, Any]]
     for c in cases:
         item = {
             "id": c.id,
-            "image": str(c.image),
+            "image": str(c.image) if len(c.paths) == 1 else [str(p) for p in c.paths],
             "class": MISSING_CLASS if c.cls is None else int(c.cls),
             "has_label": 0 if c.label is None else 1,
             "has_class": 0 if c.cls is None else 1,

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from pipeline.data.datalist import reference_index
 from pipeline.io.errors import InputError
 from pipeline.io.filecheck import file_sha256
 from pipeline.io.imageio import read_mask, read_volume, write_image_atomic
@@ -53,14 +54,18 @@ def native_meta(path: str | Path, image: sitk.Image | None = None) -> dict[str, 
 class RegisterToAtlasd(MapTransform):
     """Register a case onto the atlas (cached) and replace its file paths by atlas-grid files.
 
-    Input: a dict of FILE PATHS (``{"image": ".../flair.nii.gz", "label": ".../mask.nii.gz", ...}``).
-    Output: the same dict where ``image_key`` and each present ``mask_keys`` entry is the path of
-    a NIfTI on the atlas grid (image float32, linear or B-spline; masks uint8 0/1), plus
+    Input: a dict of FILE PATHS (``{"image": ".../flair.nii.gz", "label": ".../mask.nii.gz", ...}``);
+    ``image`` may be a list of a case's sequences (one file each, one grid), in channel order.
+    Output: the same dict where ``image_key`` (each sequence) and each present ``mask_keys`` entry is
+    the path of a NIfTI on the atlas grid (image float32, linear or B-spline; masks uint8 0/1), plus
 
     * ``"to_atlas"``: path of the ITK ``.tfm`` (atlas physical point -> native physical point);
       ``""`` (identity) when ``already_registered`` (a string, so batches collate);
     * ``"native_meta"``: the native image's path and geometry (:func:`native_meta`), so an inference
       step can map a prediction back with :func:`pipeline.registration.resample.map_to_native`.
+
+    With several sequences the registration is estimated once, on the reference sequence, and
+    moves every sequence and the mask; the transform cache and ``native_meta`` are the reference's.
 
     Args:
         keys: keys the transform handles (MONAI convention); ``image_key`` and ``mask_keys``
@@ -78,6 +83,9 @@ class RegisterToAtlasd(MapTransform):
         atlas_spacing: atlas grid spacing in mm (see :func:`~pipeline.registration.atlas.load_atlas`).
         interpolator: image interpolation, ``"linear"`` or ``"bspline"``.
         mask_mode: mask interpolation, ``"linear"`` (then >= 0.5) or ``"nearest"``.
+        sequences: the sequences' names in channel order (``None``: one image).
+        reference_sequence: the sequence to register (name or index; ``None``: ``flair`` when among
+            ``sequences``, else the first), see :func:`pipeline.data.datalist.reference_index`.
 
     Raises:
         InputError: unreadable/2-D image or mask, mask on another grid, or (``already_registered``)
@@ -98,8 +106,11 @@ class RegisterToAtlasd(MapTransform):
         atlas_spacing: float | None = None,
         interpolator: str = "linear",
         mask_mode: str = "linear",
+        sequences: Sequence[str] | None = None,
+        reference_sequence: str | int | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.reference = reference_index(sequences, reference_sequence)
         self._atlas = atlas if isinstance(atlas, Atlas) else None
         self._atlas_spec = (None if atlas is None or isinstance(atlas, Atlas) else str(atlas),
                             None if atlas_mask is None else str(atlas_mask), atlas_spacing)
@@ -131,46 +142,68 @@ class RegisterToAtlasd(MapTransform):
             return self._pass_through(d)
         return self._register(d)
 
+    def _images(self, d: dict[Hashable, Any]) -> list[Path]:
+        value = d[self.image_key]
+        paths = [Path(v) for v in value] if isinstance(value, list | tuple) else [Path(value)]
+        if len(paths) > 1 and not 0 <= self.reference < len(paths):
+            raise InputError(None, f"reference sequence {self.reference} is out of range for a case of {len(paths)} sequences")
+        return paths
+
     def _inputs_exist(self, d: dict[Hashable, Any]) -> None:
-        for key in (self.image_key, *self.mask_keys):
+        for path in self._images(d):
+            if not path.exists():
+                raise InputError(path, "image file not found")
+        for key in self.mask_keys:
             if d.get(key) not in (None, "") and not Path(d[key]).exists():
-                raise InputError(d[key], f"{'image' if key == self.image_key else 'mask'} file not found")
+                raise InputError(d[key], "mask file not found")
+
+    def _reference(self, paths: list[Path]) -> Path:
+        return paths[self.reference] if len(paths) > 1 else paths[0]
 
     def _pass_through(self, d: dict[Hashable, Any]) -> dict[Hashable, Any]:
         self._inputs_exist(d)
-        path = Path(d[self.image_key])
-        metas = {p: native_meta(p) for p in (path, *(Path(d[k]) for k in self.mask_keys if d.get(k) not in (None, "")))}
+        paths = self._images(d)
+        path = self._reference(paths)
+        masks = [Path(d[k]) for k in self.mask_keys if d.get(k) not in (None, "")]
+        metas = {p: native_meta(p) for p in (*paths, *masks)}
         for p, m in metas.items():
             ref = sitk.Image([int(v) for v in m["size"]], sitk.sitkUInt8)
             ref.SetSpacing(m["spacing"])
             ref.SetOrigin(m["origin"])
             ref.SetDirection(m["direction"])
             check_on_atlas_grid(ref, self.atlas, p)
-        meta = metas[path]
         d["to_atlas"] = ""
-        d["native_meta"] = meta
+        d["native_meta"] = metas[path]
         return d
 
     def _register(self, d: dict[Hashable, Any]) -> dict[Hashable, Any]:
         self._inputs_exist(d)
         atlas = self.atlas
-        path = Path(d[self.image_key])
+        paths = self._images(d)
+        path = self._reference(paths)
         tfm_path = self.cache.path_for(path, atlas, self.settings)
         out_dir = self.cache.root / "registered"
-        image_out = out_dir / f"{tfm_path.stem}_{self.interpolator}.nii.gz"
+        # the reference keeps its single-image name (caches of one-sequence runs stay valid); the
+        # others add their own content hash
+        image_outs = [out_dir / (f"{tfm_path.stem}_{self.interpolator}.nii.gz" if p == path else
+                                 f"{tfm_path.stem}_{file_sha256(p)[:16]}_{self.interpolator}.nii.gz") for p in paths]
         mask_outs = {k: out_dir / f"{tfm_path.stem}_{file_sha256(d[k])[:16]}_{self.mask_mode}.nii.gz"
                      for k in self.mask_keys if k in self.keys and d.get(k) not in (None, "")}
         image = None
-        if not (tfm_path.exists() and image_out.exists() and all(p.exists() for p in mask_outs.values())):
+        if not (tfm_path.exists() and all(p.exists() for p in (*image_outs, *mask_outs.values()))):
             image = read_volume(path)
             transform = self.cache.get_or_register(path, atlas, self.settings, image=image)
-            write_image_atomic(resample_image_to_atlas(image, transform, atlas, self.interpolator), image_out)
+            for p, out in zip(paths, image_outs, strict=True):
+                if out.exists() and p != path:
+                    continue
+                moving = image if p == path else read_volume(p)
+                write_image_atomic(resample_image_to_atlas(moving, transform, atlas, self.interpolator), out)
             for key, out in mask_outs.items():
                 mask = read_mask(d[key], image, path)
                 write_image_atomic(resample_mask_to_atlas(mask, transform, atlas, self.mask_mode), out)
         for key, out in mask_outs.items():
             d[key] = str(out)
-        d[self.image_key] = str(image_out)
+        d[self.image_key] = str(image_outs[0]) if len(paths) == 1 else [str(p) for p in image_outs]
         d["to_atlas"] = str(tfm_path)
         d["native_meta"] = native_meta(path, image)
         return d

@@ -120,20 +120,40 @@ def check_mask_file(path: str | Path, reference: Grid | None = None, reference_p
         check_same_grid(reference, grid, reference_path or "image", p)
 
 
-def case_errors(case: Any) -> list[InputError]:
-    """The problems of one datalist case's image and mask (both reported, even when the image is bad).
+def case_errors(case: Any, sequences: tuple[str, ...] | None = None) -> list[InputError]:
+    """The problems of one datalist case's images and mask (all reported, even when an image is bad).
+
+    Several sequences (``case.paths``) must share one grid, the first one's: the registration found
+    on the reference sequence moves them all, and the mask is drawn on that grid.
 
     An unexpected library error is that file's problem too (type and first line), so one odd file
     never hides the other cases' reports behind a traceback.
     """
+    from pipeline.io.imageio import check_same_grid
+
     errors: list[InputError] = []
-    grid = None
-    try:
-        grid = check_volume_file(case.image)
-    except InputError as exc:
-        errors.append(InputError(exc.path, f"case {case.id!r}: {exc.problem}"))
-    except Exception as exc:  # noqa: BLE001 - reported per file, see the docstring
-        errors.append(InputError(case.image, f"case {case.id!r}: cannot be read ({_first_line(exc)})"))
+    paths = tuple(getattr(case, "paths", None) or (case.image,))
+    names = sequences if sequences and len(sequences) == len(paths) else tuple(f"image{k}" for k in range(1, len(paths) + 1))
+    grids: list[Grid | None] = []
+    for name, path in zip(names, paths, strict=True):
+        what = "" if len(paths) == 1 else f"sequence {name!r}: "
+        try:
+            grids.append(check_volume_file(path))
+        except InputError as exc:
+            grids.append(None)
+            errors.append(InputError(exc.path, f"case {case.id!r}: {what}{exc.problem}"))
+        except Exception as exc:  # noqa: BLE001 - reported per file, see the docstring
+            grids.append(None)
+            errors.append(InputError(path, f"case {case.id!r}: {what}cannot be read ({_first_line(exc)})"))
+    grid = grids[0]
+    for name, path, other in zip(names[1:], paths[1:], grids[1:], strict=True):
+        if grid is None or other is None:
+            continue
+        try:
+            check_same_grid(grid, other, paths[0], path, what=f"sequence {name!r}")
+        except InputError as exc:
+            errors.append(InputError(path, f"case {case.id!r}: {exc.problem}: the sequences of a case must share "
+                                           "one grid (co-register them onto the first one)"))
     if case.label is not None:
         try:
             check_mask_file(case.label, grid, case.image)
@@ -155,7 +175,7 @@ def _digest(case: Any) -> str | None:
     from pipeline.io.filecheck import file_sha256
 
     h = hashlib.sha256(CHECKS_VERSION.encode())
-    for path in (case.image, case.label):
+    for path in (*(getattr(case, "paths", None) or (case.image,)), case.label):
         if path is None:
             h.update(b"-")
             continue
@@ -171,12 +191,13 @@ def _digest(case: Any) -> str | None:
 
 
 def content_errors(cases: list[Any] | tuple[Any, ...], cache_dir: str | Path | None = None,
-                   workers: int | None = None) -> list[InputError]:
+                   sequences: tuple[str, ...] | None = None, workers: int | None = None) -> list[InputError]:
     """Every problem of the cases' images and masks, in case order.
 
     Args:
-        cases: datalist cases (``id``, ``image``, ``label``).
+        cases: datalist cases (``id``, ``image`` / ``paths``, ``label``).
         cache_dir: where passed cases are remembered by content (``None``: check everything).
+        sequences: the sequences' names, for the messages.
         workers: threads (default: the CPU count, at most 8).
 
     Returns:
@@ -189,7 +210,7 @@ def content_errors(cases: list[Any] | tuple[Any, ...], cache_dir: str | Path | N
         key = _digest(case) if cache else None
         if key and (cache / key).is_file():  # type: ignore[operator]
             return [], True
-        errors = case_errors(case)
+        errors = case_errors(case, sequences)
         if key and not errors and _digest(case) == key:  # unchanged while it was checked
             cache.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
             (cache / key).touch()  # type: ignore[operator]

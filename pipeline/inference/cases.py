@@ -13,6 +13,13 @@ Case discovery (:func:`find_cases`), in one input folder:
 or a datalist (JSON/CSV, :func:`pipeline.data.datalist.load_datalist`): its ids and images, and
 its masks / classes when given (the report then adds native-space Dice and the true class).
 
+A model of several sequences (``sequences``, e.g. ``flair, t1, t1ce, t2``) takes per-case
+sub-folders only: each sequence is the one entry (NIfTI file or DICOM series folder) that matches
+the first of its patterns that matches anything (:data:`SEQUENCE_PATTERNS`, or ``sequence_patterns``),
+a DICOM series folder by its name or its series description. A sub-folder missing a sequence, or
+holding two candidates for one, is a failed case naming the sequence; a NIfTI file directly in the
+input folder is a failed case (a lone file cannot hold several sequences).
+
 Nothing is skipped silently: every NIfTI-named entry is a case whatever it turns out to be (a link
 loop, a dangling link, a FIFO, a corrupt file: its row says why it failed), a link that cannot be
 followed is a failed row, and other files are named in the log as ignored. Two inputs with one id
@@ -40,10 +47,18 @@ import SimpleITK as sitk
 
 from pipeline.io.errors import InputError
 from pipeline.io.filecheck import check_entry, is_nifti_name
-from pipeline.io.imageio import atomic_write, is_dicom_dir, write_image_atomic, write_text_atomic
+from pipeline.io.imageio import (
+    atomic_write,
+    is_dicom_dir,
+    series_description,
+    write_image_atomic,
+    write_text_atomic,
+)
 
 __all__ = [
     "DEFAULT_PATTERNS",
+    "SEQUENCE_PATTERNS",
+    "sequence_patterns",
     "InputCase",
     "find_cases",
     "case_id",
@@ -61,7 +76,27 @@ logger = logging.getLogger(__name__)
 
 #: Default file patterns inside per-case sub-folders, tried in order (case-insensitive).
 DEFAULT_PATTERNS: tuple[str, ...] = ("*flair*", "*t2f*", "image.nii*")
+#: Default patterns per sequence name, tried in order (case-insensitive): the BraTS 2018 names
+#: (``*_flair``, ``*_t1``, ``*_t1ce``, ``*_t2``), the BraTS 2023+ names (``*-t2f``, ``*-t1n``,
+#: ``*-t1c``, ``*-t2w``), plain file names and common series descriptions. T1 and T2 patterns are
+#: anchored so that ``t1`` never takes a ``t1ce`` nor ``t2`` a ``t2f`` / FLAIR file.
+SEQUENCE_PATTERNS: dict[str, tuple[str, ...]] = {
+    "flair": ("*flair*", "*-t2f.nii*", "*_t2f.nii*", "t2f.nii*", "*t2_fl*", "*t2fl*"),
+    "t1": ("*_t1.nii*", "*-t1n.nii*", "*_t1n.nii*", "t1.nii*", "t1n.nii*", "*t1w*", "*t1_mprage*", "*mprage*"),
+    "t1ce": ("*t1ce*", "*-t1c.nii*", "*_t1c.nii*", "t1c.nii*", "*t1gd*", "*t1_gd*", "*t1*post*", "*t1*+c*",
+             "*t1*contrast*"),
+    "t2": ("*_t2.nii*", "*-t2w.nii*", "*_t2w.nii*", "t2.nii*", "t2w.nii*", "*t2w*", "*t2_tse*", "*t2*tse*"),
+}
 _RAS_FROM_LPS = np.array([-1.0, -1.0, 1.0])
+
+
+def sequence_patterns(name: str, overrides: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The file patterns of one sequence: ``overrides[name]`` (a glob or a list), else
+    :data:`SEQUENCE_PATTERNS`, else ``*<name>*``."""
+    for key, value in (overrides or {}).items():
+        if str(key).lower() == name.lower():
+            return (value,) if isinstance(value, str) else tuple(value)
+    return SEQUENCE_PATTERNS.get(name.lower(), (f"*{name.lower()}*",))
 
 
 @dataclass(frozen=True)
@@ -74,6 +109,8 @@ class InputCase:
         label: optional ground-truth mask on the input's grid (datalist input only).
         true_class: optional true class name (datalist input only).
         problem: set when discovery already knows the case cannot run (reported as failed).
+        sequences: every sequence's file in the model's channel order when it takes several
+            (``path`` is then the reference sequence: the grid outputs are written on).
     """
 
     id: str
@@ -81,6 +118,12 @@ class InputCase:
     label: Path | None = None
     true_class: str | None = None
     problem: str | None = None
+    sequences: tuple[Path, ...] = ()
+
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        """Every input file, in channel order."""
+        return self.sequences or (self.path,)
 
 
 def _is_nifti(path: Path) -> bool:
@@ -123,15 +166,45 @@ def _broken(path: Path) -> str | None:
     return None
 
 
-def _match(folder: Path, patterns: Sequence[str]) -> list[Path]:
+def _match(folder: Path, patterns: Sequence[str], descriptions: bool = False) -> list[Path]:
     """Entries of ``folder`` (NIfTI-named entries, whatever they are, or folders) matching the first
-    pattern that matches any."""
+    pattern that matches any; with ``descriptions`` a DICOM series folder also matches by its series
+    description."""
     entries = [p for p in _visible(folder, set()) if is_nifti_name(p) or p.is_dir() or _broken(p)]
+    names = {p: [p.name.lower()] for p in entries}
+    if descriptions:
+        for p in entries:
+            if p.is_dir() and is_dicom_dir(p):
+                names[p].append(series_description(p).lower())
     for pat in patterns:
-        found = [p for p in entries if fnmatch.fnmatch(p.name.lower(), pat.lower())]
+        found = [p for p in entries if any(fnmatch.fnmatch(n, pat.lower()) for n in names[p] if n)]
         if found:
             return found
     return []
+
+
+def _sequence_case(folder: Path, sequences: Sequence[str], overrides: dict[str, Any] | None,
+                   reference: int) -> InputCase:
+    """A per-case sub-folder holding one entry per sequence."""
+    found: list[Path] = []
+    for name in sequences:
+        patterns = sequence_patterns(name, overrides)
+        try:
+            hits = _match(folder, patterns, descriptions=True)
+        except OSError as exc:
+            return InputCase(folder.name, folder, problem=f"cannot list this folder: {exc.strerror}")
+        if not hits:
+            return InputCase(folder.name, folder, problem=f"no {name} sequence: nothing in this folder matches "
+                                                          f"{list(patterns)} (set sequence_patterns)")
+        if len(hits) > 1:
+            names = ", ".join(p.name for p in hits[:4])
+            return InputCase(folder.name, folder, problem=f"{len(hits)} entries match the {name} patterns ({names}); "
+                                                          "give sequence_patterns")
+        found.append(hits[0])
+    if len(set(found)) < len(found):
+        same = [n for n, p in zip(sequences, found, strict=True) if found.count(p) > 1]
+        return InputCase(folder.name, folder, problem=f"one file matches the sequences {same}: give sequence_patterns")
+    return InputCase(folder.name, found[reference], sequences=tuple(found))
 
 
 def _sub_folder_case(folder: Path, patterns: Sequence[str]) -> InputCase:
@@ -152,7 +225,8 @@ def _sub_folder_case(folder: Path, patterns: Sequence[str]) -> InputCase:
                                                   "and it holds no DICOM series; give --pattern")
 
 
-def _folder_cases(root: Path, patterns: Sequence[str], exclude: set[Path]) -> list[InputCase]:
+def _folder_cases(root: Path, patterns: Sequence[str], exclude: set[Path], sequences: Sequence[str] = (),
+                  overrides: dict[str, Any] | None = None, reference: int = 0) -> list[InputCase]:
     """Every entry of ``root`` that could be a case becomes one (or a failed row): NIfTI-named entries
     (whatever they turn out to be), folders, and links that cannot be followed. Other files are
     listed in the log as ignored."""
@@ -163,10 +237,15 @@ def _folder_cases(root: Path, patterns: Sequence[str], exclude: set[Path]) -> li
     cases, ignored = [], []
     for entry in entries:
         broken = _broken(entry)
-        if is_nifti_name(entry):
+        if is_nifti_name(entry) and len(sequences) > 1:
+            cases.append(InputCase(case_id(entry), entry, problem=f"the model takes {len(sequences)} sequences "
+                                   f"({', '.join(sequences)}): put each case's files in a sub-folder of its own"))
+        elif is_nifti_name(entry):
             cases.append(InputCase(case_id(entry), entry))  # reading it gives the reason if it is bad
         elif broken:
             cases.append(InputCase(entry.name, entry, problem=broken))
+        elif entry.is_dir() and len(sequences) > 1 and not is_dicom_dir(entry):
+            cases.append(_sequence_case(entry, sequences, overrides, reference))
         elif entry.is_dir():
             cases.append(_sub_folder_case(entry, patterns))
         else:
@@ -175,7 +254,7 @@ def _folder_cases(root: Path, patterns: Sequence[str], exclude: set[Path]) -> li
         logger.info("ignored %d entr%s of %s that %s neither NIfTI files nor folders: %s", len(ignored),
                     "y" if len(ignored) == 1 else "ies", root, "is" if len(ignored) == 1 else "are",
                     ", ".join(ignored[:10]) + (" ..." if len(ignored) > 10 else ""))
-    if all(c.problem for c in cases) and is_dicom_dir(root):  # the folder itself is one DICOM series (or empty)
+    if all(c.problem for c in cases) and is_dicom_dir(root) and len(sequences) <= 1:  # the folder is one series
         return [InputCase(root.name, root)]
     return cases
 
@@ -188,7 +267,7 @@ def _fail_clashing_ids(cases: list[InputCase]) -> list[InputCase]:
     for c in cases:
         if counts[c.id] > 1:
             others = ", ".join(o.path.name for o in cases if o.id == c.id and o is not c)
-            c = InputCase(c.id, c.path, c.label, c.true_class,
+            c = InputCase(c.id, c.path, c.label, c.true_class, sequences=c.sequences,
                           problem=f"case id {c.id!r} is also given by {others} (one output folder per id): rename "
                                   "all but one of them; none of them is run")
         out.append(c)
@@ -196,8 +275,9 @@ def _fail_clashing_ids(cases: list[InputCase]) -> list[InputCase]:
 
 
 def find_cases(input_dir: str | Path | None = None, datalist: str | Path | None = None,
-               pattern: str | Sequence[str] = DEFAULT_PATTERNS, exclude: Sequence[str | Path | None] = ()
-               ) -> list[InputCase]:
+               pattern: str | Sequence[str] = DEFAULT_PATTERNS, exclude: Sequence[str | Path | None] = (),
+               sequences: Sequence[str] | None = None, sequence_patterns: dict[str, Any] | None = None,
+               reference_sequence: str | int | None = None) -> list[InputCase]:
     """The cases of an input folder or a datalist (rules in the module docstring), sorted by id.
 
     Args:
@@ -205,6 +285,10 @@ def find_cases(input_dir: str | Path | None = None, datalist: str | Path | None 
         datalist: JSON/CSV datalist instead of a folder.
         pattern: glob or list of globs for the file inside a per-case sub-folder.
         exclude: folders never taken as cases (the output folder when it lies inside the input).
+        sequences: the sequences the model takes, in channel order (several: per-case sub-folders,
+            one entry per sequence); ``None`` or one: ``pattern`` finds the one image.
+        sequence_patterns: ``{name: glob or [globs]}`` replacing :data:`SEQUENCE_PATTERNS` for a name.
+        reference_sequence: the sequence the registration runs on and outputs are written like.
 
     Raises:
         InputError: neither or both sources given, missing or unlistable folder, no case found.
@@ -215,10 +299,12 @@ def find_cases(input_dir: str | Path | None = None, datalist: str | Path | None 
         raise InputError(None, "give either --input_dir DIR (a folder of NIfTI files, per-case sub-folders or DICOM "
                                "series) or --datalist FILE")
     if datalist not in (None, ""):
-        from pipeline.data.datalist import load_datalist
+        from pipeline.data.datalist import load_datalist, reference_index
 
-        dl = load_datalist(datalist, check_files=False)  # a missing file fails its own case only
-        return [InputCase(c.id, c.image, c.label, None if c.cls is None else dl.classes[c.cls]) for c in dl.cases]
+        dl = load_datalist(datalist, check_files=False).select(sequences)  # a missing file fails its own case only
+        ref = reference_index(dl.sequences, reference_sequence) if len(dl.sequences) > 1 else 0
+        return [InputCase(c.id, c.paths[ref], c.label, None if c.cls is None else dl.classes[c.cls],
+                          sequences=c.images) for c in dl.cases]
     root = Path(input_dir)
     if not root.is_dir():
         if os.path.lexists(root):
@@ -229,7 +315,13 @@ def find_cases(input_dir: str | Path | None = None, datalist: str | Path | None 
     skip = {Path(p).resolve() for p in exclude if p not in (None, "")}
     if root.resolve() in skip:
         raise InputError(root, "the output folder must differ from the input folder (inputs are never modified)")
-    cases = _folder_cases(root, patterns, skip)
+    names = list(sequences or [])
+    ref = 0
+    if len(names) > 1:
+        from pipeline.data.datalist import reference_index
+
+        ref = reference_index(names, reference_sequence)
+    cases = _folder_cases(root, patterns, skip, names, sequence_patterns, ref)
     if not cases:
         raise InputError(root, f"no input volumes found: expected *.nii / *.nii.gz files, per-case sub-folders "
                                f"holding a file matching {patterns}, or DICOM series folders")

@@ -189,7 +189,7 @@ class FolderInference:
         return [folder / n for n in names]
 
     def _fingerprint(self, case: InputCase) -> dict[str, str]:
-        return {"input": input_fingerprint(case.path), "settings": self.settings_key}
+        return {"input": ";".join(input_fingerprint(p) for p in case.inputs), "settings": self.settings_key}
 
     def finished(self, case: InputCase) -> dict[str, Any] | None:
         """The report row of a case an earlier run finished with these settings, else ``None``."""
@@ -210,7 +210,8 @@ class FolderInference:
         """Register (cached) and resample onto the atlas; the transform is atlas -> native."""
         from pipeline.registration.transforms import read_transform
 
-        item = self.register({"image": str(case.path), "brain": self.options.brain_mask})
+        images = [str(p) for p in case.inputs]
+        item = self.register({"image": images[0] if len(images) == 1 else images, "brain": self.options.brain_mask})
         tfm = item.get("to_atlas")
         return item, (read_transform(tfm) if tfm else sitk.AffineTransform(3))
 
@@ -307,6 +308,7 @@ class FolderInference:
 
         timer = _Timer()
         image = read_volume(case.path)
+        _check_sequence_grids(case, image)
         item, transform = self._atlas_input(case, image)
         timer.lap("registration")
         prob_atlas, cls = self._predict(item)
@@ -371,6 +373,17 @@ class FolderInference:
             sys.stderr.flush()
             raise SystemExit(1)
         print(line)
+
+
+def _check_sequence_grids(case: InputCase, reference: sitk.Image) -> None:
+    """Every sequence of a case checked like an image and on the reference sequence's grid (one
+    registration moves them all)."""
+    from pipeline.data.validation import check_volume_file
+    from pipeline.io.imageio import check_same_grid
+
+    for path in case.inputs:
+        if path != case.path:
+            check_same_grid(reference, check_volume_file(path), case.path, path, what="sequence")
 
 
 def runner_from_config(config_files: Sequence[str | Path], **overrides: Any

@@ -32,12 +32,30 @@ __all__ = [
     "write_text_atomic",
     "remove_stale_temporaries",
     "is_dicom_dir",
+    "series_description",
 ]
 
 def is_dicom_dir(path: str | Path) -> bool:
     """True when ``path`` is a folder holding at least one DICOM series."""
     p = Path(path)
     return p.is_dir() and bool(_series_ids(p))
+
+
+def series_description(folder: str | Path) -> str:
+    """The Series Description (0008,103E) of a DICOM series folder's first file, or ``""``."""
+    ids = _series_ids(Path(folder))
+    if not ids:
+        return ""
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0])
+    if not files:
+        return ""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return ""
+    return reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
 
 
 _WARNINGS_LOCK = threading.Lock()  # the warning switch is process-wide; folders are checked in threads
@@ -125,17 +143,18 @@ def check_mask_array(arr: np.ndarray, path: str | Path) -> None:
 
 
 def check_same_grid(image: sitk.Image, mask: sitk.Image, image_path: str | Path, mask_path: str | Path,
-                    tol: float = 1e-3) -> None:
-    """Raise when a mask does not lie on its image's voxel grid (size, spacing, origin, direction)."""
+                    tol: float = 1e-3, what: str = "mask") -> None:
+    """Raise when a mask (or another sequence: ``what``) does not lie on its image's voxel grid
+    (size, spacing, origin, direction)."""
     if image.GetSize() != mask.GetSize():
-        raise InputError(mask_path, f"mask shape {mask.GetSize()} differs from image shape {image.GetSize()} ({image_path})")
+        raise InputError(mask_path, f"{what} shape {mask.GetSize()} differs from image shape {image.GetSize()} ({image_path})")
     for name, a, b in (
         ("spacing", image.GetSpacing(), mask.GetSpacing()),
         ("origin", image.GetOrigin(), mask.GetOrigin()),
         ("direction", image.GetDirection(), mask.GetDirection()),
     ):
         if not np.allclose(a, b, atol=tol * max(1.0, float(np.max(np.abs(a))))):
-            raise InputError(mask_path, f"mask {name} {tuple(round(x, 4) for x in b)} differs from image {name} "
+            raise InputError(mask_path, f"{what} {name} {tuple(round(x, 4) for x in b)} differs from image {name} "
                                         f"{tuple(round(x, 4) for x in a)} ({image_path})")
 
 

@@ -9,6 +9,7 @@ such file is "not a checkpoint of this bundle", with what it is instead.
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,11 @@ from pipeline.io.errors import InputError
 from pipeline.io.filecheck import check_entry
 from pipeline.runtime.distributed import unwrap
 
-__all__ = ["state_dict_of", "read_weights", "load_weights", "load_network"]
+__all__ = ["INPUTS_FILE", "state_dict_of", "read_weights", "load_weights", "load_network", "record_inputs",
+           "trained_sequences"]
+
+#: Beside a run's ``model.pt``: which sequences, in which order, the network takes.
+INPUTS_FILE = "inputs.json"
 
 _NOT_OURS = "is not a checkpoint of this bundle"
 _WHICH = "use OUTPUT_DIR/models/model.pt (or a checkpoint_epoch=N.pt) of a training run"
@@ -128,3 +133,50 @@ def load_network(network: torch.nn.Module, ckpt: str | Path | None, device: str 
         except Exception as exc:  # noqa: BLE001 - any loading problem is a bad file
             raise InputError(path, f"cannot be read as a TorchScript model: {str(exc).splitlines()[0][:200]}") from None
     return load_weights(network, path).to(device).eval()
+
+
+def record_inputs(ckpt_dir: str | Path, sequences: list[str] | tuple[str, ...],
+                  reference_sequence: str | int | None = None) -> Path:
+    """Write ``ckpt_dir/inputs.json``: the sequences a model takes, in channel order, and the one the
+    registration is estimated on (read back by :func:`trained_sequences`, copied beside exports).
+
+    The file sits beside the weights, as ``postprocessing.json`` does, rather than inside them: a
+    ``model.pt`` stays a plain state dict that MONAI's loaders and ``torch.load(weights_only=True)`` read.
+    """
+    from pipeline.data.datalist import reference_index
+    from pipeline.io.imageio import write_text_atomic
+
+    ref = reference_index(sequences, reference_sequence)
+    path = Path(ckpt_dir) / INPUTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps({"sequences": list(sequences), "reference_sequence": list(sequences)[ref]},
+                                       indent=1))
+    return path
+
+
+def trained_sequences(ckpt: str | Path | None, sequences: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """The sequences the model in ``ckpt`` takes: those recorded beside it (``inputs.json``), checked
+    against ``sequences`` when the config names them too; a model without the record (trained before
+    it existed) takes ``sequences`` or one image.
+
+    Raises:
+        InputError: the config's ``sequences`` differ from those the model was trained on, or the
+            record is unreadable.
+    """
+    from pipeline.data.datalist import SINGLE_SEQUENCE
+
+    record = Path(ckpt).parent / INPUTS_FILE if ckpt not in (None, "") else None
+    if record is None or not record.is_file():
+        return list(sequences) if sequences else [SINGLE_SEQUENCE]
+    try:
+        recorded = json.loads(record.read_text(encoding="utf-8"))["sequences"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(record, f"cannot be read as the model's input record ({type(exc).__name__}); "
+                                 "write it again or remove it and set 'sequences'") from None
+    if not isinstance(recorded, list) or not recorded or not all(isinstance(n, str) for n in recorded):
+        raise InputError(record, f"'sequences' must be a list of names, got {recorded!r}")
+    if sequences and [s.lower() for s in sequences] != [s.lower() for s in recorded] and not (
+            len(sequences) == len(recorded) == 1):
+        raise InputError(record, f"the model was trained on the sequences {recorded}, in this order, but the config "
+                                 f"asks for {list(sequences)}: drop 'sequences' from the overlay or give that list")
+    return list(recorded)
