@@ -81,7 +81,7 @@ DEFAULT_PATTERNS: tuple[str, ...] = ("*flair*", "*t2f*", "image.nii*")
 #: ``*-t1c``, ``*-t2w``), plain file names and common series descriptions. T1 and T2 patterns are
 #: anchored so that ``t1`` never takes a ``t1ce`` nor ``t2`` a ``t2f`` / FLAIR file.
 SEQUENCE_PATTERNS: dict[str, tuple[str, ...]] = {
-    "flair": ("*flair*", "*-t2f.nii*", "*_t2f.nii*", "t2f.nii*", "*t2_fl*", "*t2fl*"),
+    "flair": ("*flair*", "*-t2f.nii*", "*_t2f.nii*", "t2f.nii*", "*t2_fl*", "*t2fl*", "image.nii*"),
     "t1": ("*_t1.nii*", "*-t1n.nii*", "*_t1n.nii*", "t1.nii*", "t1n.nii*", "*t1w*", "*t1_mprage*", "*mprage*"),
     "t1ce": ("*t1ce*", "*-t1c.nii*", "*_t1c.nii*", "t1c.nii*", "*t1gd*", "*t1_gd*", "*t1*post*", "*t1*+c*",
              "*t1*contrast*"),

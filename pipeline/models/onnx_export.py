@@ -91,7 +91,7 @@ def export_onnx(network: torch.nn.Module, path: str | Path, channels: int, facto
 def main(argv: list[str] | None = None) -> int:
     from monai.bundle import ConfigParser
 
-    from pipeline.models.weights import load_weights
+    from pipeline.models.weights import describe_inputs, load_weights
 
     p = argparse.ArgumentParser(prog="python -m pipeline onnx", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="model.pt (or checkpoint_epoch=N.pt) of a training run")
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f, "config file not found")
     parser = ConfigParser()
     parser.read_config(a.config_file)
+    parser["ckpt"] = a.ckpt  # the sequences the model takes are recorded beside it (models/inputs.json)
     network = load_weights(parser.get_parsed_content("network_def"), a.ckpt)
     if int(getattr(network, "spatial_dims", 3)) != 3:
         raise InputError(a.config_file[-1], "ONNX export is for 3-D networks; this overlay's network is 2-D "
@@ -118,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise InputError(a.config_file[-1], f"patch_size {patch}: ONNX export of this network needs sizes that "
                          f"are multiples of {factor} and at least {min_size}")
-    metadata = json.loads(METADATA.read_text(encoding="utf-8"))
+    sequences = list(parser.get_parsed_content("input_sequences"))
+    metadata = describe_inputs(json.loads(METADATA.read_text(encoding="utf-8")), sequences,
+                               int(parser.get_parsed_content("coord_channels")))
     worst = export_onnx(network, a.out, channels, factor, patch, metadata, min_size=min_size,
                         dynamic_spatial=dynamic)
     sizes = (f"x, y, z multiples of {factor} from {max(min_size, factor)}" if dynamic else
              f"x, y, z = {patch} (this backbone's trace fixes the spatial size; inference feeds only patch_size)")
-    print(f"[onnx] {a.out}: inputs (batch, {channels}, x, y, z) with {sizes}; ONNX Runtime agrees with PyTorch to "
+    print(f"[onnx] {a.out}: inputs (batch, {channels}, x, y, z): {', '.join(sequences)} and "
+          f"{channels - len(sequences)} coordinate channel(s), with {sizes}; ONNX Runtime agrees with PyTorch to "
           f"{worst:.1e} (checked at {patch} and batch 2{f' at +{factor}' if dynamic else ''})")
     return 0

@@ -21,7 +21,7 @@ from pipeline.io.filecheck import check_entry
 from pipeline.runtime.distributed import unwrap
 
 __all__ = ["INPUTS_FILE", "state_dict_of", "read_weights", "load_weights", "load_network", "record_inputs",
-           "trained_sequences"]
+           "describe_inputs", "trained_sequences"]
 
 #: Beside a run's ``model.pt``: which sequences, in which order, the network takes.
 INPUTS_FILE = "inputs.json"
@@ -89,7 +89,8 @@ def load_weights(network: torch.nn.Module, path: str | Path) -> torch.nn.Module:
         detail = lines[1].strip() if len(lines) > 1 else str(exc)
         raise InputError(path, f"weights do not fit the network of this config ({detail[:160]}); use the overlay the "
                                "model was trained with, e.g. --config_file "
-                               "\"['bundles/plgg_mtl/configs/inference.json','configs/demo.json']\"") from None
+                               "\"['bundles/plgg_mtl/configs/inference.json','configs/demo.json']\", and for a model "
+                               "of several sequences --ckpt with its model.pt (inputs.json beside it names them)") from None
     return network
 
 
@@ -136,28 +137,75 @@ def load_network(network: torch.nn.Module, ckpt: str | Path | None, device: str 
 
 
 def record_inputs(ckpt_dir: str | Path, sequences: list[str] | tuple[str, ...],
-                  reference_sequence: str | int | None = None) -> Path:
+                  reference_sequence: str | int | None = None, coord_channels: int = 0,
+                  metadata: str | Path | dict | None = None) -> Path:
     """Write ``ckpt_dir/inputs.json``: the sequences a model takes, in channel order, and the one the
-    registration is estimated on (read back by :func:`trained_sequences`, copied beside exports).
+    registration is estimated on (read back by :func:`trained_sequences`); with ``metadata`` (the
+    bundle's ``metadata.json``) also ``ckpt_dir/metadata.json``, the bundle's metadata with the input
+    described as this network takes it (:func:`describe_inputs`), for ``ckpt_export --meta_file``.
 
-    The file sits beside the weights, as ``postprocessing.json`` does, rather than inside them: a
+    The record sits beside the weights, as ``postprocessing.json`` does, rather than inside them: a
     ``model.pt`` stays a plain state dict that MONAI's loaders and ``torch.load(weights_only=True)`` read.
     """
     from pipeline.data.datalist import reference_index
     from pipeline.io.imageio import write_text_atomic
 
     ref = reference_index(sequences, reference_sequence)
-    path = Path(ckpt_dir) / INPUTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps({"sequences": list(sequences), "reference_sequence": list(sequences)[ref]},
-                                       indent=1))
+    folder = Path(ckpt_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / INPUTS_FILE
+    write_text_atomic(path, json.dumps({"sequences": list(sequences), "reference_sequence": list(sequences)[ref],
+                                        "coord_channels": int(coord_channels)}, indent=1))
+    if metadata is not None:
+        base = metadata if isinstance(metadata, dict) else json.loads(Path(metadata).read_text(encoding="utf-8"))
+        write_text_atomic(folder / "metadata.json", json.dumps(describe_inputs(base, sequences, coord_channels),
+                                                               indent=4))
     return path
 
 
+def describe_inputs(metadata: dict, sequences: list[str] | tuple[str, ...], coord_channels: int) -> dict:
+    """``metadata`` (a bundle ``metadata.json``) with ``network_data_format.inputs.image`` describing
+    a network of these sequences and coordinate channels: ``num_channels`` and ``channel_def``."""
+    out = json.loads(json.dumps(metadata))
+    image = out.setdefault("network_data_format", {}).setdefault("inputs", {}).setdefault("image", {})
+    names = [str(s) for s in sequences]
+    channel_def = {str(k): f"{'FLAIR' if n.lower() == 'flair' else n} (z-scored inside the brain)"
+                   for k, n in enumerate(names)}
+    axes = ("first", "second", "third")
+    for k in range(int(coord_channels)):
+        channel_def[str(len(names) + k)] = (f"atlas coordinate, {axes[k] if k < 3 else str(k + 1)} axis "
+                                            "(-0.5 .. 0.5 over the atlas grid)")
+    image["num_channels"] = len(names) + int(coord_channels)
+    image["channel_def"] = channel_def
+    image["sequences"] = names
+    return out
+
+
+def _embedded_sequences(path: Path) -> list[str] | None:
+    """The sequences named in the metadata an export carries (TorchScript ``extra_files`` or ONNX
+    ``metadata_props``), or ``None``."""
+    try:
+        if path.suffix == ".ts":
+            extra = {"metadata.json": ""}
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            text = extra["metadata.json"]
+        elif path.suffix == ".onnx":
+            import onnx
+
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            text = props.get("metadata.json", "")
+        else:
+            return None
+        names = json.loads(text)["network_data_format"]["inputs"]["image"]["sequences"] if text else None
+    except Exception:  # noqa: BLE001 - an export without the record: the config decides
+        return None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
+
+
 def trained_sequences(ckpt: str | Path | None, sequences: list[str] | tuple[str, ...] | None = None) -> list[str]:
-    """The sequences the model in ``ckpt`` takes: those recorded beside it (``inputs.json``), checked
-    against ``sequences`` when the config names them too; a model without the record (trained before
-    it existed) takes ``sequences`` or one image.
+    """The sequences the model in ``ckpt`` takes: those an export's metadata names, else those recorded
+    beside it (``inputs.json``), checked against ``sequences`` when the config names them too; a model
+    without the record (trained before it existed) takes ``sequences`` or one image.
 
     Raises:
         InputError: the config's ``sequences`` differ from those the model was trained on, or the
@@ -166,13 +214,17 @@ def trained_sequences(ckpt: str | Path | None, sequences: list[str] | tuple[str,
     from pipeline.data.datalist import SINGLE_SEQUENCE
 
     record = Path(ckpt).parent / INPUTS_FILE if ckpt not in (None, "") else None
-    if record is None or not record.is_file():
+    embedded = _embedded_sequences(Path(ckpt)) if record is not None and Path(ckpt).is_file() else None
+    if embedded is not None:  # an export says what it takes
+        record, recorded = Path(ckpt), embedded
+    elif record is None or not record.is_file():
         return list(sequences) if sequences else [SINGLE_SEQUENCE]
-    try:
-        recorded = json.loads(record.read_text(encoding="utf-8"))["sequences"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(record, f"cannot be read as the model's input record ({type(exc).__name__}); "
-                                 "write it again or remove it and set 'sequences'") from None
+    else:
+        try:
+            recorded = json.loads(record.read_text(encoding="utf-8"))["sequences"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(record, f"cannot be read as the model's input record ({type(exc).__name__}); "
+                                     "write it again or remove it and set 'sequences'") from None
     if not isinstance(recorded, list) or not recorded or not all(isinstance(n, str) for n in recorded):
         raise InputError(record, f"'sequences' must be a list of names, got {recorded!r}")
     if sequences and [s.lower() for s in sequences] != [s.lower() for s in recorded] and not (

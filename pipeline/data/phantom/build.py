@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.phantom.anatomy import Anatomy, load_anatomy
-from pipeline.data.phantom.case import CaseSpec, render_case, write_case_files, write_json_atomic
+from pipeline.data.phantom.case import CONTRASTS, CaseSpec, render_case, write_case_files, write_json_atomic
 from pipeline.data.phantom.config import (
     APPEARANCES,
     CLASSES,
@@ -171,7 +171,8 @@ def _metadata(specs: list[CaseSpec], anat: Anatomy, settings: dict[str, Any], co
 
 def make_cohort(out: str | Path, cases: int = 60, seed: int = 0, spacing: float = 2.0, space: str = "native",
                 missing_mask: float = 0.0, missing_class: float = 0.0, config: PhantomConfig | None = None,
-                progress: Callable[[str], None] | None = None) -> CohortSummary:
+                progress: Callable[[str], None] | None = None, sequences: tuple[str, ...] = ("flair",)
+                ) -> CohortSummary:
     """Write a synthetic cohort and its ``datalist.json`` (see the module docstring for the layout).
 
     ``out`` may exist: our files (``datalist.json``, ``<id>/...``) are overwritten, others are left
@@ -188,6 +189,9 @@ def make_cohort(out: str | Path, cases: int = 60, seed: int = 0, spacing: float 
         missing_class: fraction of cases without ``class`` in the datalist.
         config: generator knobs; ``PhantomConfig()`` when ``None``.
         progress: called with one line per case (e.g. ``print``).
+        sequences: contrasts per case, ``flair`` first (``("flair", "t2")`` adds ``<id>/t2.nii.gz``
+            on the FLAIR's grid; the datalist then lists both: ``"sequences"`` and an ``image`` list).
+            The FLAIR, masks and transforms are the same whatever the contrasts.
 
     Returns:
         A :class:`CohortSummary`.
@@ -198,6 +202,10 @@ def make_cohort(out: str | Path, cases: int = 60, seed: int = 0, spacing: float 
     start = time.perf_counter()
     out, cfg = Path(out), config or PhantomConfig()
     _check_options(out, cases, spacing, space, missing_mask, missing_class)
+    sequences = tuple(sequences)
+    if not sequences or sequences[0] != "flair" or len(set(sequences)) != len(sequences) or \
+            not set(sequences) <= set(CONTRASTS):
+        raise InputError(None, f"sequences must start with flair and use {list(CONTRASTS)} once each, got {list(sequences)}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "datalist.json").unlink(missing_ok=True)
     anat = load_anatomy(float(spacing), cfg.min_depth_mm)
@@ -205,9 +213,9 @@ def make_cohort(out: str | Path, cases: int = 60, seed: int = 0, spacing: float 
     entries = []
     for n, spec in enumerate(specs, 1):
         t0 = time.perf_counter()
-        image, seg, tfm, truth = render_case(spec, anat, space, cfg)
-        write_case_files(out / spec.cid, image, seg, tfm, truth)
-        entries.append(_entry(spec))
+        image, seg, tfm, truth, others = render_case(spec, anat, space, cfg, sequences)
+        write_case_files(out / spec.cid, image, seg, tfm, truth, others)
+        entries.append(_entry(spec, sequences))
         if progress:
             progress(f"[{n:>{len(str(cases))}}/{cases}] {spec.cid}  {CLASSES[spec.cls]:<11} "
                      f"{REGIONS[spec.region]:<14} {APPEARANCES[spec.appearance]:<6} "
@@ -218,8 +226,8 @@ def make_cohort(out: str | Path, cases: int = 60, seed: int = 0, spacing: float 
     accuracy = bayes_accuracy(cfg.region_prior, cfg.appearance_prior, freq)
     settings = {"cases": cases, "seed": seed, "spacing_mm": spacing, "space": space, "missing_mask": missing_mask,
                 "missing_class": missing_class, "skull_fraction": cfg.skull_fraction}
-    datalist = {"classes": list(CLASSES), "training": entries,
-                "phantom": _metadata(specs, anat, settings, cfg, accuracy)}
+    datalist = {"classes": list(CLASSES), **({"sequences": list(sequences)} if len(sequences) > 1 else {}),
+                "training": entries, "phantom": _metadata(specs, anat, settings, cfg, accuracy)}
     write_json_atomic(datalist, out / "datalist.json")
     return CohortSummary(
         datalist=out / "datalist.json", cases=cases, bayes_accuracy=accuracy,
@@ -229,8 +237,9 @@ def make_cohort(out: str | Path, cases: int = 60, seed: int = 0, spacing: float 
         seconds=time.perf_counter() - start)
 
 
-def _entry(spec: CaseSpec) -> dict[str, Any]:
-    entry: dict[str, Any] = {"id": spec.cid, "image": f"{spec.cid}/image.nii.gz"}
+def _entry(spec: CaseSpec, sequences: tuple[str, ...] = ("flair",)) -> dict[str, Any]:
+    files = [f"{spec.cid}/{'image' if s == 'flair' else s}.nii.gz" for s in sequences]
+    entry: dict[str, Any] = {"id": spec.cid, "image": files[0] if len(files) == 1 else files}
     if spec.has_label:
         entry["label"] = f"{spec.cid}/mask.nii.gz"
     if spec.has_class:
@@ -248,6 +257,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--space", default="native", help="native (posed, thick slices) or atlas (default native)")
     p.add_argument("--missing-mask", type=float, default=0.0, help="fraction of cases without label (default 0)")
     p.add_argument("--missing-class", type=float, default=0.0, help="fraction of cases without class (default 0)")
+    p.add_argument("--sequences", default="flair",
+                   help="contrasts per case, comma-separated, flair first: flair or flair,t2 (default flair)")
     p.add_argument("--skull-fraction", type=float, default=PhantomConfig.skull_fraction,
                    help=f"fraction of cases with a skull/scalp shell (default {PhantomConfig.skull_fraction})")
     return p
@@ -259,7 +270,7 @@ def main(argv: list[str]) -> int:
     config = PhantomConfig(skull_fraction=args.skull_fraction)
     summary = make_cohort(args.out, cases=args.cases, seed=args.seed, spacing=args.spacing, space=args.space,
                           missing_mask=args.missing_mask, missing_class=args.missing_class, config=config,
-                          progress=print)
+                          progress=print, sequences=tuple(s.strip() for s in args.sequences.split(",") if s.strip()))
     counts = ", ".join(f"{k}: {v}" for k, v in summary.class_counts.items())
     print(f"wrote {summary.cases} cases ({counts}; {summary.labelled} with label, {summary.classified} with class) "
           f"to {summary.datalist} in {summary.seconds:.1f} s")

@@ -23,11 +23,14 @@ from pipeline.data.phantom.acquisition import (
 )
 from pipeline.data.phantom.anatomy import RAS_FROM_LPS, Anatomy, voxel_lps
 from pipeline.data.phantom.config import APPEARANCES, CLASSES, REGIONS, PhantomConfig
-from pipeline.data.phantom.tumour import Tumour, make_tumour, render_flair
+from pipeline.data.phantom.tumour import Tumour, make_tumour, render_flair, render_t2
 from pipeline.io.imageio import write_image_atomic, write_text_atomic
 from pipeline.registration.transforms import write_transform_atomic
 
-__all__ = ["CaseSpec", "render_case", "write_case_files", "write_json_atomic"]
+__all__ = ["CONTRASTS", "CaseSpec", "render_case", "write_case_files", "write_json_atomic"]
+
+#: The contrasts the generator renders; ``flair`` is always the first (``image.nii.gz``).
+CONTRASTS = ("flair", "t2")
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
@@ -62,23 +65,37 @@ class CaseSpec:
     seed: np.random.SeedSequence
 
 
-def render_case(spec: CaseSpec, anat: Anatomy, space: str, config: PhantomConfig
-                 ) -> tuple[sitk.Image, sitk.Image, sitk.AffineTransform, dict[str, Any]]:
-    """Build one case; returns image, mask, atlas -> native transform and its truth record."""
+def render_case(spec: CaseSpec, anat: Anatomy, space: str, config: PhantomConfig, contrasts: tuple[str, ...] = ("flair",)
+                 ) -> tuple[sitk.Image, sitk.Image, sitk.AffineTransform, dict[str, Any], dict[str, sitk.Image]]:
+    """Build one case: the FLAIR image, mask, atlas -> native transform, truth record, and the other
+    ``contrasts`` (``{"t2": image}``) on the FLAIR's grid, from random streams of their own (the
+    FLAIR, mask and transform do not depend on them)."""
     anat_rng, acq_rng = (np.random.default_rng(s) for s in spec.seed.spawn(2))
     tumour = make_tumour(anat, REGIONS[spec.region], APPEARANCES[spec.appearance] == "cystic", anat_rng, config)
     flair, head_mm = render_flair(anat, tumour, spec.skull, anat_rng)
     mask = np.zeros(anat.brain.shape, dtype=bool)
     mask[tumour.box] = tumour.mask
     acq = sample_acquisition(acq_rng, config, anat.spacing)
-    if space == "atlas":
-        signal, seg, tfm = to_image(flair, anat.grid, sitk.sitkFloat32), to_image(
-            mask.astype(np.uint8), anat.grid, sitk.sitkUInt8), sitk.AffineTransform(3)
-    else:
-        signal, seg, tfm = acquire_native(anat, flair, mask, head_mm, acq, config.margin_mm)
+    signal, seg, tfm = _acquire(anat, flair, mask, head_mm, acq, space, config)
     image = to_image(corrupt_image(sitk.GetArrayFromImage(signal), acq, acq_rng), signal, sitk.sitkFloat32)
     truth = _truth_record(spec, anat, tumour, acq, space, image, seg, tfm)
-    return image, seg, tfm, truth
+    others: dict[str, sitk.Image] = {}
+    for k, name in enumerate(c for c in contrasts if c != "flair"):
+        if name != "t2":
+            raise ValueError(f"unknown contrast {name!r}; known: {CONTRASTS}")
+        rng = np.random.default_rng(np.random.SeedSequence(spec.seed.entropy, spawn_key=(*spec.seed.spawn_key, 1000 + k)))
+        t2 = render_t2(anat, tumour, head_mm, rng)
+        t2_signal = _acquire(anat, t2, mask, head_mm, acq, space, config)[0]
+        others[name] = to_image(corrupt_image(sitk.GetArrayFromImage(t2_signal), acq, rng), signal, sitk.sitkFloat32)
+    return image, seg, tfm, truth, others
+
+
+def _acquire(anat: Anatomy, volume: np.ndarray, mask: np.ndarray, head_mm: float, acq: Acquisition, space: str,
+             config: PhantomConfig) -> tuple[sitk.Image, sitk.Image, sitk.AffineTransform]:
+    if space == "atlas":
+        return to_image(volume, anat.grid, sitk.sitkFloat32), to_image(
+            mask.astype(np.uint8), anat.grid, sitk.sitkUInt8), sitk.AffineTransform(3)
+    return acquire_native(anat, volume, mask, head_mm, acq, config.margin_mm)
 
 
 def _truth_record(spec: CaseSpec, anat: Anatomy, tumour: Tumour, acq: Acquisition, space: str,
@@ -115,9 +132,11 @@ def _truth_record(spec: CaseSpec, anat: Anatomy, tumour: Tumour, acq: Acquisitio
 
 
 def write_case_files(folder: Path, image: sitk.Image, seg: sitk.Image, tfm: sitk.Transform,
-                truth: dict[str, Any]) -> None:
+                truth: dict[str, Any], others: dict[str, sitk.Image] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_image_atomic(image, folder / "image.nii.gz")
+    for name, other in (others or {}).items():
+        write_image_atomic(other, folder / f"{name}.nii.gz")
     write_image_atomic(seg, folder / truth["mask_file"])
     stale = folder / ("mask_truth.nii.gz" if truth["mask_file"] == "mask.nii.gz" else "mask.nii.gz")
     stale.unlink(missing_ok=True)

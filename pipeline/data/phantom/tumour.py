@@ -1,6 +1,9 @@
-"""Synthetic cohort (phantom): one irregular tumour (optionally cystic) and the FLAIR-like atlas-space volume.
+"""Synthetic cohort (phantom): one irregular tumour (optionally cystic) and the FLAIR-like atlas-space volume,
+and on request a T2-like second contrast of the same head.
 
-Both draw from the case's anatomy stream, in the order :func:`make_tumour` then :func:`render_flair`.
+The first two draw from the case's anatomy stream, in the order :func:`make_tumour` then
+:func:`render_flair`; :func:`render_t2` draws from a stream of its own, so asking for it leaves the
+FLAIR, the mask and the acquisition bit-identical.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from scipy import ndimage
 from pipeline.data.phantom.anatomy import Anatomy
 from pipeline.data.phantom.config import PhantomConfig
 
-__all__ = ["Tumour", "make_tumour", "render_flair"]
+__all__ = ["Tumour", "make_tumour", "render_flair", "render_t2"]
 
 
 @dataclass(frozen=True)
@@ -126,3 +129,31 @@ def render_flair(anat: Anatomy, tumour: Tumour, skull: bool, rng: np.random.Gene
     weight = np.where(tumour.mask, np.maximum(weight, 0.7), weight)
     img[b] = img[b] * (1.0 - weight) + level * weight
     return img.astype(np.float32), head_mm
+
+
+def render_t2(anat: Anatomy, tumour: Tumour, head_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """T2-like atlas-space volume of the same head (GM = 1): CSF brightest, white matter darker than
+    grey, the tumour bright and a cyst brighter still (fluid), where FLAIR darkens CSF and cysts. The
+    second contrast therefore tells a cyst from the surrounding brain where FLAIR alone makes it look
+    like CSF.
+
+    Args:
+        head_mm: the head's outer radius beyond the brain hull (:func:`render_flair`'s), 0 without skull.
+
+    Returns:
+        The float32 array (z, y, x).
+    """
+    img = anat.gm + rng.uniform(0.55, 0.7) * anat.wm + rng.uniform(1.8, 2.4) * anat.csf
+    img *= 1.0 + 0.04 * _unit_noise(img.shape, max(0.5, 1.5 / anat.spacing), rng)
+    if head_mm > 0:  # the FLAIR's shell radii (scalp = 14 f mm): CSF bright, bone dark, scalp fat mid-grey
+        f, out = head_mm / 14.0, anat.outside_mm
+        img[(out > 0) & (out <= 2.0 * f)] = rng.uniform(1.6, 2.2)
+        img[(out > 2.0 * f) & (out <= 8.0 * f)] = rng.uniform(0.02, 0.08)
+        img[(out > 8.0 * f) & (out <= 14.0 * f)] = rng.uniform(0.6, 0.9)
+    b = tumour.box
+    level = rng.uniform(1.5, 1.9) * (1.0 + 0.06 * _unit_noise(tumour.mask.shape, max(0.5, 1.5 / anat.spacing), rng))
+    level = np.where(tumour.cyst, rng.uniform(2.2, 2.6), level)
+    weight = np.clip(ndimage.gaussian_filter(tumour.mask.astype(np.float32), 0.5), 0.0, 1.0)
+    weight = np.where(tumour.mask, np.maximum(weight, 0.7), weight)
+    img[b] = img[b] * (1.0 - weight) + level * weight
+    return img.astype(np.float32)
