@@ -55,13 +55,13 @@ def train_and_evaluate(tmp_path: Path, configs: list, seed: int, extra: dict | N
     return datalist, run, overlay, trained
 
 
-def write_dicom_series(image: sitk.Image, folder: Path, number: int = 1) -> Path:
+def write_dicom_series(image: sitk.Image, folder: Path, number: int = 1, description: str = "FLAIR") -> Path:
     """Write ``image`` as a real DICOM series (one int16 file per slice, geometry in the tags);
     ``number`` numbers the series UID, so two calls into one folder make two series."""
     folder.mkdir(parents=True, exist_ok=True)
     img = sitk.Cast(sitk.RescaleIntensity(image, 0, 2000), sitk.sitkInt16)
     d = img.GetDirection()
-    series = [("0008|0060", "MR"), ("0008|103e", "FLAIR"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1.1"),
+    series = [("0008|0060", "MR"), ("0008|103e", description), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1.1"),
               ("0020|000e", f"1.2.826.0.1.3680043.2.1125.1.2.{number}"), ("0008|0008", "DERIVED\\SECONDARY"),
               ("0020|0052", "1.2.826.0.1.3680043.2.1125.1.4"), ("0010|0020", "PHANTOM1"), ("0010|0010", "Phantom^One"),
               ("0020|0037", "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])))]

@@ -202,3 +202,113 @@ def test_fast_content_check_agrees_with_the_readers(tmp_path):
                 verdicts.append(exc.problem)
         assert verdicts[0] == verdicts[1], (name, verdicts)
         assert (verdicts[0] == "ok") == (name in ("ok", "negative_pixdim")), (name, verdicts)
+
+
+# ----------------------------------------------------------------------------- several sequences
+
+
+def _two_sequence_case(folder: Path, rng: np.random.Generator, t2_spacing=(1.0, 1.0, 1.0)) -> None:
+    img, mask = blob_case(rng)
+    write_volume(folder / "flair.nii.gz", img)
+    write_volume(folder / "t2.nii.gz", 2.0 * img + 10.0, spacing=t2_spacing)
+    write_volume(folder / "mask.nii.gz", mask)
+
+
+@pytest.mark.parametrize("form", ["list", "named", "csv"])
+def test_three_forms_of_several_sequences(tmp_path, form):
+    rng = np.random.default_rng(1)
+    for cid in ("a", "b"):
+        _two_sequence_case(tmp_path / cid, rng)
+    if form == "csv":
+        path = tmp_path / "datalist.csv"
+        path.write_text("id,flair,t2,label,class\n" + "".join(
+            f"{c},{c}/flair.nii.gz,{c}/t2.nii.gz,{c}/mask.nii.gz,1\n" for c in ("a", "b")))
+    else:
+        rows = [{"id": c, **({"image": [f"{c}/flair.nii.gz", f"{c}/t2.nii.gz"]} if form == "list" else
+                            {"flair": f"{c}/flair.nii.gz", "t2": f"{c}/t2.nii.gz"}),
+                 "label": f"{c}/mask.nii.gz", "class": 1} for c in ("a", "b")]
+        path = tmp_path / "datalist.json"
+        path.write_text(json.dumps({"sequences": ["flair", "t2"], "training": rows}))
+    dl = load_datalist(path, check_contents=True)
+    assert dl.sequences == ("flair", "t2")
+    assert [p.name for p in dl.cases[1].paths] == ["flair.nii.gz", "t2.nii.gz"]
+    assert dl.cases[1].image.name == "flair.nii.gz" and dl.cases[1].extra == {}
+    item = to_monai_dicts(dl.cases)[0]
+    assert [Path(p).name for p in item["image"]] == ["flair.nii.gz", "t2.nii.gz"]
+    # the model's sequences, in the model's order; a one-sequence model takes just one
+    swapped = dl.select(["T2", "flair"])
+    assert [p.name for p in swapped.cases[0].paths] == ["t2.nii.gz", "flair.nii.gz"]
+    assert to_monai_dicts(dl.select(["t2"]).cases)[0]["image"].endswith("t2.nii.gz")
+    with pytest.raises(InputError, match=r"takes the sequences \['flair', 't1ce'\].*missing \['t1ce'\]"):
+        dl.select(["flair", "t1ce"])
+
+
+def test_unnamed_sequence_list_is_taken_by_position(tmp_path):
+    rng = np.random.default_rng(2)
+    _two_sequence_case(tmp_path / "a", rng)
+    path = _write(tmp_path, [{"id": "a", "image": ["a/flair.nii.gz", "a/t2.nii.gz"]}])
+    dl = load_datalist(path)
+    assert dl.sequences == ("image1", "image2")
+    assert dl.select(["flair", "t2"]).sequences == ("flair", "t2")
+    with pytest.raises(InputError, match="takes the sequences"):
+        dl.select(["flair", "t2", "t1"])
+
+
+def test_sequence_problems_are_named_with_case_and_file(tmp_path):
+    rng = np.random.default_rng(3)
+    for cid in ("a", "b", "c", "d"):
+        _two_sequence_case(tmp_path / cid, rng, t2_spacing=(1.0, 1.0, 2.0) if cid == "d" else (1.0, 1.0, 1.0))
+    (tmp_path / "b" / "t2.nii.gz").unlink()
+    rows = [{"id": "a", "flair": "a/flair.nii.gz"},  # no t2 key
+            {"id": "b", "flair": "b/flair.nii.gz", "t2": "b/t2.nii.gz"},  # t2 file missing
+            {"id": "c", "image": ["c/flair.nii.gz"]},  # one image, two sequences declared
+            {"id": "d", "flair": "d/flair.nii.gz", "t2": "d/t2.nii.gz", "label": "d/mask.nii.gz"}]  # other grid
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"sequences": ["flair", "t2"], "training": rows}))
+    with pytest.raises(InputErrors) as err:
+        load_datalist(path, check_contents=True)
+    text = str(err.value)
+    assert "case 'a': no 't2' sequence" in text
+    assert "case 'b': sequence 't2'" in text and "b/t2.nii.gz" in text
+    assert "case 'c': 1 images but the datalist's 'sequences' names 2" in text
+    assert "case 'd': sequence 't2' spacing" in text and "share one grid" in text
+    # without a content check the missing file is still named, per sequence
+    with pytest.raises(InputErrors, match=r"case 'b': sequence 't2' file not found"):
+        load_datalist(path)
+
+
+def test_every_case_needs_the_same_number_of_sequences(tmp_path):
+    rng = np.random.default_rng(4)
+    for cid in ("a", "b"):
+        _two_sequence_case(tmp_path / cid, rng)
+    path = _write(tmp_path, [{"id": "a", "image": ["a/flair.nii.gz", "a/t2.nii.gz"]},
+                             {"id": "b", "image": "b/flair.nii.gz"}])
+    with pytest.raises(InputErrors, match=r"case 'b': 1 sequence\(s\), but case 'a' has 2"):
+        load_datalist(path)
+
+
+@pytest.mark.parametrize("bad", [[], "flair", ["flair", "FLAIR"], ["flair", "label"]])
+def test_bad_sequences_declaration(tmp_path, bad):
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"sequences": bad, "training": [{"id": "a", "image": "a.nii.gz"}]}))
+    with pytest.raises(InputError, match="'sequences'"):
+        load_datalist(path, check_files=False)
+
+
+def test_model_sequences_and_reference(tmp_path):
+    from pipeline.data.datalist import model_sequences, reference_index
+
+    rng = np.random.default_rng(5)
+    _two_sequence_case(tmp_path / "a", rng)
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"sequences": ["t2", "flair"], "training": [{"id": "a", "image": [
+        "a/t2.nii.gz", "a/flair.nii.gz"]}]}))
+    assert model_sequences(path) == ["t2", "flair"]
+    assert model_sequences(path, ["flair"]) == ["flair"]
+    assert model_sequences(None) == ["image"]
+    with pytest.raises(InputError, match="non-empty list"):
+        model_sequences(path, "flair")
+    assert reference_index(["t2", "flair"]) == 1  # flair by default
+    assert reference_index(["t1", "t2"]) == 0 and reference_index(["t1", "t2"], "T2") == 1
+    with pytest.raises(InputError, match="not among the sequences"):
+        reference_index(["t1", "t2"], "flair")

@@ -213,3 +213,28 @@ def test_real_scan_counts_and_zscored_copy_give_one_network_input(real_data: Pat
     assert (brain > 0).sum() > (brain_fov & (brain > 0)).sum() > 1000  # part of the brain outside the scan
     assert np.count_nonzero(outs[0]) > 1000
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)
+
+
+def test_one_registration_moves_every_sequence(tmp_path: Path) -> None:
+    case = write_case(tmp_path / "a", 8.0)
+    flair = sitk.ReadImage(case["image"])
+    t2 = flair * 2.0 + 10.0  # an intensity-shifted copy: registered alone it could land elsewhere
+    sitk.WriteImage(t2, str(tmp_path / "a" / "t2.nii.gz"))
+    item = {"image": [case["image"], str(tmp_path / "a" / "t2.nii.gz")], "label": case["label"]}
+    reg = RegisterToAtlasd(atlas_spacing=SPACING, cache_dir=tmp_path / "cache", settings=FAST,
+                           sequences=["flair", "t2"])
+    out = reg(dict(item))
+    assert reg.cache.registrations_performed == 1 and len(out["image"]) == 2
+    loaded = LoadImaged(keys=("image", "label"), image_only=True, ensure_channel_first=True)(out)
+    assert tuple(loaded["image"].shape) == (2, *sitk.GetArrayViewFromImage(load_atlas(spacing=SPACING).image).shape[::-1])
+    a, b = np.asarray(loaded["image"][0]), np.asarray(loaded["image"][1])
+    inside = a > 1e-3  # the resampling pads both with 0 outside the scan's field of view
+    np.testing.assert_allclose(b[inside], 2.0 * a[inside] + 10.0, rtol=1e-5, atol=1e-3)
+    assert out["native_meta"]["path"] == case["image"]
+    # the reference can be another sequence: registered on it, once, and the others follow
+    by_t2 = RegisterToAtlasd(atlas_spacing=SPACING, cache_dir=tmp_path / "cache", settings=FAST,
+                             sequences=["flair", "t2"], reference_sequence="t2")
+    out2 = by_t2(dict(item))
+    assert by_t2.cache.registrations_performed == 1 and out2["native_meta"]["path"].endswith("t2.nii.gz")
+    with pytest.raises(InputError, match="not among the sequences"):
+        RegisterToAtlasd(cache_dir=tmp_path / "cache", sequences=["flair", "t2"], reference_sequence="t1ce")

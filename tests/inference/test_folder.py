@@ -99,6 +99,54 @@ def test_find_cases_rules(tmp_path):
         find_cases(None, None)
 
 
+def test_find_cases_of_several_sequences(tmp_path):
+    brats18 = ["x_flair.nii.gz", "x_t1.nii.gz", "x_t1ce.nii.gz", "x_t2.nii.gz", "x_seg.nii.gz"]
+    brats23 = ["X-t2f.nii.gz", "X-t1n.nii.gz", "X-t1c.nii.gz", "X-t2w.nii.gz", "X-seg.nii.gz"]
+    layout = {"b18": brats18, "b23": brats23, "no_t1ce": [n for n in brats18 if "t1ce" not in n],
+              "two_t2": [*brats18, "y_t2.nii.gz"]}
+    for sub, names in layout.items():
+        (tmp_path / sub).mkdir()
+        for n in names:
+            (tmp_path / sub / n).touch()
+    (tmp_path / "lone.nii.gz").touch()
+    seqs = ["flair", "t1", "t1ce", "t2"]
+    cases = {c.id: c for c in find_cases(tmp_path, sequences=seqs)}
+    assert [p.name for p in cases["b18"].sequences] == brats18[:4] and cases["b18"].path.name == "x_flair.nii.gz"
+    assert [p.name for p in cases["b23"].sequences] == brats23[:4]
+    assert cases["no_t1ce"].problem.startswith("no t1ce sequence: nothing in this folder matches")
+    assert "2 entries match the t2 patterns" in cases["two_t2"].problem
+    assert "put each case's files in a sub-folder" in cases["lone"].problem
+    assert all(cases[k].problem is None for k in ("b18", "b23"))
+    # another order, another reference, patterns of one's own
+    other = {c.id: c for c in find_cases(tmp_path, sequences=["t2", "flair"], reference_sequence="t2",
+                                         sequence_patterns={"flair": "*-t2f*"})}
+    assert [p.name for p in other["b23"].sequences] == ["X-t2w.nii.gz", "X-t2f.nii.gz"]
+    assert other["b23"].path.name == "X-t2w.nii.gz" and "no flair sequence" in other["b18"].problem
+    # one sequence: the folder rules as before
+    assert find_cases(tmp_path, sequences=["flair"], exclude=[])[0].sequences == ()
+
+
+def test_dicom_series_matched_by_series_description(tmp_path):
+    img = sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 10, (4, 8, 8)).astype(np.float32))
+    case = tmp_path / "in" / "p1"
+    write_dicom_series(img, case / "series_a", number=1, description="AX T2 FLAIR")
+    write_dicom_series(img, case / "series_b", number=2, description="AX T2 TSE")
+    found = find_cases(tmp_path / "in", sequences=["flair", "t2"])
+    assert found[0].problem is None
+    assert [p.name for p in found[0].sequences] == ["series_a", "series_b"]
+
+
+def test_datalist_input_takes_the_model_sequences(tmp_path):
+    (tmp_path / "a").mkdir()
+    for n in ("flair", "t1", "t2"):
+        (tmp_path / "a" / f"{n}.nii.gz").touch()
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"sequences": ["flair", "t1", "t2"], "training": [
+        {"id": "a", "image": ["a/flair.nii.gz", "a/t1.nii.gz", "a/t2.nii.gz"]}]}))
+    (case,) = find_cases(datalist=path, sequences=["t2", "flair"])
+    assert [p.name for p in case.sequences] == ["t2.nii.gz", "flair.nii.gz"] and case.path.name == "flair.nii.gz"
+
+
 def test_tumour_measures_volume_and_box():
     arr = np.zeros((10, 12, 14), np.uint8)  # z, y, x
     arr[2:5, 3:7, 4:9] = 1

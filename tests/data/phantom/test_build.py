@@ -281,3 +281,29 @@ def test_bad_config_raises() -> None:
         PhantomConfig(region_prior=((0.5, 0.5, 0.5),) * 3)
     with pytest.raises(InputError):
         PhantomConfig(volume_ml=(60.0, 10.0))
+
+
+def test_t2_contrast_leaves_the_flair_unchanged(native: Path, tmp_path: Path) -> None:
+    out = tmp_path / "two"
+    make_cohort(out, CASES, SEED, SPACING, "native", missing_mask=0.5, missing_class=1 / 3, sequences=("flair", "t2"))
+    data = json.loads((out / "datalist.json").read_text())
+    assert data["sequences"] == ["flair", "t2"]
+    first = data["training"][0]
+    assert first["image"] == [f"{first['id']}/image.nii.gz", f"{first['id']}/t2.nii.gz"]
+    for entry in data["training"]:
+        cid = entry["id"]
+        flair = sitk.ReadImage(str(out / cid / "image.nii.gz"))
+        same = sitk.ReadImage(str(native / cid / "image.nii.gz"))
+        assert np.array_equal(sitk.GetArrayViewFromImage(flair), sitk.GetArrayViewFromImage(same))
+        t2 = sitk.ReadImage(str(out / cid / "t2.nii.gz"))
+        assert t2.GetSize() == flair.GetSize() and t2.GetOrigin() == flair.GetOrigin()
+        assert t2.GetDirection() == flair.GetDirection()
+        truth = json.loads((out / cid / "truth.json").read_text())
+        mask = sitk.GetArrayViewFromImage(sitk.ReadImage(str(out / cid / truth["mask_file"]))) > 0
+        f, t = sitk.GetArrayViewFromImage(flair), sitk.GetArrayViewFromImage(t2)
+        body = ndimage.binary_dilation(mask, iterations=3) & ~mask & (f > 0.2 * f.max())
+        # a second look at one tumour: bright in both contrasts against the brain around it
+        assert np.median(t[mask]) > np.median(t[body]) and np.median(f[mask]) > np.median(f[body])
+        assert not np.allclose(t, f)
+    with pytest.raises(InputError, match="sequences must start with flair"):
+        make_cohort(tmp_path / "bad", 2, SEED, SPACING, "atlas", sequences=("t2",))
