@@ -33,7 +33,7 @@ from typing import Any
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from pipeline.data.datalist import Case, load_datalist
+from pipeline.data.datalist import Case, load_datalist, reference_index
 from pipeline.io.errors import InputError
 from pipeline.io.filecheck import file_sha256
 from pipeline.io.imageio import read_mask, read_volume, write_image_atomic, write_text_atomic
@@ -65,28 +65,39 @@ class CaseResult:
     seconds: float = 0.0
 
 
-def _outputs(folder: Path, has_mask: bool) -> list[Path]:
-    names = ["image.nii.gz", "qc.png", "to_atlas.tfm"] + (["mask.nii.gz"] if has_mask else [])
+def _image_names(sequences: tuple[str, ...]) -> list[str]:
+    """Output file of each sequence: ``image.nii.gz`` for one, ``<sequence>.nii.gz`` for several."""
+    return ["image.nii.gz"] if len(sequences) <= 1 else [f"{n}.nii.gz" for n in sequences]
+
+
+def _outputs(folder: Path, has_mask: bool, sequences: tuple[str, ...] = ()) -> list[Path]:
+    names = [*_image_names(sequences), "qc.png", "to_atlas.tfm"] + (["mask.nii.gz"] if has_mask else [])
     return [folder / n for n in names]
 
 
 def _stamp(case: Case, atlas_fingerprint: str, settings: RegistrationSettings) -> dict[str, Any]:
     """What a case's outputs depend on (see the module docstring)."""
-    return {"image": file_sha256(case.image), "label": file_sha256(case.label) if case.label is not None else None,
+    images = [file_sha256(p) for p in case.paths]
+    return {"image": images[0] if len(images) == 1 else images,
+            "label": file_sha256(case.label) if case.label is not None else None,
             "atlas": atlas_fingerprint, "settings": settings.key()}
 
 
-def _finished(folder: Path, case: Case, stamp: dict[str, Any]) -> bool:
+def _finished(folder: Path, case: Case, stamp: dict[str, Any], sequences: tuple[str, ...]) -> bool:
     try:
         done = json.loads((folder / "prepared.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return done == stamp and all(p.exists() for p in _outputs(folder, case.label is not None))
+    return done == stamp and all(p.exists() for p in _outputs(folder, case.label is not None, sequences))
 
 
 def prepare_case(case: Case, out: Path, atlas_spec: AtlasSpec, settings: RegistrationSettings,
-                 overwrite: bool = False) -> CaseResult:
+                 overwrite: bool = False, sequences: tuple[str, ...] = ()) -> CaseResult:
     """Register one case and write its outputs into ``out/<id>/``; never raises for a bad case.
+
+    Several sequences (``sequences``, the datalist's names): registered once on the reference
+    (:func:`pipeline.data.datalist.reference_index`: FLAIR, else the first), each written as
+    ``<sequence>.nii.gz``.
 
     Returns:
         The :class:`CaseResult` (a failure carries the reason, e.g. the InputError text).
@@ -96,24 +107,29 @@ def prepare_case(case: Case, out: Path, atlas_spec: AtlasSpec, settings: Registr
     try:
         from pipeline.io.qc import save_orthogonal_slices
 
-        if not case.image.exists():
-            raise InputError(case.image, "image file not found")
+        for path in case.paths:
+            if not path.exists():
+                raise InputError(path, "image file not found")
         if case.label is not None and not case.label.exists():
             raise InputError(case.label, "mask file not found")
         atlas = load_atlas(atlas_spec.path, atlas_spec.mask, atlas_spec.spacing)
         stamp = _stamp(case, atlas.fingerprint(), settings)
-        if not overwrite and _finished(folder, case, stamp):
+        if not overwrite and _finished(folder, case, stamp, sequences):
             return CaseResult(case.id, "skipped")
         if settings.threads:
             sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(settings.threads)
-        image = read_volume(case.image)
-        mask = read_mask(case.label, image, case.image) if case.label is not None else None
+        ref = reference_index(sequences) if len(case.paths) > 1 else 0
+        reference = case.paths[ref]
+        image = read_volume(reference)
+        mask = read_mask(case.label, image, reference) if case.label is not None else None
         (folder / "prepared.json").unlink(missing_ok=True)  # the "finished" marker goes last
         if mask is None:
             (folder / "mask.nii.gz").unlink(missing_ok=True)  # from an earlier version of the datalist
         transform = register_to_atlas(image, atlas, settings)
         registered = resample_image_to_atlas(image, transform, atlas)
-        write_image_atomic(registered, folder / "image.nii.gz")
+        for k, (path, name) in enumerate(zip(case.paths, _image_names(sequences), strict=True)):
+            other = registered if k == ref else resample_image_to_atlas(read_volume(path), transform, atlas)
+            write_image_atomic(other, folder / name)
         if mask is not None:
             write_image_atomic(resample_mask_to_atlas(mask, transform, atlas, "linear"), folder / "mask.nii.gz")
         save_orthogonal_slices(registered, folder / "qc.png", outline=atlas.brain_mask,
@@ -128,13 +144,14 @@ def prepare_case(case: Case, out: Path, atlas_spec: AtlasSpec, settings: Registr
     return CaseResult(case.id, "done", "", time.perf_counter() - t0)
 
 
-def _entry(case: Case, out: Path) -> dict[str, Any]:
-    entry: dict[str, Any] = {"id": case.id, "image": f"{case.id}/image.nii.gz"}
+def _entry(case: Case, out: Path, sequences: tuple[str, ...] = ()) -> dict[str, Any]:
+    names = [f"{case.id}/{n}" for n in _image_names(sequences)]
+    entry: dict[str, Any] = {"id": case.id, "image": names[0] if len(names) == 1 else names}
     if case.label is not None:
         entry["label"] = f"{case.id}/mask.nii.gz"
     if case.cls is not None:
         entry["class"] = case.cls
-    entry["native_image"] = str(case.image)
+    entry["native_image"] = str(case.image) if len(case.paths) == 1 else [str(p) for p in case.paths]
     if case.label is not None:
         entry["native_label"] = str(case.label)
     entry["to_atlas"] = f"{case.id}/to_atlas.tfm"
@@ -142,18 +159,19 @@ def _entry(case: Case, out: Path) -> dict[str, Any]:
 
 
 def _run_all(cases: list[Case], out: Path, atlas_spec: AtlasSpec, settings: RegistrationSettings,
-             workers: int, overwrite: bool) -> list[CaseResult]:
+             workers: int, overwrite: bool, sequences: tuple[str, ...] = ()) -> list[CaseResult]:
     bar = tqdm(total=len(cases), desc="prepare", unit="case", file=sys.stderr)
     results: list[CaseResult] = []
     if workers <= 1:
         for case in cases:
-            results.append(prepare_case(case, out, atlas_spec, settings, overwrite))
+            results.append(prepare_case(case, out, atlas_spec, settings, overwrite, sequences))
             bar.update()
     else:
         # spawn: torch / SimpleITK thread pools do not survive fork safely
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = [pool.submit(prepare_case, case, out, atlas_spec, settings, overwrite) for case in cases]
+            futures = [pool.submit(prepare_case, case, out, atlas_spec, settings, overwrite, sequences)
+                       for case in cases]
             for fut in as_completed(futures):
                 results.append(fut.result())
                 bar.update()
@@ -188,10 +206,12 @@ def prepare_datalist(datalist: str | Path, out: str | Path, atlas_spec: AtlasSpe
 
         settings = replace(settings, threads=max(1, (os.cpu_count() or 1) // workers))
     atlas = load_atlas(atlas_spec.path, atlas_spec.mask, atlas_spec.spacing)  # a bad --atlas fails here, once
-    results = {r.id: r for r in _run_all(list(dl.cases), out, atlas_spec, settings, workers, overwrite)}
+    sequences = dl.sequences if len(dl.sequences) > 1 else ()
+    results = {r.id: r for r in _run_all(list(dl.cases), out, atlas_spec, settings, workers, overwrite, sequences)}
     ordered = [results[c.id] for c in dl.cases]
-    entries = [_entry(c, out) for c in dl.cases if results[c.id].status != "failed"]
-    write_text_atomic(out / "datalist.json", json.dumps({"classes": list(dl.classes), "training": entries,
+    entries = [_entry(c, out, sequences) for c in dl.cases if results[c.id].status != "failed"]
+    named = {"sequences": list(sequences)} if sequences else {}
+    write_text_atomic(out / "datalist.json", json.dumps({"classes": list(dl.classes), **named, "training": entries,
                         "atlas": {"name": atlas.name, "fingerprint": atlas.fingerprint(), "path": atlas_spec.path,
                                   "size": list(atlas.image.GetSize()), "spacing": list(atlas.image.GetSpacing())},
                         "registration": {"settings_key": settings.key()}}, indent=1))

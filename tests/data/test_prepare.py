@@ -121,3 +121,23 @@ def test_real_pair_passes_the_shared_agreement_check(real_data: Path, tmp_path: 
     run = subprocess.run([sys.executable, str(checker), str(out), str(case)], capture_output=True, text=True,
                          encoding="utf-8", errors="replace")
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_prepare_several_sequences_registers_the_flair_once_for_all(tmp_path: Path) -> None:
+    flair = write_scan(tmp_path / "in" / "c1" / "flair.nii.gz", 10.0)
+    sitk.WriteImage(flair * 3.0 + 5.0, str(tmp_path / "in" / "c1" / "t2.nii.gz"))
+    datalist = tmp_path / "in" / "datalist.json"
+    datalist.write_text(json.dumps({"sequences": ["t2", "flair"], "training": [
+        {"id": "c1", "image": ["c1/t2.nii.gz", "c1/flair.nii.gz"]}]}))
+    out = tmp_path / "prep"
+    assert cli(["prepare", "--datalist", str(datalist), "--out", str(out), "--spacing", str(SPACING),
+                "--skull-strip", "morphology"]) == 0
+    prepared = json.loads((out / "datalist.json").read_text())
+    assert prepared["sequences"] == ["t2", "flair"]
+    assert prepared["training"][0]["image"] == ["c1/t2.nii.gz", "c1/flair.nii.gz"]
+    f = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "c1" / "flair.nii.gz")))
+    t = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "c1" / "t2.nii.gz")))
+    inside = f > 1e-3
+    np.testing.assert_allclose(t[inside], 3.0 * f[inside] + 5.0, rtol=1e-5, atol=1e-3)
+    assert cli(["prepare", "--datalist", str(datalist), "--out", str(out), "--spacing", str(SPACING),
+                "--skull-strip", "morphology"]) == 0  # finished: nothing redone
