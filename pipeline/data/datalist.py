@@ -45,6 +45,7 @@ __all__ = [
     "SINGLE_SEQUENCE",
     "reference_index",
     "model_sequences",
+    "dataset_dir",
     "load_datalist",
     "validate_datalist",
     "to_monai_dicts",
@@ -191,6 +192,11 @@ def model_sequences(datalist: str | Path | None, sequences: list[str] | tuple[st
     if datalist in (None, ""):
         return [SINGLE_SEQUENCE]
     return list(load_datalist(datalist, check_files=False).sequences)
+
+
+def dataset_dir(datalist: str | Path | None) -> str | None:
+    """The folder of the datalist (MONAI's ``dataset_dir`` workflow property), ``None`` without one."""
+    return os.path.dirname(os.path.abspath(datalist)) if datalist not in (None, "") else None
 
 
 def _unnamed(sequences: tuple[str, ...]) -> bool:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["to_slices", "predict_slicewise", "slice_weights"]
+__all__ = ["to_slices", "predict_slicewise", "slice_weights", "crop_size", "training_chain"]
 
 
 def to_slices(keys: Sequence[str] = ("image", "label", "coords")) -> list:
@@ -29,6 +29,23 @@ def to_slices(keys: Sequence[str] = ("image", "label", "coords")) -> list:
     from monai.transforms import SqueezeDimd
 
     return [SqueezeDimd(keys=list(keys), dim=3, allow_missing_keys=True)]
+
+
+def crop_size(patch_size: Sequence[int], spatial_dims: int = 3, slice_size: Sequence[int] | None = None) -> list[int]:
+    """The training crop: ``patch_size`` in 3-D; in 2-D one slice thick, ``slice_size + [1]``."""
+    if int(spatial_dims) == 3:
+        return [int(s) for s in patch_size]
+    if slice_size is None or len(slice_size) != 2:
+        raise ValueError(f"spatial_dims 2 needs slice_size of two sizes, got {slice_size!r}")
+    return [int(s) for s in slice_size] + [1]
+
+
+def training_chain(deterministic: Sequence, random: Sequence, augmentation: Sequence, spatial_dims: int,
+                   attach_coordinates: Sequence) -> list:
+    """The training transforms in order: loading and normalisation, crops and flips, the overlay's
+    augmentation, the 2-D slicing when ``spatial_dims`` is 2, and the coordinate channels last."""
+    return [*deterministic, *random, *augmentation, *(to_slices() if int(spatial_dims) == 2 else []),
+            *attach_coordinates]
 
 
 def slice_weights(seg_prob: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ from pipeline.registration.register import RegistrationCache, check_on_atlas_gri
 from pipeline.registration.resample import resample_image_to_atlas, resample_mask_to_atlas
 from pipeline.registration.settings import RegistrationSettings
 
-__all__ = ["BrainNormalised", "NormaliseIntensityd", "RegisterToAtlasd", "native_meta", "split_at_registration"]
+__all__ = ["BrainNormalised", "NormaliseIntensityd", "RegisterToAtlasd", "cached_key", "native_meta",
+           "split_at_registration"]
 
 NORMALISATIONS = ("nonzero", "brain")
 
@@ -314,3 +315,9 @@ def split_at_registration(preprocessing: Any) -> tuple[Any, Any]:
         raise ValueError(f"the preprocessing chain must hold exactly one RegisterToAtlasd, found {len(found)}")
     k = found[0]
     return Compose(transforms[: k + 1]), Compose(transforms[k + 1:])
+
+
+def cached_key(key: str, cached: bool) -> str | None:
+    """``key`` when the chain caches that item (the crop's foreground / background indices,
+    ``cache_crop_indices``), else ``None`` (the crop computes them itself)."""
+    return key if cached else None

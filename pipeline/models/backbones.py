@@ -54,7 +54,7 @@ from torch import nn
 
 from pipeline.models.networks import MultiTaskSegResNet, TumourHeadMixin
 
-__all__ = ["BACKBONES", "multitask_network", "MultiTaskBackboneNet"]
+__all__ = ["head_classes", "BACKBONES", "multitask_network", "MultiTaskBackboneNet"]
 
 BACKBONES: tuple[str, ...] = ("segresnet", "basic_unet", "unet", "attention_unet", "swin_unetr")
 
@@ -306,3 +306,8 @@ def multitask_network(backbone: str = "segresnet", backbone_kwargs: dict[str, An
     for key in ("blocks_down", "blocks_up", "dropout_prob", "norm"):
         kwargs.pop(key, None)
     return MultiTaskBackboneNet(backbone=backbone, backbone_kwargs=backbone_kwargs, **kwargs)
+
+
+def head_classes(num_classes: int, multitask: bool) -> int:
+    """Classes of the network's classifier head: ``num_classes`` when it classifies (``multitask``), 0 (no head) otherwise."""
+    return int(num_classes) if multitask else 0

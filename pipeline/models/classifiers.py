@@ -25,7 +25,7 @@ import torch
 from monai.networks.nets import DenseNet121, ViT, resnet18
 from torch import nn
 
-__all__ = ["CLASSIFIERS", "ClassifierAlone", "tumour_centred_crop", "tumour_or_everything"]
+__all__ = ["validation_chain", "CLASSIFIERS", "ClassifierAlone", "tumour_centred_crop", "tumour_or_everything"]
 
 CLASSIFIERS: tuple[str, ...] = ("densenet121", "resnet18", "vit")
 
@@ -98,6 +98,12 @@ def tumour_or_everything(mask: torch.Tensor) -> torch.Tensor:
     instead of MONAI's empty box)."""
     inside = mask > 0
     return inside if bool(inside.any()) else torch.ones_like(inside)
+
+
+def validation_chain(loading: Sequence, patch_size: Sequence[int], on_tumour_patch: bool = False) -> list:
+    """The validation transforms: the loading chain, then (``on_tumour_patch``) the patch centred on
+    the true tumour (:func:`tumour_centred_crop`) instead of the whole registered brain."""
+    return [*loading, *(tumour_centred_crop(patch_size) if on_tumour_patch else [])]
 
 
 def tumour_centred_crop(patch_size: Sequence[int], keys: Sequence[str] = ("image", "label")) -> list:

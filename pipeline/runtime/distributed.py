@@ -34,7 +34,7 @@ __all__ = [
     "is_distributed", "rank", "world_size", "is_main", "local_device", "init_process_group",
     "destroy_process_group", "wrap", "unwrap", "SyncBatchNorm1dOrRunning", "convert_head_batch_norm",
     "all_reduce_sum", "gather_in_sampler_order", "from_main", "main_process_first", "on_main", "barrier",
-    "handlers_for_this_rank", "NullSummaryWriter",
+    "handlers_for_this_rank", "NullSummaryWriter", "summary_writer",
 ]
 
 
@@ -282,3 +282,12 @@ class NullSummaryWriter:
 
     def __getattr__(self, name: str) -> Callable[..., None]:
         return lambda *args, **kwargs: None
+
+
+def summary_writer(log_dir: str) -> Any:
+    """TensorBoard's ``SummaryWriter`` on the process that writes, a :class:`NullSummaryWriter` on the others."""
+    if not is_main():
+        return NullSummaryWriter()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=log_dir)

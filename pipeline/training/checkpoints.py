@@ -24,7 +24,7 @@ from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 __all__ = ["AtomicCheckpointSaver", "ResumeLoader", "latest_checkpoint", "is_complete_checkpoint", "checkpoint_objects",
-           "resumable"]
+           "resumable", "resume_point", "attach_resumer"]
 
 _EPOCH_RE = re.compile(r"epoch=(\d+)")
 logger = logging.getLogger(__name__)
@@ -180,3 +180,14 @@ def resumable(checkpoint: str | Path | None, objects: dict[str, Any]) -> dict[st
     if missing:
         logger.warning("checkpoint %s holds no %s: starting those fresh", checkpoint, missing)
     return {k: v for k, v in objects.items() if k in saved}
+
+
+def resume_point(ckpt_dir: str | Path, resume: bool) -> str | None:
+    """The checkpoint a run resumes from: the latest complete one when ``resume``, else ``None``."""
+    return latest_checkpoint(ckpt_dir) if resume else None
+
+
+def attach_resumer(resumer: Any, trainer: Engine) -> None:
+    """Attach the resume loader (``None`` when the run starts afresh) to the trainer."""
+    if resumer is not None:
+        resumer.attach(trainer)

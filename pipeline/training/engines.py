@@ -19,7 +19,7 @@ Checkpoint handling lives in :mod:`pipeline.training.checkpoints`, evaluation ou
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +45,8 @@ __all__ = [
     "loss_output",
     "cosine_schedule",
     "param_groups",
+    "validation_metrics",
+    "pick_metrics",
 ]
 
 TARGET_KEYS = ("label", "class", "has_label", "has_class")
@@ -298,3 +300,22 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int, final_fractio
         return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * t))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def validation_metrics(segmentation: dict, classification: dict, multitask: bool = True) -> dict:
+    """The validation metrics by name: the segmentation ones, and the classification ones when the
+    network classifies (``multitask``)."""
+    return {**segmentation, **(classification if multitask else {})}
+
+
+def pick_metrics(metrics: dict, names: Sequence[str] = (), exclude: Sequence[str] = ()) -> dict:
+    """``metrics`` restricted to ``names`` (all when empty) and without ``exclude``: the evaluator's
+    ``key_val_metric`` (``names=[key]``) and ``additional_metrics`` (``exclude=[key]``).
+
+    Raises:
+        KeyError: a name in ``names`` that is not a metric, with the ones there are.
+    """
+    missing = [n for n in names if n not in metrics]
+    if missing:
+        raise KeyError(f"metric(s) {missing} not among {sorted(metrics)}")
+    return {k: v for k, v in metrics.items() if (not names or k in names) and k not in exclude}

@@ -22,7 +22,7 @@ import torch
 
 from pipeline.io.errors import InputError
 
-__all__ = ["BRANCHES", "branch_of", "load_matching", "freeze_untrained", "prepare_for_training"]
+__all__ = ["BRANCHES", "branch_of", "load_matching", "freeze_untrained", "prepare_for_training", "active_loss_weights"]
 
 #: Top-level module names of each branch of :class:`pipeline.models.networks.MultiTaskSegResNet`.
 BRANCHES: dict[str, tuple[str, ...]] = {
@@ -99,3 +99,16 @@ def prepare_for_training(network: torch.nn.Module, init_from: str | None = None,
         print(f"[staging] frozen (loss weight 0): {', '.join(frozen)} ({n} parameters); training "
               f"{sum(p.numel() for p in network.parameters() if p.requires_grad)} parameters", flush=True)
     return network
+
+
+def active_loss_weights(seg_weight: float, cls_weight: float, recon_weight: float, segment: bool = True,
+                        multitask: bool = True, reconstruct: bool = False) -> dict[str, float]:
+    """The loss weights of the branches the network has: a branch the config switches off
+    (``segment``, ``multitask``, ``reconstruct`` false) weighs 0, so its term is not computed and
+    its parameters are frozen (:func:`prepare_for_training`).
+
+    Returns:
+        ``{"seg_weight", "cls_weight", "recon_weight"}``.
+    """
+    return {"seg_weight": float(seg_weight) if segment else 0.0, "cls_weight": float(cls_weight) if multitask else 0.0,
+            "recon_weight": float(recon_weight) if reconstruct else 0.0}

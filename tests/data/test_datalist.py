@@ -312,3 +312,10 @@ def test_model_sequences_and_reference(tmp_path):
     assert reference_index(["t1", "t2"]) == 0 and reference_index(["t1", "t2"], "T2") == 1
     with pytest.raises(InputError, match="not among the sequences"):
         reference_index(["t1", "t2"], "flair")
+
+
+def test_dataset_dir_is_the_datalist_folder(tmp_path):
+    from pipeline.data.datalist import dataset_dir
+
+    assert dataset_dir(tmp_path / "sub" / "datalist.json") == str(tmp_path / "sub")
+    assert dataset_dir(None) is None and dataset_dir("") is None

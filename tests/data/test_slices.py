@@ -189,3 +189,16 @@ def test_slice_sampling_and_the_2d_overlay_through_the_bundle(tmp_path):
                                               datalist=datalist, name="alone")
     assert "[decide]" in trained
     assert "balanced_accuracy" in json.loads((alone / "metrics.json").read_text(encoding="utf-8"))
+
+
+def test_crop_size_and_training_chain_order():
+    from pipeline.data.slices import crop_size, training_chain
+
+    assert crop_size([64, 64, 48]) == [64, 64, 48]
+    assert crop_size([64, 64, 48], 2, [96, 80]) == [96, 80, 1]
+    with pytest.raises(ValueError, match="slice_size"):
+        crop_size([64, 64, 48], 2, None)
+    chain = training_chain(["load"], ["crop"], ["aug"], 3, ["coords"])
+    assert chain == ["load", "crop", "aug", "coords"]
+    flat = training_chain(["load"], ["crop"], [], 2, ["coords"])
+    assert flat[:2] == ["load", "crop"] and flat[-1] == "coords" and type(flat[2]).__name__ == "SqueezeDimd"

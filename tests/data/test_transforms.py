@@ -238,3 +238,10 @@ def test_one_registration_moves_every_sequence(tmp_path: Path) -> None:
     assert by_t2.cache.registrations_performed == 1 and out2["native_meta"]["path"].endswith("t2.nii.gz")
     with pytest.raises(InputError, match="not among the sequences"):
         RegisterToAtlasd(cache_dir=tmp_path / "cache", sequences=["flair", "t2"], reference_sequence="t1ce")
+
+
+def test_cached_crop_indices_key() -> None:
+    from pipeline.data.transforms import cached_key
+
+    assert cached_key("label_fg_indices", True) == "label_fg_indices"
+    assert cached_key("label_fg_indices", False) is None

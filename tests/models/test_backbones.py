@@ -116,3 +116,9 @@ def test_unet_backbone_trains_evaluates_exports_infers_and_embeds(tmp_path):
             "brain": model.brain_mask}
     feats = case_features(model, item)
     assert feats.embedding().shape == (model.network.embedding_dim,) and feats.strides == model.network.encoder_strides
+
+
+def test_head_classes_follow_multitask():
+    from pipeline.models.backbones import head_classes
+
+    assert head_classes(3, True) == 3 and head_classes(3, False) == 0

@@ -90,3 +90,11 @@ def test_baseline_overlay_refused_by_folder_inference_in_one_line(tmp_path):
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"error: {ckpt}: this model is the classifier alone" in done.stderr
     assert "Traceback" not in done.stderr and not (out / "c000").exists()
+
+
+def test_validation_chain_adds_the_tumour_patch_only_when_asked():
+    from pipeline.models.classifiers import validation_chain
+
+    assert validation_chain(["load"], [16, 16, 16]) == ["load"]
+    chain = validation_chain(["load"], [16, 16, 16], on_tumour_patch=True)
+    assert chain[0] == "load" and [type(t).__name__ for t in chain[1:]] == ["CropForegroundd", "ResizeWithPadOrCropd"]

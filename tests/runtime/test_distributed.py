@@ -156,3 +156,13 @@ def test_killed_two_process_run_resumes_in_one_process(cohort, tmp_path):
     assert f"Epoch: {epoch + 1}/{epoch + 1}, Iter: 2/2" in log, log[-3000:]
     assert f"Epoch: 1/{epoch + 1}," not in log
     assert (out_dir / "models" / f"checkpoint_epoch={epoch + 1}.pt").exists()
+
+
+def test_summary_writer_in_one_process_writes(tmp_path):
+    from pipeline.runtime.distributed import NullSummaryWriter, summary_writer
+
+    writer = summary_writer(str(tmp_path / "tb"))
+    assert not isinstance(writer, NullSummaryWriter)
+    writer.add_scalar("x", 1.0, 0)
+    writer.close()
+    assert any((tmp_path / "tb").iterdir())

@@ -13,7 +13,13 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from pipeline.data.missing_labels import FillMissingMaskd
 from pipeline.io.errors import InputError
-from pipeline.training.checkpoints import AtomicCheckpointSaver, latest_checkpoint, resumable
+from pipeline.training.checkpoints import (
+    AtomicCheckpointSaver,
+    attach_resumer,
+    latest_checkpoint,
+    resumable,
+    resume_point,
+)
 from pipeline.training.engines import (
     ClassificationMetrics,
     MultiTaskPrepareBatch,
@@ -141,6 +147,23 @@ def test_latest_checkpoint_takes_the_newest_complete_one(tmp_path):
     whole = (tmp_path / "checkpoint_epoch=10.pt").read_bytes()
     (tmp_path / "checkpoint_epoch=11.pt").write_bytes(whole[: len(whole) // 2])
     assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
+    assert resume_point(tmp_path, resume=True).endswith("checkpoint_epoch=10.pt")
+    assert resume_point(tmp_path, resume=False) is None  # a fresh start ignores what is there
+
+
+def test_attach_resumer_only_when_there_is_one():
+    from ignite.engine import Engine
+
+    trainer = Engine(lambda e, b: None)
+    attach_resumer(None, trainer)  # a fresh start: nothing to attach
+    attached = []
+
+    class Loader:
+        def attach(self, engine):
+            attached.append(engine)
+
+    attach_resumer(Loader(), trainer)
+    assert attached == [trainer]
 
 
 class _Unpicklable:
@@ -247,3 +270,16 @@ def test_best_model_tracking_survives_a_resume(tmp_path):
     nan_first = saver()  # a NaN first epoch is replaced by the first real score
     _validation_run(nan_first, net, [float("nan"), 0.2])
     assert best() == pytest.approx(0.2)
+
+
+def test_validation_metrics_and_their_split_into_key_and_others():
+    from pipeline.training.engines import pick_metrics, validation_metrics
+
+    seg, cls = {"val_mean_dice": "dice"}, {"val_auc": "auc", "val_accuracy": "acc"}
+    assert validation_metrics(seg, cls, multitask=False) == seg
+    both = validation_metrics(seg, cls, multitask=True)
+    assert list(both) == ["val_mean_dice", "val_auc", "val_accuracy"]
+    assert pick_metrics(both, ["val_auc"]) == {"val_auc": "auc"}
+    assert pick_metrics(both, exclude=["val_auc"]) == {"val_mean_dice": "dice", "val_accuracy": "acc"}
+    with pytest.raises(KeyError, match=r"\['val_balanced_accuracy'\] not among"):
+        pick_metrics(seg, ["val_balanced_accuracy"])
