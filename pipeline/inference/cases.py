@@ -277,7 +277,7 @@ def _fail_clashing_ids(cases: list[InputCase]) -> list[InputCase]:
 def find_cases(input_dir: str | Path | None = None, datalist: str | Path | None = None,
                pattern: str | Sequence[str] = DEFAULT_PATTERNS, exclude: Sequence[str | Path | None] = (),
                sequences: Sequence[str] | None = None, sequence_patterns: dict[str, Any] | None = None,
-               reference_sequence: str | int | None = None) -> list[InputCase]:
+               reference_sequence: str | int | None = None, required: bool = True) -> list[InputCase]:
     """The cases of an input folder or a datalist (rules in the module docstring), sorted by id.
 
     Args:
@@ -289,12 +289,16 @@ def find_cases(input_dir: str | Path | None = None, datalist: str | Path | None 
             one entry per sequence); ``None`` or one: ``pattern`` finds the one image.
         sequence_patterns: ``{name: glob or [globs]}`` replacing :data:`SEQUENCE_PATTERNS` for a name.
         reference_sequence: the sequence the registration runs on and outputs are written like.
+        required: ``False`` answers ``[]`` when neither source is given (the bundle's ``dataset``
+            property, which the model zoo's checks parse before any input is named).
 
     Raises:
         InputError: neither or both sources given, missing or unlistable folder, no case found.
         Inputs that cannot run (a link loop, a dangling link, an unlistable sub-folder, several
         inputs with one id) are cases with a ``problem``: failed rows of the report.
     """
+    if not required and input_dir in (None, "") and datalist in (None, ""):
+        return []
     if (input_dir in (None, "")) == (datalist in (None, "")):
         raise InputError(None, "give either --input_dir DIR (a folder of NIfTI files, per-case sub-folders or DICOM "
                                "series) or --datalist FILE")

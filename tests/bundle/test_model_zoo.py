@@ -99,6 +99,12 @@ def test_workflow_properties(copy, tmp_path):
                                   meta_file=str(cfg / "metadata.json"), logging_file=None, **kw)
         workflow.initialize()
         assert workflow.check_properties() == [], files
+    # as the model zoo checks a bundle: its weights in place, no input named yet
+    bare = ConfigWorkflow(config_file=[str(cfg / "inference.json"), str(copy["overlay"])], workflow_type="infer",
+                          meta_file=str(cfg / "metadata.json"), logging_file=None,
+                          ckpt=str(copy["run"] / "models" / "model.pt"))
+    bare.initialize()
+    assert bare.check_properties() == []
 
 
 def test_verify_net_in_out_and_ckpt_export(copy, tmp_path):
