@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from tests.helpers import INFER, ROOT, bundle, train_and_evaluate
+from tests.helpers import INFER, ROOT, TRAIN, bundle, train_and_evaluate
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,18 @@ def test_config_asking_for_other_sequences_is_refused(two_channel, tmp_path):
     assert done.returncode == 2
     assert "trained on the sequences ['flair', 't2'], in this order, but the config asks for ['t2', 'flair']" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_intensity_augmentation_is_drawn_per_sequence():
+    from monai.bundle import ConfigParser
+    from monai.transforms import RandScaleIntensityd, RandShiftIntensityd
+
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / TRAIN)])
+    chain = parser.get_parsed_content("train#random_transforms")
+    picked = [t for t in chain if isinstance(t, RandScaleIntensityd | RandShiftIntensityd)]
+    assert len(picked) == 2
+    for t in picked:
+        t.set_random_state(0)
+        out = t({"image": torch.ones(2, 4, 4, 4)})["image"]
+        assert float(out[0].mean()) != float(out[1].mean())  # each sequence its own draw
