@@ -144,14 +144,17 @@ def record_inputs(ckpt_dir: str | Path, sequences: list[str] | tuple[str, ...],
     bundle's ``metadata.json``) also ``ckpt_dir/metadata.json``, the bundle's metadata with the input
     described as this network takes it (:func:`describe_inputs`), for ``ckpt_export --meta_file``.
 
-    The record sits beside the weights, as ``postprocessing.json`` does, rather than inside them: a
+    Under several processes only rank 0 writes. The record sits beside the weights, as ``postprocessing.json`` does, rather than inside them: a
     ``model.pt`` stays a plain state dict that MONAI's loaders and ``torch.load(weights_only=True)`` read.
     """
     from pipeline.data.datalist import reference_index
     from pipeline.io.imageio import write_text_atomic
+    from pipeline.runtime.distributed import is_main
 
     ref = reference_index(sequences, reference_sequence)
     folder = Path(ckpt_dir)
+    if not is_main():  # several processes: rank 0 writes
+        return folder / INPUTS_FILE
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / INPUTS_FILE
     write_text_atomic(path, json.dumps({"sequences": list(sequences), "reference_sequence": list(sequences)[ref],

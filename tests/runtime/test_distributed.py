@@ -90,7 +90,7 @@ def test_two_processes_train_validate_and_match_one_process(cohort, tmp_path):
     # one console (rank 0): 4 training cases, 2 per process, batch 2 -> one iteration per epoch
     assert log.count("Epoch: 2/2, Iter: 1/1") == 1, log[-3000:]
     assert sorted(p.name for p in (out_dir / "models").iterdir()) == [
-        "checkpoint_epoch=2.pt", "model.pt", "postprocessing.json"]
+        "checkpoint_epoch=2.pt", "inputs.json", "metadata.json", "model.pt", "postprocessing.json"]
     assert len(list((out_dir / "tensorboard").iterdir())) == 1  # one event file: rank 0's
     history = json.loads((out_dir / "validation.json").read_text(encoding="utf-8"))["history"]
     assert [h["epoch"] for h in history] == [1, 2]
