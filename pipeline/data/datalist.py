@@ -191,7 +191,13 @@ def model_sequences(datalist: str | Path | None, sequences: list[str] | tuple[st
         return list(sequences)
     if datalist in (None, ""):
         return [SINGLE_SEQUENCE]
-    return list(load_datalist(datalist, check_files=False).sequences)
+    # the names only: the entries' problems are reported all together when the cohort is loaded
+    rows, _, _, declared = _read_rows(_absolute(datalist))
+    if declared:
+        return list(declared)
+    first = next((r.get("image") for r in rows if isinstance(r, dict) and r.get("image")), None)
+    n = len(first) if isinstance(first, list) else 1
+    return [SINGLE_SEQUENCE] if n == 1 else [f"image{k}" for k in range(1, n + 1)]
 
 
 def dataset_dir(datalist: str | Path | None) -> str | None:

@@ -182,7 +182,7 @@ def test_validate_datalist_catalogue(kit, tmp_path, capsys, kind):
     elif kind == "empty_datalist":
         datalist.write_text(json.dumps({"training": []}))
     elif kind == "csv_without_image":
-        datalist.write_text("id,flair,class\ngood,good/image.nii.gz,0\n")
+        datalist.write_text("id,class\ngood,0\n")
         culprit = datalist
     else:
         datalist.write_text(json.dumps({"training": [*entries, bad_entry]}))

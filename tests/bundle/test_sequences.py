@@ -72,7 +72,8 @@ def test_folder_inference_and_exports(two_channel, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     onnx_file = tmp_path / "model.onnx"
     done = subprocess.run([sys.executable, "-m", "pipeline", "onnx", "--ckpt", str(ckpt), "--out", str(onnx_file),
-                           "--config_file", str(ROOT / INFER), str(overlay)], cwd=ROOT, capture_output=True, text=True)
+                           "--config_file", str(ROOT / INFER), str(overlay)], cwd=ROOT, capture_output=True, text=True,
+                          encoding="utf-8", errors="replace")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "inputs (batch, 5, x, y, z): flair, t2 and 3 coordinate channel(s)" in done.stdout
     extra = {"metadata.json": ""}
