@@ -18,10 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.experiment.plan import ROOT, ExperimentConfig, RunSpec, read_json
-from pipeline.io.errors import InputError
 
-__all__ = ["Children", "execute", "finish", "is_complete", "shell_line", "latest_checkpoint_epoch",
-           "experiment_lock"]
+__all__ = ["Children", "execute", "finish", "is_complete", "shell_line", "latest_checkpoint_epoch"]
 
 def _write_state(spec: RunSpec, **state: Any) -> None:
     from pipeline.io.imageio import write_text_atomic
@@ -185,26 +183,6 @@ def tag_tracked_runs(out: Path, spec: RunSpec) -> None:
 def finish(spec: RunSpec, status: str, seconds: float, error: str) -> dict[str, Any]:
     _write_state(spec, status=status, seconds=round(seconds, 1), error=error)
     return read_json(spec.run_dir / "run.json")
-
-
-@contextlib.contextmanager
-def experiment_lock(out: Path):
-    """One experiment process per folder at a time (a second would train the same runs twice)."""
-    import fcntl
-
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / ".lock").open("a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            raise InputError(out, f"another experiment process ({fh.read().strip() or 'unknown pid'}) is running "
-                                  "in this folder") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
-        yield
 
 
 def latest_checkpoint_epoch(run_dir: Path) -> int | None:

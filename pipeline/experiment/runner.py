@@ -36,7 +36,6 @@ from typing import Any
 from pipeline.experiment.execute import (
     Children,
     execute,
-    experiment_lock,
     finish,
     is_complete,
     latest_checkpoint_epoch,
@@ -52,6 +51,7 @@ from pipeline.experiment.plan import (
     read_json,
 )
 from pipeline.io.errors import InputError
+from pipeline.io.locks import folder_lock
 
 __all__ = ["run_experiment", "main"]
 
@@ -96,7 +96,7 @@ def run_experiment(cfg: ExperimentConfig) -> int:
         raise InputError(None, f"--kind must be ratio or kfold, got {cfg.kind!r}")
     if not cfg.arms:
         raise InputError(None, "no arm given (--arms seg,mtl)")
-    with experiment_lock(cfg.out):
+    with folder_lock(cfg.out, "experiment"):
         # once here, rather than the same error from every run; the runs then find every case in the check
         # cache (OUT/checked, beside the shared registration cache OUT/registration)
         dl = load_datalist(cfg.datalist, check_contents=True, check_cache=cfg.out / "checked")

@@ -350,7 +350,17 @@ class FolderInference:
                 "roi_size": list(cfg.roi_size), "overlap": cfg.overlap, "device": str(self.device)}
 
     def run(self, cases: Sequence[InputCase]) -> list[dict[str, Any]]:
-        """Run every case (report rewritten after each one), in order; returns the report rows."""
+        """Run every case (report rewritten after each one), in order; returns the report rows.
+
+        Raises:
+            InputError: another inference run writes this output folder (:mod:`pipeline.io.locks`).
+        """
+        from pipeline.io.locks import folder_lock
+
+        with folder_lock(self.options.output_dir, "inference run"):
+            return self._run(cases)
+
+    def _run(self, cases: Sequence[InputCase]) -> list[dict[str, Any]]:
         self.rows = []
         total = len(cases)
         remove_stale_temporaries(self.options.output_dir, ("predictions.csv", "predictions.json"))

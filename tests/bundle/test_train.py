@@ -154,3 +154,15 @@ def test_bad_input_stops_before_training_with_clear_message(cohort, overlay, tmp
     assert "Traceback" not in out
     assert "unknown class name 'BRAF V601X'" in out and "nowhere/flair.nii.gz" in out
     assert not (run / "models").exists()  # nothing trained
+
+
+def test_second_training_on_one_output_folder_is_refused(cohort, overlay, tmp_path):
+    from pipeline.io.locks import folder_lock
+
+    run = tmp_path / "run"
+    with folder_lock(run, "training"):  # a training already writing this folder
+        proc = bundle(["training"], [TRAIN, "configs/demo.json"], overlay, datalist=cohort, output_dir=run, epochs=1)
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in out
+    assert f"{run}: is in use by another training (training, pid" in out
+    assert not (run / "models").exists() and not (run / "tensorboard").exists()

@@ -147,6 +147,18 @@ def test_datalist_input_takes_the_model_sequences(tmp_path):
     assert [p.name for p in case.sequences] == ["t2.nii.gz", "flair.nii.gz"] and case.path.name == "flair.nii.gz"
 
 
+def test_second_inference_on_one_output_folder_is_refused(trained, tmp_path):
+    from pipeline.io.locks import folder_lock
+
+    out = tmp_path / "out"
+    with folder_lock(out, "inference run"):  # another run writing this folder
+        done = bundle(["run"], [INFER, DEMO, trained["overlay"]], datalist=trained["cohort"] / "datalist.json",
+                      output_dir=out, ckpt=trained["ckpt"])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{out}: is in use by another inference run (inference run, pid" in done.stderr
+    assert not [p.name for p in out.iterdir() if not p.name.startswith(".")]  # no report, no case folder
+
+
 def test_tumour_measures_volume_and_box():
     arr = np.zeros((10, 12, 14), np.uint8)  # z, y, x
     arr[2:5, 3:7, 4:9] = 1
