@@ -13,10 +13,9 @@ from pipeline.io.locks import folder_lock, hold_folder_lock
 
 def test_second_holder_is_refused_and_the_lock_frees_on_exit(tmp_path):
     out = tmp_path / "run"
-    with folder_lock(out, "training"):
-        with pytest.raises(InputError, match=r"run: is in use by another inference run \(training, pid \d+\)"):
-            with folder_lock(out, "inference run"):
-                pass
+    refused = pytest.raises(InputError, match=r"run: is in use by another inference run \(training, pid \d+\)")
+    with folder_lock(out, "training"), refused, folder_lock(out, "inference run"):
+        pass
     with folder_lock(out, "inference run"):  # released at the end of the block
         pass
     # a process that took the lock and died (here: exited without releasing it) leaves it free
@@ -29,6 +28,5 @@ def test_second_holder_is_refused_and_the_lock_frees_on_exit(tmp_path):
 def test_unwritable_folder_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(InputError, match="cannot create its lock file"):
-        with folder_lock(blocker / "run", "training"):
-            pass
+    with pytest.raises(InputError, match="cannot create its lock file"), folder_lock(blocker / "run", "training"):
+        pass
