@@ -51,7 +51,7 @@ from pipeline.experiment.plan import (
     read_json,
 )
 from pipeline.io.errors import InputError
-from pipeline.io.locks import folder_lock
+from pipeline.runtime.locks import folder_lock
 
 __all__ = ["run_experiment", "main"]
 

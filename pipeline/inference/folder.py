@@ -353,9 +353,9 @@ class FolderInference:
         """Run every case (report rewritten after each one), in order; returns the report rows.
 
         Raises:
-            InputError: another inference run writes this output folder (:mod:`pipeline.io.locks`).
+            InputError: another inference run writes this output folder (:mod:`pipeline.runtime.locks`).
         """
-        from pipeline.io.locks import folder_lock
+        from pipeline.runtime.locks import folder_lock
 
         with folder_lock(self.options.output_dir, "inference run"):
             return self._run(cases)

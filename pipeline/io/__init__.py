@@ -8,6 +8,6 @@ from __future__ import annotations
 
 from pipeline.lazy import submodule_loader
 
-__all__ = ["errors", "filecheck", "imageio", "locks", "qc"]
+__all__ = ["errors", "filecheck", "imageio", "qc"]
 
 __getattr__ = submodule_loader(__name__)

@@ -157,7 +157,7 @@ def test_bad_input_stops_before_training_with_clear_message(cohort, overlay, tmp
 
 
 def test_second_training_on_one_output_folder_is_refused(cohort, overlay, tmp_path):
-    from pipeline.io.locks import folder_lock
+    from pipeline.runtime.locks import folder_lock
 
     run = tmp_path / "run"
     with folder_lock(run, "training"):  # a training already writing this folder

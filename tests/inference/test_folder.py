@@ -148,7 +148,7 @@ def test_datalist_input_takes_the_model_sequences(tmp_path):
 
 
 def test_second_inference_on_one_output_folder_is_refused(trained, tmp_path):
-    from pipeline.io.locks import folder_lock
+    from pipeline.runtime.locks import folder_lock
 
     out = tmp_path / "out"
     with folder_lock(out, "inference run"):  # another run writing this folder

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pipeline.io.errors import InputError
-from pipeline.io.locks import folder_lock, hold_folder_lock
+from pipeline.runtime.locks import folder_lock, hold_folder_lock
 
 
 def test_second_holder_is_refused_and_the_lock_frees_on_exit(tmp_path):
@@ -19,7 +19,7 @@ def test_second_holder_is_refused_and_the_lock_frees_on_exit(tmp_path):
     with folder_lock(out, "inference run"):  # released at the end of the block
         pass
     # a process that took the lock and died (here: exited without releasing it) leaves it free
-    code = f"from pipeline.io.locks import hold_folder_lock; hold_folder_lock({str(out)!r}, 'training')"
+    code = f"from pipeline.runtime.locks import hold_folder_lock; hold_folder_lock({str(out)!r}, 'training')"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
     assert hold_folder_lock(out, "training") == out.resolve()
     assert hold_folder_lock(out, "training") == out.resolve()  # held by this process: a no-op
