@@ -132,8 +132,11 @@ class MultiTaskLoss(nn.Module):
         rec = F.mse_loss(recon.float(), image[:, : recon.shape[1]].float()) if use_recon else zero
         total = self.seg_weight * seg + self.cls_weight * ce + self.recon_weight * rec
         nan = torch.tensor(float("nan"), device=dev)
+        # the weighted terms with their graph, for the gradient statistics (pipeline.training.gradients)
+        graph = {"seg_term": self.seg_weight * seg, "cls_term": self.cls_weight * ce} if n_seg and n_cls else {}
         return {
             "loss": total,
+            **graph,
             "seg": seg.detach() if n_seg else nan,
             "cls": ce.detach() if n_cls else nan,
             "recon": rec.detach() if use_recon else nan,

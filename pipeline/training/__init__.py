@@ -9,6 +9,6 @@ from __future__ import annotations
 
 from pipeline.lazy import submodule_loader
 
-__all__ = ["checkpoints", "decisions", "engines", "history", "staging", "tracking"]
+__all__ = ["checkpoints", "decisions", "engines", "gradients", "history", "staging", "tracking"]
 
 __getattr__ = submodule_loader(__name__)

@@ -121,7 +121,7 @@ def loss_output(output: dict) -> dict[str, float]:
     """Trainer output -> scalars to log: total loss, each component (when computed), lr."""
     loss = output["loss"]
     logged = {"loss": float(loss.detach() if isinstance(loss, torch.Tensor) else loss)}
-    for key in ("loss_seg", "loss_cls", "loss_recon", "lr"):
+    for key in ("loss_seg", "loss_cls", "loss_recon", "lr", "grad_seg", "grad_cls", "grad_cos"):
         value = output.get(key)
         if value is not None and value == value:  # skip NaN (no sample for that task in the batch)
             logged[key] = float(value)
