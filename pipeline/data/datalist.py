@@ -114,7 +114,8 @@ class Datalist:
         """The same datalist with the sequences a model takes, in its order.
 
         ``None`` keeps them all. A datalist of one sequence serves any one-sequence model whatever
-        the names (a FLAIR-only datalist names nothing). Unnamed sequences (``image1`` ...) are
+        the names (a FLAIR-only datalist names nothing), and a model of one unnamed image
+        (``image``) takes the FLAIR of a datalist of several. Unnamed sequences (``image1`` ...) are
         taken by position when the counts agree; named ones by name (case-insensitive).
 
         Raises:
@@ -128,6 +129,8 @@ class Datalist:
         have = [s.lower() for s in self.sequences]
         if len(self.sequences) == 1 and len(wanted) == 1:
             order = [0]
+        elif wanted == [SINGLE_SEQUENCE] and "flair" in have:  # a model of one unnamed image: the FLAIR
+            order = [have.index("flair")]
         elif all(w.lower() in have for w in wanted):
             order = [have.index(w.lower()) for w in wanted]
         elif _unnamed(self.sequences) and len(wanted) == len(self.sequences):

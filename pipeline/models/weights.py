@@ -230,8 +230,9 @@ def trained_sequences(ckpt: str | Path | None, sequences: list[str] | tuple[str,
                                      "write it again or remove it and set 'sequences'") from None
     if not isinstance(recorded, list) or not recorded or not all(isinstance(n, str) for n in recorded):
         raise InputError(record, f"'sequences' must be a list of names, got {recorded!r}")
-    if sequences and [s.lower() for s in sequences] != [s.lower() for s in recorded] and not (
-            len(sequences) == len(recorded) == 1):
+    if sequences and len(sequences) == len(recorded) == 1:
+        return list(sequences)  # one image: the config may name it (a FLAIR-only datalist names nothing)
+    if sequences and [s.lower() for s in sequences] != [s.lower() for s in recorded]:
         raise InputError(record, f"the model was trained on the sequences {recorded}, in this order, but the config "
                                  f"asks for {list(sequences)}: drop 'sequences' from the overlay or give that list")
     return list(recorded)

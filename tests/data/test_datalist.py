@@ -239,6 +239,8 @@ def test_three_forms_of_several_sequences(tmp_path, form):
     swapped = dl.select(["T2", "flair"])
     assert [p.name for p in swapped.cases[0].paths] == ["t2.nii.gz", "flair.nii.gz"]
     assert to_monai_dicts(dl.select(["t2"]).cases)[0]["image"].endswith("t2.nii.gz")
+    # a model of one unnamed image (trained on a FLAIR-only datalist) takes the FLAIR
+    assert to_monai_dicts(dl.select(["image"]).cases)[0]["image"].endswith("flair.nii.gz")
     with pytest.raises(InputError, match=r"takes the sequences \['flair', 't1ce'\].*missing \['t1ce'\]"):
         dl.select(["flair", "t1ce"])
 
