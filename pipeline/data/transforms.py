@@ -9,6 +9,7 @@ paths in the dict, so ``LoadImaged`` and everything after it work unchanged (and
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from monai.transforms import MapTransform
 from pipeline.data.datalist import reference_index
 from pipeline.io.errors import InputError
 from pipeline.io.filecheck import file_sha256
-from pipeline.io.imageio import read_mask, read_volume, write_image_atomic
+from pipeline.io.imageio import checksum_matches, read_mask, read_volume, write_checksum, write_image_atomic
 from pipeline.registration.atlas import Atlas, load_atlas
 from pipeline.registration.register import RegistrationCache, check_on_atlas_grid
 from pipeline.registration.resample import resample_image_to_atlas, resample_mask_to_atlas
@@ -30,6 +31,7 @@ __all__ = ["BrainNormalised", "NormaliseIntensityd", "RegisterToAtlasd", "cached
            "split_at_registration"]
 
 NORMALISATIONS = ("nonzero", "brain")
+logger = logging.getLogger(__name__)
 
 
 def native_meta(path: str | Path, image: sitk.Image | None = None) -> dict[str, Any]:
@@ -191,23 +193,38 @@ class RegisterToAtlasd(MapTransform):
         mask_outs = {k: out_dir / f"{tfm_path.stem}_{file_sha256(d[k])[:16]}_{self.mask_mode}.nii.gz"
                      for k in self.mask_keys if k in self.keys and d.get(k) not in (None, "")}
         image = None
-        if not (tfm_path.exists() and all(p.exists() for p in (*image_outs, *mask_outs.values()))):
+        tfm_whole = tfm_path.exists() and checksum_matches(tfm_path) is not False  # else recomputed and reported
+        if not (tfm_whole and all([_intact(p) for p in (*image_outs, *mask_outs.values())])):
             image = read_volume(path)
             transform = self.cache.get_or_register(path, atlas, self.settings, image=image)
             for p, out in zip(paths, image_outs, strict=True):
-                if out.exists() and p != path:
-                    continue
                 moving = image if p == path else read_volume(p)
                 write_image_atomic(resample_image_to_atlas(moving, transform, atlas, self.interpolator), out)
+                write_checksum(out)
             for key, out in mask_outs.items():
                 mask = read_mask(d[key], image, path)
                 write_image_atomic(resample_mask_to_atlas(mask, transform, atlas, self.mask_mode), out)
+                write_checksum(out)
         for key, out in mask_outs.items():
             d[key] = str(out)
         d[self.image_key] = str(image_outs[0]) if len(paths) == 1 else [str(p) for p in image_outs]
         d["to_atlas"] = str(tfm_path)
         d["native_meta"] = native_meta(path, image)
         return d
+
+
+def _intact(path: Path) -> bool:
+    """A registered file of the cache is whole: present and matching its checksum (one written before
+    checksums is vouched for from now on); a corrupt one is logged and will be rewritten."""
+    if not path.exists():
+        return False
+    intact = checksum_matches(path)
+    if intact is None:
+        write_checksum(path)
+        return True
+    if not intact:
+        logger.warning("registration cache entry %s is corrupt (content does not match its checksum): recomputed", path)
+    return intact
 
 
 class BrainNormalised:

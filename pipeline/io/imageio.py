@@ -33,6 +33,8 @@ __all__ = [
     "remove_stale_temporaries",
     "is_dicom_dir",
     "series_description",
+    "write_checksum",
+    "checksum_matches",
 ]
 
 def is_dicom_dir(path: str | Path) -> bool:
@@ -270,3 +272,24 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write text atomically (see :func:`atomic_write`) as UTF-8; a file name that is not valid
     UTF-8 (a surrogate-escaped byte) is written as a ``\\udcXX`` escape instead of failing."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", errors="backslashreplace"))
+
+
+def write_checksum(path: str | Path) -> Path:
+    """Write ``<path>.sha256`` (the file's SHA-256), atomically: the cache's proof of a whole entry."""
+    from pipeline.io.filecheck import file_sha256
+
+    return write_text_atomic(f"{path}.sha256", file_sha256(path) + "\n")
+
+
+def checksum_matches(path: str | Path) -> bool | None:
+    """Whether ``path``'s bytes match its ``.sha256`` (:func:`write_checksum`); ``None`` when either
+    is missing (an entry written before checksums existed, or never)."""
+    from pipeline.io.filecheck import file_sha256
+
+    p, side = Path(path), Path(f"{path}.sha256")
+    if not (p.is_file() and side.is_file()):
+        return None
+    try:
+        return side.read_text(encoding="utf-8").strip() == file_sha256(p)
+    except (OSError, UnicodeDecodeError):
+        return False

@@ -46,7 +46,7 @@ import SimpleITK as sitk
 
 from pipeline.io.errors import InputError
 from pipeline.io.filecheck import file_sha256
-from pipeline.io.imageio import read_volume
+from pipeline.io.imageio import checksum_matches, read_volume, write_checksum
 from pipeline.registration.atlas import Atlas, same_grid
 from pipeline.registration.fit import (
     initial_transform,
@@ -119,7 +119,9 @@ class RegistrationCache:
     """Transforms on disk, keyed by file content, atlas and settings; registration runs once per key.
 
     ``root/<sha256(file)[:16]>_<atlas.fingerprint()>_<settings.key()>.tfm``. The file is written
-    atomically, so concurrent workers registering the same case at worst both compute it.
+    atomically, so concurrent workers registering the same case at worst both compute it, with a
+    ``.sha256`` beside it: an entry whose bytes no longer match (another process, a disk error) is
+    logged as corrupt and recomputed, never used.
 
     Attributes:
         root: cache folder (created on first write).
@@ -160,10 +162,17 @@ class RegistrationCache:
             raise InputError(image_path, "file not found")
         target = self.path_for(image_path, atlas, s)
         if target.exists():
+            intact = checksum_matches(target)
             try:
-                return read_transform(target)
-            except InputError:
-                target.unlink(missing_ok=True)  # a damaged cache entry is recomputed
+                if intact is False:
+                    raise InputError(target, "content does not match its checksum")
+                transform = read_transform(target)
+                if intact is None:  # written before checksums: vouched for from now on
+                    write_checksum(target)
+                return transform
+            except InputError as exc:  # a damaged cache entry is reported and recomputed, never used
+                logger.warning("registration cache entry %s is corrupt (%s): recomputed", target, exc.problem)
+                target.unlink(missing_ok=True)
         moving = image if image is not None else read_volume(image_path)
         try:
             transform = register_to_atlas(moving, atlas, s)
@@ -172,6 +181,7 @@ class RegistrationCache:
                 raise InputError(image_path, exc.problem) from None
             raise
         write_transform_atomic(transform, target)
+        write_checksum(target)
         with self._lock:
             self.registrations_performed += 1
         return transform

@@ -245,3 +245,34 @@ def test_cached_crop_indices_key() -> None:
 
     assert cached_key("label_fg_indices", True) == "label_fg_indices"
     assert cached_key("label_fg_indices", False) is None
+
+
+def test_corrupt_cache_entries_are_reported_and_recomputed(tmp_path: Path, caplog) -> None:
+    import logging
+
+    case = write_case(tmp_path / "a", 8.0)
+    reg = RegisterToAtlasd(atlas_spacing=SPACING, cache_dir=tmp_path / "cache", settings=FAST)
+    first = reg(dict(case))
+    image, tfm = Path(first["image"]), Path(first["to_atlas"])
+    whole = image.read_bytes()
+    assert Path(f"{image}.sha256").is_file() and Path(f"{tfm}.sha256").is_file()
+    # a registered image cut short (another process, a disk error): rewritten from the cached transform
+    image.write_bytes(whole[: len(whole) // 2])
+    again = RegisterToAtlasd(atlas_spacing=SPACING, cache_dir=tmp_path / "cache", settings=FAST)
+    with caplog.at_level(logging.WARNING):
+        again(dict(case))
+    assert image.read_bytes() == whole and again.cache.registrations_performed == 0
+    assert f"registration cache entry {image} is corrupt" in caplog.text
+    # a transform whose bytes changed but still parse: not used, registered again
+    text = tfm.read_text()
+    tfm.write_text(text.replace("Parameters: ", "Parameters: 9", 1))
+    caplog.clear()
+    third = RegisterToAtlasd(atlas_spacing=SPACING, cache_dir=tmp_path / "cache", settings=FAST)
+    with caplog.at_level(logging.WARNING):
+        third(dict(case))
+    assert third.cache.registrations_performed == 1 and f"registration cache entry {tfm} is corrupt" in caplog.text
+    # an entry written before checksums existed is vouched for, not recomputed
+    Path(f"{image}.sha256").unlink()
+    fourth = RegisterToAtlasd(atlas_spacing=SPACING, cache_dir=tmp_path / "cache", settings=FAST)
+    fourth(dict(case))
+    assert fourth.cache.registrations_performed == 0 and Path(f"{image}.sha256").is_file()
