@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["InputError", "InputErrors", "find_input_error", "install_excepthook", "debug_requested", "DEBUG_ENV"]
+__all__ = ["InputError", "InputErrors", "MachineError", "machine_fault", "find_input_error", "install_excepthook",
+           "debug_requested", "DEBUG_ENV"]
 
 #: Set to 1 to see the Python traceback behind a user-input error (``python -m pipeline --debug`` sets it).
 DEBUG_ENV = "PIPELINE_DEBUG"
@@ -32,6 +33,50 @@ class InputError(ValueError):
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
 
+class MachineError(InputError):
+    """The machine failed under a write (full disk, read-only or forbidden folder), not the input:
+    reported like an input error (one line naming the path, exit status 2)."""
+
+
+#: errno -> what to tell the user (``ENOSPC`` and ``EDQUOT`` also name the space left).
+_FAULTS = {"ENOSPC": "no space left on the device", "EDQUOT": "disk quota exceeded",
+           "EROFS": "the file system is read-only", "EACCES": "permission denied", "EPERM": "operation not permitted"}
+
+
+def machine_fault(exc: BaseException | None, path: str | Path | None = None) -> MachineError | None:
+    """A :class:`MachineError` for a full disk, a read-only or forbidden folder anywhere in ``exc``'s
+    cause/context chain (an ``OSError``, or a writer's ``RuntimeError`` such as ``torch.save``'s
+    "file write failed" when the disk is full), naming ``path`` (else the error's file); ``None``
+    for anything else.
+    """
+    import errno
+    import os
+    import shutil
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        target = path if path is not None else getattr(exc, "filename", None)
+        name = errno.errorcode.get(getattr(exc, "errno", None) or -1, "") if isinstance(exc, OSError) else ""
+        text = str(exc)
+        if not name and ("write failed" in text or "No space left on device" in text):
+            name = "ENOSPC"
+        if name in _FAULTS:
+            what = _FAULTS[name]
+            if name in ("ENOSPC", "EDQUOT"):
+                folder = Path(target).parent if target is not None else Path.cwd()
+                while not folder.exists() and folder != folder.parent:
+                    folder = folder.parent
+                free = shutil.disk_usage(folder).free / 2**20
+                return MachineError(target, f"{what} while writing it ({free:.0f} MiB free on {folder}): free space "
+                                            "and run again; the files written before are whole")
+            hint = "choose a folder this user can write" if name in ("EACCES", "EPERM") else "choose another folder"
+            where = target if target is not None else os.getcwd()
+            return MachineError(where, f"cannot be written: {what} ({hint})")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class InputErrors(ValueError):
     """Several input problems reported at once (e.g. every bad entry of a datalist)."""
 
@@ -53,7 +98,8 @@ def find_input_error(exc: BaseException | None) -> InputError | InputErrors | No
 
 
 def install_excepthook() -> None:
-    """Make an uncaught user-input error end in one clear message instead of a traceback.
+    """Make an uncaught user-input error (or a full disk, a read-only folder: :func:`machine_fault`)
+    end in one clear message instead of a traceback.
 
     ``python -m monai.bundle run`` wraps errors raised while a config is evaluated in several
     layers of ``RuntimeError("Failed to evaluate ...")``; when the root cause is one of ours (a
@@ -68,7 +114,7 @@ def install_excepthook() -> None:
         return
 
     def hook(exc_type, exc, tb):  # noqa: ANN001 - sys.excepthook signature
-        err = find_input_error(exc)
+        err = find_input_error(exc) or machine_fault(exc)
         if err is None:
             previous(exc_type, exc, tb)
             return

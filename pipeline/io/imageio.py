@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline.io.errors import InputError
+from pipeline.io.errors import InputError, machine_fault
 from pipeline.io.filecheck import NIFTI_SUFFIXES, check_image_path, sitk_reason
 
 __all__ = [
@@ -232,16 +232,22 @@ def atomic_write(path: str | Path, write: Callable[[str], object], suffix: str =
     (the temporary file is removed). The result is readable like any written file (0644).
     """
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix, dir=p.parent)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix, dir=p.parent)
+    except OSError as exc:
+        raise machine_fault(exc, p) or exc from None
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
+        fault = machine_fault(exc, p) if isinstance(exc, Exception) else None
+        if fault is not None:  # a full disk or a read-only folder: one line naming the file
+            raise fault from exc
         raise
     return p
 

@@ -23,6 +23,8 @@ from ignite.engine import Engine
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from pipeline.io.errors import machine_fault
+
 __all__ = ["AtomicCheckpointSaver", "ResumeLoader", "latest_checkpoint", "is_complete_checkpoint", "checkpoint_objects",
            "resumable", "resume_point", "attach_resumer"]
 
@@ -73,7 +75,13 @@ class _SaveThenRemoveDiskSaver(DiskSaver):
 
     def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
         written = self.filename or filename
-        super().__call__(checkpoint, written, metadata)  # temporary file + os.replace, on rank 0 only
+        try:
+            super().__call__(checkpoint, written, metadata)  # temporary file + os.replace, on rank 0 only
+        except Exception as exc:  # a full disk, a read-only folder: one line naming the file, the last one kept
+            fault = machine_fault(exc, self.dirname / written)
+            if fault is not None:
+                raise fault from exc
+            raise
         if idist.get_rank() != self.save_on_rank:
             self._superseded.clear()
             return
