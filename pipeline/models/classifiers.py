@@ -100,10 +100,12 @@ def tumour_or_everything(mask: torch.Tensor) -> torch.Tensor:
     return inside if bool(inside.any()) else torch.ones_like(inside)
 
 
-def validation_chain(loading: Sequence, patch_size: Sequence[int], on_tumour_patch: bool = False) -> list:
+def validation_chain(loading: Sequence, patch_size: Sequence[int], on_tumour_patch: bool = False,
+                     then: Sequence = ()) -> list:
     """The validation transforms: the loading chain, then (``on_tumour_patch``) the patch centred on
-    the true tumour (:func:`tumour_centred_crop`) instead of the whole registered brain."""
-    return [*loading, *(tumour_centred_crop(patch_size) if on_tumour_patch else [])]
+    the true tumour (:func:`tumour_centred_crop`) instead of the whole registered brain, then ``then``
+    (the atlas coordinates, ``attach_coordinates``)."""
+    return [*loading, *(tumour_centred_crop(patch_size) if on_tumour_patch else []), *then]
 
 
 def tumour_centred_crop(patch_size: Sequence[int], keys: Sequence[str] = ("image", "label")) -> list:

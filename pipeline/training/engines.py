@@ -39,6 +39,7 @@ __all__ = [
     "ClassificationMetrics",
     "balanced_accuracy",
     "labelled_seg",
+    "image_and_label",
     "seg_picture",
     "LabelledMeanDice",
     "labelled_cls",
@@ -139,6 +140,11 @@ def labelled_seg(threshold: float = 0.5) -> Callable[[dict], tuple[torch.Tensor,
         return (output["pred"]["seg"][keep] >= threshold).float(), (target["label"][keep] > 0).float()
 
     return transform
+
+
+def image_and_label(batch: dict) -> tuple[Any, Any]:
+    """Batch transform for ``TensorBoardImageHandler``: the batch's image and true mask."""
+    return batch["image"], batch["label"]
 
 
 def seg_picture(output: dict) -> Any:

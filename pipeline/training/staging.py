@@ -16,13 +16,17 @@ weights (``configs/stage1_cls_recon.json``, then ``configs/stage2_seg_recon.json
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pipeline.io.errors import InputError
+from pipeline.models.losses import MultiTaskLoss
 
-__all__ = ["BRANCHES", "branch_of", "load_matching", "freeze_untrained", "prepare_for_training", "active_loss_weights"]
+__all__ = ["BRANCHES", "branch_of", "load_matching", "freeze_untrained", "prepare_for_training", "active_loss_weights",
+           "multitask_loss"]
 
 #: Top-level module names of each branch of :class:`pipeline.models.networks.MultiTaskSegResNet`.
 BRANCHES: dict[str, tuple[str, ...]] = {
@@ -81,9 +85,11 @@ def freeze_untrained(network: torch.nn.Module, seg_weight: float, cls_weight: fl
     return [b for b in frozen if b in present]
 
 
-def prepare_for_training(network: torch.nn.Module, init_from: str | None = None, seg_weight: float = 1.0,
-                         cls_weight: float = 0.3, recon_weight: float = 0.0) -> torch.nn.Module:
-    """``init_from`` (optional) then :func:`freeze_untrained`; prints both. Returns ``network``."""
+def prepare_for_training(network: torch.nn.Module, init_from: str | None = None,
+                         loss_weights: Mapping[str, float] | None = None) -> torch.nn.Module:
+    """``init_from`` (optional) then :func:`freeze_untrained` with ``loss_weights`` (those of
+    :func:`active_loss_weights`; by default the study's 1.0 / 0.3 / 0.0); prints both. Returns ``network``."""
+    weights = {"seg_weight": 1.0, "cls_weight": 0.3, "recon_weight": 0.0, **(loss_weights or {})}
     if init_from:
         r = load_matching(network, init_from)
         print(f"[init_from] {init_from}: loaded {len(r['loaded'])} tensors ({_summary(r['loaded'])}); "
@@ -93,7 +99,7 @@ def prepare_for_training(network: torch.nn.Module, init_from: str | None = None,
                  if r["mismatched"] else "")
               + (f"; {len(r['unused'])} of the file's tensors unused ({_summary(r['unused'])})" if r["unused"] else ""),
               flush=True)
-    frozen = freeze_untrained(network, seg_weight, cls_weight, recon_weight)
+    frozen = freeze_untrained(network, weights["seg_weight"], weights["cls_weight"], weights["recon_weight"])
     if frozen:
         n = sum(p.numel() for p in network.parameters() if not p.requires_grad)
         print(f"[staging] frozen (loss weight 0): {', '.join(frozen)} ({n} parameters); training "
@@ -112,3 +118,10 @@ def active_loss_weights(seg_weight: float, cls_weight: float, recon_weight: floa
     """
     return {"seg_weight": float(seg_weight) if segment else 0.0, "cls_weight": float(cls_weight) if multitask else 0.0,
             "recon_weight": float(recon_weight) if reconstruct else 0.0}
+
+
+def multitask_loss(loss_weights: Mapping[str, float], **kwargs: Any) -> MultiTaskLoss:
+    """The run's loss: :class:`pipeline.models.losses.MultiTaskLoss` with ``loss_weights`` (those of
+    :func:`active_loss_weights`) and the other arguments of ``MultiTaskLoss`` (``seg_loss``,
+    ``class_weights``, ...)."""
+    return MultiTaskLoss(**loss_weights, **kwargs)

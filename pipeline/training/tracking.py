@@ -56,7 +56,7 @@ def log_params_with(handlers: list, params: dict) -> None:
 
     from monai.handlers import MLFlowHandler
 
-    flat = {k: json.dumps(v) if isinstance(v, list | tuple | dict) else v for k, v in params.items()}
+    flat = {k: json.dumps(v) if isinstance(v, list | tuple | dict) else str(v) for k, v in params.items()}
     for handler in handlers or []:
         if isinstance(handler, MLFlowHandler):
             handler.experiment_param = {**(handler.experiment_param or {}), **flat}

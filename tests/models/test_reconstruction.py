@@ -69,7 +69,7 @@ def test_init_from_loads_matching_weights_and_reports_the_rest(tmp_path, capsys)
     assert report["random"] and all(branch_of(k) == "seg" for k in report["random"])
     for k in report["random"]:
         torch.testing.assert_close(s2[k], before[k])  # untouched
-    prepare_for_training(stage2, str(tmp_path / "model.pt"), seg_weight=1.0, cls_weight=0.0, recon_weight=0.5)
+    prepare_for_training(stage2, str(tmp_path / "model.pt"), {"seg_weight": 1.0, "cls_weight": 0.0, "recon_weight": 0.5})
     printed = capsys.readouterr().out
     assert f"loaded {len(report['loaded'])} tensors" in printed and f"left at random {len(report['random'])}" in printed
     assert "frozen (loss weight 0): cls" in printed
@@ -80,7 +80,7 @@ def test_frozen_branch_does_not_move_in_a_training_step():
 
     torch.manual_seed(0)
     net = MultiTaskSegResNet(init_filters=8, cls_hidden=(8,), reconstruct=True, cls_pooling="mean", coord_channels=0)
-    prepare_for_training(net, None, seg_weight=1.0, cls_weight=0.0, recon_weight=0.5)
+    prepare_for_training(net, None, {"seg_weight": 1.0, "cls_weight": 0.0, "recon_weight": 0.5})
     groups = param_groups(net, 1e-2, head_lr_factor=10.0)
     assert all(p.requires_grad for g in groups for p in g["params"])
     opt = torch.optim.Adam(groups)

@@ -13,7 +13,7 @@ def test_switched_off_branches_weigh_nothing_and_are_frozen():
     weights = active_loss_weights(1.0, 0.3, 0.0, multitask=False)
     net = MultiTaskSegResNet(init_filters=8, blocks_down=(1, 1), blocks_up=(1,), num_classes=3, cls_hidden=(4,),
                              coord_channels=0)
-    prepare_for_training(net, None, **weights)
+    prepare_for_training(net, None, weights)
     frozen = {n.split(".")[0] for n, p in net.named_parameters() if not p.requires_grad}
     assert frozen == {"classifier"}
     assert all(p.requires_grad for n, p in net.named_parameters() if n.startswith("convInit"))
