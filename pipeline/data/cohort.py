@@ -20,7 +20,7 @@ from pipeline.data.splits import load_splits, ratio_split, save_splits
 from pipeline.io.errors import InputError
 from pipeline.runtime.distributed import main_process_first
 
-__all__ = ["Cohort", "load_cohort", "atlas_brain_mask_file"]
+__all__ = ["Cohort", "load_cohort", "atlas_brain_mask_file", "content_check_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,14 @@ class Cohort:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+def content_check_cache(registration_cache: str | Path) -> str:
+    """The folder where the datalist's content check remembers the cases that passed: beside the
+    registration cache, so runs that share one share the other."""
+    import os
+
+    return os.path.join(os.path.dirname(str(registration_cache)), "checked")
 
 
 def atlas_brain_mask_file(atlas_path: str | None, atlas_mask: str | None, spacing: float | None,

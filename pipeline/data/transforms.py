@@ -276,7 +276,7 @@ class BrainNormalised:
 
 
 class NormaliseIntensityd(MapTransform):
-    """Intensity normalisation of the chain, chosen by ``mode`` (``common.json#intensity_norm``).
+    """Intensity normalisation of the chain, chosen by ``mode`` (the config's ``intensity_norm``).
 
     * ``"nonzero"``: the image masked by the atlas brain mask, then MONAI's
       ``NormalizeIntensity(nonzero=True, channel_wise=True)`` (the study's and nnU-Net's MRI rule);
@@ -315,7 +315,7 @@ class NormaliseIntensityd(MapTransform):
 
 
 def split_at_registration(preprocessing: Any) -> tuple[Any, Any]:
-    """Split the training chain (a ``Compose`` of ``common.json#preprocessing``) after its
+    """Split the training chain (a ``Compose`` of ``train#deterministic_transforms``) after its
     :class:`~pipeline.data.transforms.RegisterToAtlasd`: ``(registration, normalisation)``.
 
     The registration part yields the atlas -> native transform (``to_atlas``), which the rest of

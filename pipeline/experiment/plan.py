@@ -238,7 +238,7 @@ def config_contents(configs: list[str]) -> list[tuple[str, str]]:
         for ref in _REFERENCE.findall(path.read_text(encoding="utf-8", errors="replace")):
             target = ROOT / ref
             if target.is_file():
-                todo.append(target.resolve())  # configs/common.json is a link to the bundle's
+                todo.append(target.resolve())
     return out
 
 

@@ -1,7 +1,7 @@
 """Folder inference: native-space tumour masks, class probabilities and a report, per case.
 
 Per case (:meth:`FolderInference.run`): read and check the scan
-(:func:`~pipeline.io.imageio.read_volume`); run the training chain itself (``common.json#preprocessing``):
+(:func:`~pipeline.io.imageio.read_volume`); run the training chain itself (``preprocessing_transforms``):
 registration onto the atlas (:class:`~pipeline.data.transforms.RegisterToAtlasd`, transforms cached on
 disk), loading, atlas brain mask, z-score inside it; predict with the evaluator's inferer
 (:class:`~pipeline.inference.predict.MultiTaskInferer`: sliding window, tumour-centred classification,
@@ -77,7 +77,7 @@ class InferenceOptions:
         output_dir: the run's folder (``OUT``).
         class_names: class names, in the network's output order (report columns ``p_<name>``).
         brain_mask: the atlas brain mask file the training chain normalises with
-            (``common.json#brain_mask_file``).
+            (``brain_mask_file``).
         ckpt: the checkpoint used (reported, and part of the key that tells finished cases apart).
         overwrite: redo cases an earlier run finished.
         write_prob: also write ``prob.nii.gz`` (native tumour probability, float32).
@@ -135,7 +135,7 @@ class FolderInference:
         network: the trained network (:func:`load_network`), on ``device``.
         inferer: :class:`~pipeline.inference.predict.MultiTaskInferer` (its ``cfg`` holds ROI, overlap, TTA
             flips, classification mode and threshold).
-        preprocessing: the training chain (``common.json#preprocessing``): registration onto the
+        preprocessing: the training chain (``preprocessing_transforms``): registration onto the
             atlas (:class:`~pipeline.data.transforms.RegisterToAtlasd`, cached), loading, brain mask,
             z-score; split by :func:`split_at_registration`.
         options: :class:`InferenceOptions`.

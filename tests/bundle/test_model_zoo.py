@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,11 +61,48 @@ def test_bundle_file_set():
     assert all(isinstance(v, int | float) for v in meta["eval_metrics"].values())
     assert meta["network_data_format"]["outputs"]["class_logits"]["type"] == "logits"
     for name in ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json"):
-        assert "%bundles/" not in (BUNDLE / "configs" / name).read_text(encoding="utf-8")  # nothing tied to the repository's layout
+        text = (BUNDLE / "configs" / name).read_text(encoding="utf-8")
+        assert re.search(r'"%[^"#]*\.(json|yaml)#', text) is None, name  # no file reached relative to the working folder
     card = (BUNDLE / "docs" / "README.md").read_text(encoding="utf-8")
     for section in ("Authors", "Tags", "Model Overview", "Performance", "System Configuration", "References",
                     "License", "TensorRT support"):
         assert f"## {section}" in card
+
+
+def test_training_and_inference_configs_share_their_settings():
+    """train.json and inference.json are each whole (as model-zoo bundles): every setting both hold
+    (network, atlas, normalisation, the loading chain ...) is the same in both, but for those that
+    differ by role."""
+    train = json.loads((BUNDLE / "configs" / "train.json").read_text(encoding="utf-8"))
+    infer = json.loads((BUNDLE / "configs" / "inference.json").read_text(encoding="utf-8"))
+    by_role = {"dataset_dir", "output_dir", "ckpt", "cache_dir", "input_sequences", "registration_settings", "network",
+               "initialize", "run"}
+    shared = [k for k in train if k in infer and k not in by_role]
+    assert {"network_def", "network_seg", "atlas_path", "intensity_norm", "coord_channels", "patch_size"} <= set(shared)
+    assert [k for k in shared if train[k] != infer[k]] == []
+    assert train["train"]["deterministic_transforms"] == infer["preprocessing_transforms"]
+
+
+def test_bundle_parses_from_the_zoo_root(copy):
+    """The model zoo's CI reads a bundle from the zoo's root (``models/<name>/configs/...``)."""
+    from monai.bundle import ConfigParser
+
+    zoo = copy["base"] / "zoo"
+    (zoo / "models").mkdir(parents=True, exist_ok=True)
+    target = zoo / "models" / "plgg_mtl"
+    if not target.exists():
+        shutil.copytree(copy["bundle"], target)
+    cwd = os.getcwd()
+    os.chdir(zoo)
+    try:
+        for name in ("train.json", "inference.json"):
+            parser = ConfigParser()
+            parser.read_config(f"models/plgg_mtl/configs/{name}")
+            parser.read_meta("models/plgg_mtl/configs/metadata.json")
+            net = parser.get_parsed_content("network_def")
+            assert net.__class__.__name__ == "MultiTaskSegResNet", name
+    finally:
+        os.chdir(cwd)
 
 
 def test_copied_bundle_evaluates_and_infers_from_its_own_folder(copy):

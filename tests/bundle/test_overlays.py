@@ -11,7 +11,7 @@ from monai.bundle import ConfigParser
 from tests.helpers import ROOT
 
 BUNDLE = ROOT / "bundles" / "plgg_mtl" / "configs"
-OVERLAYS = sorted(p.name for p in (ROOT / "configs").glob("*.json") if p.name != "common.json")
+OVERLAYS = sorted(p.name for p in (ROOT / "configs").glob("*.json"))
 
 
 def network(base: str, overlay: str) -> torch.nn.Module:

@@ -162,8 +162,12 @@ def test_fingerprints_follow_config_contents_not_paths(tmp_path):
     from pipeline.experiment.plan import ExperimentConfig, config_contents, plan_runs
     from pipeline.io.errors import InputError
 
-    names = [n for n, _ in config_contents(["bundles/plgg_mtl/configs/train.json"])]
-    assert names[0] == "bundle:train.json" and "bundle:common.json" in names  # reached through %common.json#
+    shared = tmp_path / "shared.json"
+    shared.write_text('{"lr": 0.01}')
+    referring = tmp_path / "referring.json"
+    referring.write_text(json.dumps({"lr": f"%{shared}#lr"}))
+    names = [n for n, _ in config_contents(["bundles/plgg_mtl/configs/train.json", str(referring)])]
+    assert names == ["bundle:train.json", "referring.json", "shared.json"]  # reached through its %path#id macro
     dl = tmp_path / "a" / "datalist.json"
     dl.parent.mkdir()
     dl.write_text('{"classes": ["x"], "training": []}')
