@@ -7,6 +7,6 @@ from __future__ import annotations
 
 from pipeline.lazy import submodule_loader
 
-__all__ = ["distributed", "locks", "precision", "startup"]
+__all__ = ["determinism", "distributed", "locks", "precision", "startup"]
 
 __getattr__ = submodule_loader(__name__)

@@ -25,7 +25,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from pipeline.io.errors import machine_fault
 
-__all__ = ["AtomicCheckpointSaver", "ResumeLoader", "latest_checkpoint", "is_complete_checkpoint", "checkpoint_objects",
+__all__ = ["AtomicCheckpointSaver", "ResumeLoader", "TrainerScaler", "latest_checkpoint", "is_complete_checkpoint", "checkpoint_objects",
            "resumable", "resume_point", "attach_resumer"]
 
 _EPOCH_RE = re.compile(r"epoch=(\d+)")
@@ -155,6 +155,28 @@ class ResumeLoader(CheckpointLoader):
             engine.state.iteration = engine.state.epoch * length
 
 
+class TrainerScaler:
+    """The trainer's AMP grad scaler as a checkpoint object.
+
+    MONAI's trainer creates its ``GradScaler`` in ``run()``, after the config built the checkpoint
+    objects, so the scaler itself cannot be listed there: this stand-in reads ``trainer.scaler``
+    each time a checkpoint is written or loaded (the loader runs on ``STARTED``, inside ``run()``,
+    when the scaler exists). An fp16 run then resumes with its loss scale instead of 65536.
+    """
+
+    def __init__(self, trainer: Engine) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        scaler = getattr(self.trainer, "scaler", None)
+        return scaler.state_dict() if scaler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        scaler = getattr(self.trainer, "scaler", None)
+        if scaler is not None and state:  # a disabled scaler (no CUDA) saved and loads nothing
+            scaler.load_state_dict(state)
+
+
 def checkpoint_objects(trainer: Engine, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        lr_scheduler: Any = None, best_model_saver: AtomicCheckpointSaver | None = None
                        ) -> dict[str, Any]:
@@ -166,8 +188,8 @@ def checkpoint_objects(trainer: Engine, network: torch.nn.Module, optimizer: tor
         objs["lr_scheduler"] = lr_scheduler
     if best_model_saver is not None:
         objs["best_model"] = best_model_saver
-    if getattr(trainer, "scaler", None) is not None:
-        objs["scaler"] = trainer.scaler
+    if getattr(trainer, "amp", False):
+        objs["scaler"] = TrainerScaler(trainer)
     return objs
 
 

@@ -16,6 +16,7 @@ from pipeline.io.errors import InputError
 from pipeline.training.checkpoints import (
     AtomicCheckpointSaver,
     attach_resumer,
+    checkpoint_objects,
     latest_checkpoint,
     resumable,
     resume_point,
@@ -112,6 +113,38 @@ def test_resumable_keeps_what_the_checkpoint_holds(tmp_path):
     torch.save({"w": 1}, tmp_path / "other.pt")
     with pytest.raises(InputError, match="not a resumable training checkpoint"):
         resumable(tmp_path / "other.pt", objs)
+
+
+def test_grad_scaler_state_is_saved_and_restored_through_the_trainer(tmp_path):
+    """MONAI creates ``trainer.scaler`` in ``run()``, after the checkpoint objects are built: the
+    checkpoint still carries the scaler the trainer holds when it saves, and loads into the one it
+    holds when it resumes."""
+    from ignite.handlers import Checkpoint
+
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    engine = Engine(lambda e, b: None)
+    engine.amp, engine.scaler = True, None  # as built from the config: no scaler yet
+    objs = checkpoint_objects(engine, net, opt)
+    assert "scaler" in objs
+    engine.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)  # what run() creates
+    engine.scaler.scale(net(torch.ones(1, 2)).sum()).backward()
+    engine.scaler.step(opt)
+    engine.scaler.update()  # a step without inf: the scale grows to 2048
+    torch.save({k: v.state_dict() for k, v in objs.items()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert saved["scaler"]["scale"] == 2048.0
+
+    resumed = Engine(lambda e, b: None)
+    resumed.amp, resumed.scaler = True, None
+    objs2 = checkpoint_objects(resumed, torch.nn.Linear(2, 1), torch.optim.SGD(net.parameters(), lr=0.1))
+    resumed.scaler = torch.amp.GradScaler("cpu")  # run() makes a fresh one at 65536
+    Checkpoint.load_objects(to_load=resumable(tmp_path / "ckpt.pt", objs2), checkpoint=saved)
+    assert resumed.scaler.get_scale() == 2048.0
+
+    no_amp = Engine(lambda e, b: None)
+    no_amp.amp, no_amp.scaler = False, None
+    assert "scaler" not in checkpoint_objects(no_amp, net, opt)
 
 
 def test_output_transforms_drop_unlabelled():
