@@ -27,15 +27,12 @@ import torch
 from pipeline.io.errors import InputError
 from tests.bad_inputs import IMAGE_KINDS, snapshot
 from tests.helpers import ROOT, write_dicom_series
+from tests.helpers import TINY as BASE
 
 CONFIGS = "bundles/plgg_mtl/configs"
 TRAIN, INFER, EVALUATE, DEMO = (f"{CONFIGS}/train.json", f"{CONFIGS}/inference.json", f"{CONFIGS}/evaluate.json",
                                 "configs/demo.json")
-TINY = {
-    "already_registered": True, "atlas_spacing": 6.0, "patch_size": [16, 16, 16], "init_filters": 8,
-    "cls_hidden": [8], "batch_size": 2, "num_samples": 1, "num_workers": 0, "val_interval": 1, "sw_batch_size": 4,
-    "registration_settings": {"_target_": "pipeline.registration.settings.RegistrationSettings", "skull_strip": "morphology"},
-}
+TINY = {**BASE, "batch_size": 2}
 
 
 def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:

@@ -12,13 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
-
-TINY = {
-    "already_registered": True, "atlas_spacing": 6.0, "patch_size": [16, 16, 16], "init_filters": 8,
-    "cls_hidden": [8], "batch_size": 3, "num_samples": 1, "num_workers": 0, "val_interval": 1,
-    "sw_batch_size": 4, "lr": 0.001,
-}
+from tests.helpers import ROOT, TINY
 
 pytestmark = pytest.mark.slow
 

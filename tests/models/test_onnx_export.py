@@ -18,11 +18,11 @@ import torch
 
 from pipeline.io.errors import InputError
 from tests.helpers import ROOT
+from tests.helpers import TINY as BASE
 
 pytest.importorskip("onnxruntime")
 CONFIGS = ROOT / "bundles" / "plgg_mtl" / "configs"
-TINY = {"already_registered": True, "atlas_spacing": 6.0, "patch_size": [16, 16, 16], "init_filters": 8,
-        "cls_hidden": [8], "sw_batch_size": 3}
+TINY = {**BASE, "sw_batch_size": 3}
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.slow

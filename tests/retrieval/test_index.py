@@ -25,7 +25,7 @@ from pipeline.retrieval.index import (
     write_index,
 )
 from tests.conftest import REAL_DATA
-from tests.helpers import ROOT
+from tests.helpers import ROOT, TINY
 
 
 def test_roi_max_pool_takes_the_box_cells_of_the_feature_grid():
@@ -101,8 +101,6 @@ def test_index_round_trip_without_pickle_and_clear_errors(tmp_path):
         read_index(tmp_path / "idx.json")
 
 
-TINY = {"already_registered": True, "atlas_spacing": 6.0, "patch_size": [16, 16, 16], "init_filters": 8,
-        "cls_hidden": [8], "batch_size": 3, "num_samples": 1, "num_workers": 0, "val_interval": 1, "sw_batch_size": 4}
 
 
 def _run(args: list[str], timeout: float = 400) -> str:

@@ -16,13 +16,10 @@ import torch
 
 from pipeline.runtime.precision import amp_kwargs, resolve_amp_dtype
 from tests.helpers import ROOT
+from tests.helpers import TINY as BASE
 
 CONFIGS = "bundles/plgg_mtl/configs"
-TINY = {
-    "already_registered": True, "atlas_spacing": 6.0, "patch_size": [16, 16, 16], "init_filters": 8,
-    "cls_hidden": [8], "batch_size": 2, "num_samples": 1, "num_workers": 0, "val_interval": 1,
-    "sw_batch_size": 4, "lr": 0.001, "compile": True, "compile_kwargs": {"backend": "aot_eager"},
-}
+TINY = {**BASE, "batch_size": 2, "compile": True, "compile_kwargs": {"backend": "aot_eager"}}
 
 
 def test_amp_dtype_names():

@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
+from tests.helpers import TINY as BASE
 
 mlflow = pytest.importorskip("mlflow")
 CONFIGS = ROOT / "bundles" / "plgg_mtl" / "configs"
-TINY = {"already_registered": True, "atlas_spacing": 6.0, "patch_size": [16, 16, 16], "init_filters": 8,
-        "cls_hidden": [8], "batch_size": 2, "num_samples": 1, "num_workers": 0, "val_interval": 1,
-        "sw_batch_size": 4, "lr": 0.001}
+TINY = {**BASE, "batch_size": 2}
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.slow
