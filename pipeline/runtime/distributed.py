@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = [
-    "is_distributed", "rank", "world_size", "is_main", "local_device", "init_process_group",
+    "is_distributed", "rank", "world_size", "is_main", "local_device", "loader_workers", "init_process_group",
     "destroy_process_group", "wrap", "unwrap", "SyncBatchNorm1dOrRunning", "convert_head_batch_norm",
     "all_reduce_sum", "gather_in_sampler_order", "from_main", "main_process_first", "on_main", "barrier",
     "handlers_for_this_rank", "NullSummaryWriter", "summary_writer",
@@ -62,6 +62,19 @@ def barrier() -> None:
     """Wait for every process (no-op in one process)."""
     if is_distributed():
         dist.barrier()
+
+
+def loader_workers(reserve: int = 2, low: int = 2, high: int = 16) -> int:
+    """DataLoader workers for this process: the CPUs it may run on (its affinity mask, which batch
+    schedulers and containers set; ``os.cpu_count()`` counts the whole machine), shared among the
+    processes ``torchrun`` started on this machine (``LOCAL_WORLD_SIZE``), less ``reserve`` for the
+    process itself, kept within ``[low, high]``."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS, Windows)
+        cpus = os.cpu_count() or 4
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(low, min(high, cpus // local - reserve))
 
 
 def local_device() -> torch.device:

@@ -163,3 +163,16 @@ def test_summary_writer_in_one_process_writes(tmp_path):
     writer.add_scalar("x", 1.0, 0)
     writer.close()
     assert any((tmp_path / "tb").iterdir())
+
+
+def test_loader_workers_share_the_allotted_cpus_among_local_processes(monkeypatch):
+    from pipeline.runtime.distributed import loader_workers
+
+    allotted = len(os.sched_getaffinity(0))  # what the scheduler gave this process, not the machine's count
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert loader_workers(reserve=0, low=0, high=10_000) == allotted
+    assert loader_workers(reserve=1, low=0, high=10_000) == allotted - 1
+    assert 2 <= loader_workers() <= 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(allotted))
+    assert loader_workers(reserve=0, low=0, high=10_000) == 1  # one CPU per process
+    assert loader_workers(reserve=2, low=2, high=16) == 2  # never below the floor
