@@ -9,6 +9,7 @@ and writes the atlas brain mask next to the run's cache so the transform chain c
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,6 @@ class Cohort:
 def content_check_cache(registration_cache: str | Path) -> str:
     """The folder where the datalist's content check remembers the cases that passed: beside the
     registration cache, so runs that share one share the other."""
-    import os
-
     return os.path.join(os.path.dirname(str(registration_cache)), "checked")
 
 
