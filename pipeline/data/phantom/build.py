@@ -67,7 +67,10 @@ from pipeline.data.phantom.config import (
 from pipeline.data.phantom.cues import bayes_accuracy, sample_cues
 from pipeline.io.errors import InputError
 
-__all__ = ["CohortSummary", "make_cohort", "main"]
+__all__ = ["PROFILES", "CohortSummary", "make_cohort", "main"]
+
+#: ``--profile`` names: the study's phantom and :meth:`PhantomConfig.realistic`.
+PROFILES = ("study", "realistic")
 
 
 @dataclass(frozen=True)
@@ -261,13 +264,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="contrasts per case, comma-separated, flair first: flair or flair,t2 (default flair)")
     p.add_argument("--skull-fraction", type=float, default=PhantomConfig.skull_fraction,
                    help=f"fraction of cases with a skull/scalp shell (default {PhantomConfig.skull_fraction})")
+    p.add_argument("--profile", choices=PROFILES, default="study",
+                   help="study: the study's phantom (one FLAIR contrast, 10-60 mL tumours; the default); "
+                        "realistic: oedema along white matter, 3-100 mL cores (whole tumours up to over 200 mL), "
+                        "random tissue contrast, white-matter hyperintensities, deformed anatomy, mass effect")
     return p
 
 
 def main(argv: list[str]) -> int:
     """CLI entry: ``python -m pipeline phantom --out DIR --cases N --seed S [...]``."""
     args = _parser().parse_args(argv)
-    config = PhantomConfig(skull_fraction=args.skull_fraction)
+    config = (PhantomConfig.realistic if args.profile == "realistic" else PhantomConfig)(
+        skull_fraction=args.skull_fraction)
     summary = make_cohort(args.out, cases=args.cases, seed=args.seed, spacing=args.spacing, space=args.space,
                           missing_mask=args.missing_mask, missing_class=args.missing_class, config=config,
                           progress=print, sequences=tuple(s.strip() for s in args.sequences.split(",") if s.strip()))

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,14 @@ from pipeline.data.phantom.acquisition import (
 )
 from pipeline.data.phantom.anatomy import RAS_FROM_LPS, Anatomy, voxel_lps
 from pipeline.data.phantom.config import APPEARANCES, CLASSES, REGIONS, PhantomConfig
+from pipeline.data.phantom.realism import (
+    Realism,
+    draw_realism,
+    grow_oedema,
+    push_from_tumour,
+    warp_anatomy,
+    wmh_weight,
+)
 from pipeline.data.phantom.tumour import Tumour, make_tumour, render_flair, render_t2
 from pipeline.io.imageio import write_image_atomic, write_text_atomic
 from pipeline.registration.transforms import write_transform_atomic
@@ -71,23 +79,54 @@ def render_case(spec: CaseSpec, anat: Anatomy, space: str, config: PhantomConfig
     ``contrasts`` (``{"t2": image}``) on the FLAIR's grid, from random streams of their own (the
     FLAIR, mask and transform do not depend on them)."""
     anat_rng, acq_rng = (np.random.default_rng(s) for s in spec.seed.spawn(2))
+    realism, wmh, real_rng = None, None, None
+    if config.renders_realism:  # a stream of its own: the study's cohort never draws from it
+        real_rng = _stream(spec, 2000)
+        realism = draw_realism(config, real_rng)
+        anat = warp_anatomy(anat, config.deform_mm, real_rng)
     tumour = make_tumour(anat, REGIONS[spec.region], APPEARANCES[spec.appearance] == "cystic", anat_rng, config)
-    flair, head_mm = render_flair(anat, tumour, spec.skull, anat_rng)
+    if realism is not None and real_rng is not None:
+        anat, tumour, wmh = _make_realistic(anat, tumour, realism, real_rng)
+    flair, head_mm = render_flair(anat, tumour, spec.skull, anat_rng, realism, wmh)
     mask = np.zeros(anat.brain.shape, dtype=bool)
     mask[tumour.box] = tumour.mask
     acq = sample_acquisition(acq_rng, config, anat.spacing)
     signal, seg, tfm = _acquire(anat, flair, mask, head_mm, acq, space, config)
     image = to_image(corrupt_image(sitk.GetArrayFromImage(signal), acq, acq_rng), signal, sitk.sitkFloat32)
     truth = _truth_record(spec, anat, tumour, acq, space, image, seg, tfm)
+    if realism is not None:
+        oedema = 0.0 if tumour.oedema is None else float(tumour.oedema.sum()) * anat.spacing**3 / 1000.0
+        truth["realism"] = {**asdict(realism), "oedema_volume_ml_atlas": round(oedema, 3),
+                            "wmh_volume_ml_atlas": round(float(wmh.sum()) * anat.spacing**3 / 1000.0, 3)
+                            if wmh is not None else 0.0}
     others: dict[str, sitk.Image] = {}
     for k, name in enumerate(c for c in contrasts if c != "flair"):
         if name != "t2":
             raise ValueError(f"unknown contrast {name!r}; known: {CONTRASTS}")
-        rng = np.random.default_rng(np.random.SeedSequence(spec.seed.entropy, spawn_key=(*spec.seed.spawn_key, 1000 + k)))
-        t2 = render_t2(anat, tumour, head_mm, rng)
+        rng = _stream(spec, 1000 + k)
+        t2 = render_t2(anat, tumour, head_mm, rng, wmh)
         t2_signal = _acquire(anat, t2, mask, head_mm, acq, space, config)[0]
         others[name] = to_image(corrupt_image(sitk.GetArrayFromImage(t2_signal), acq, rng), signal, sitk.sitkFloat32)
     return image, seg, tfm, truth, others
+
+
+def _stream(spec: CaseSpec, key: int) -> np.random.Generator:
+    """A random stream of the case's own, independent of its anatomy and acquisition streams."""
+    return np.random.default_rng(np.random.SeedSequence(spec.seed.entropy, spawn_key=(*spec.seed.spawn_key, key)))
+
+
+def _make_realistic(anat: Anatomy, tumour: Tumour, realism: Realism, rng: np.random.Generator
+                    ) -> tuple[Anatomy, Tumour, np.ndarray | None]:
+    """Mass effect around the drawn core, then its oedema, then the white-matter hyperintensities
+    (on the displaced anatomy; the tumour is painted over them)."""
+    radius_mm = (3.0 * tumour.target_ml * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)
+    anat = push_from_tumour(anat, tumour.centre_zyx, radius_mm, realism.mass)
+    if realism.oedema_mm > 0:
+        box, core, oedema, depth = grow_oedema(anat, tumour.box, tumour.mask, realism.oedema_mm, rng)
+        cyst = np.zeros_like(core)
+        cyst[tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(tumour.box, box, strict=True))] = tumour.cyst
+        tumour = replace(tumour, box=box, mask=core | oedema, cyst=cyst, oedema=oedema, oedema_depth=depth)
+    return anat, tumour, wmh_weight(anat, rng) if realism.wmh else None
 
 
 def _acquire(anat: Anatomy, volume: np.ndarray, mask: np.ndarray, head_mm: float, acq: Acquisition, space: str,
@@ -112,6 +151,7 @@ def _truth_record(spec: CaseSpec, anat: Anatomy, tumour: Tumour, acq: Acquisitio
         "tumour_volume_ml_atlas": round(float(tumour.mask.sum()) * anat.spacing**3 / 1000.0, 3),
         "tumour_volume_ml_native": round(native_ml, 3),
         "cyst_volume_ml_atlas": round(float(tumour.cyst.sum()) * anat.spacing**3 / 1000.0, 3),
+
         "atlas": anat.name,
         "size": list(image.GetSize()), "spacing_mm": [round(v, 4) for v in image.GetSpacing()],
         "orientation": _orientation_code(direction), "direction": [round(v, 6) for v in image.GetDirection()],

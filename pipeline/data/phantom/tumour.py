@@ -15,19 +15,27 @@ from scipy import ndimage
 
 from pipeline.data.phantom.anatomy import Anatomy
 from pipeline.data.phantom.config import PhantomConfig
+from pipeline.data.phantom.realism import Realism
 
 __all__ = ["Tumour", "make_tumour", "render_flair", "render_t2"]
 
 
 @dataclass(frozen=True)
 class Tumour:
-    """A tumour in a box of the atlas grid: ``box`` slices (z, y, x) and boolean masks inside it."""
+    """A tumour in a box of the atlas grid: ``box`` slices (z, y, x) and boolean masks inside it.
+
+    ``mask`` is the whole tumour (core, cyst and oedema); ``oedema`` (``None``: none) is the part
+    of it around the core, and ``oedema_depth`` each oedema voxel's depth towards its margin (0 at
+    the core, 1 at the edge).
+    """
 
     box: tuple[slice, slice, slice]
     mask: np.ndarray
     cyst: np.ndarray
     centre_zyx: tuple[int, int, int]
     target_ml: float
+    oedema: np.ndarray | None = None
+    oedema_depth: np.ndarray | None = None
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -109,15 +117,37 @@ def _skull_shell(outside_mm: np.ndarray, rng: np.random.Generator) -> tuple[np.n
     return shell, scalp
 
 
-def render_flair(anat: Anatomy, tumour: Tumour, skull: bool, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+def _blend(img: np.ndarray, mask: np.ndarray, level: np.ndarray | float, inside: np.ndarray | float = 1.0) -> np.ndarray:
+    """``img`` blended towards ``level`` over ``mask`` (weight ``inside`` there, at least 0.7 of
+    it), with a half-voxel soft edge."""
+    w = np.where(mask, inside, 0.0).astype(np.float32)
+    weight = np.clip(ndimage.gaussian_filter(w, 0.5), 0.0, 1.0)
+    weight = np.where(mask, np.maximum(weight, 0.7 * w), weight)
+    return img * (1.0 - weight) + level * weight
+
+
+def render_flair(anat: Anatomy, tumour: Tumour, skull: bool, rng: np.random.Generator,
+                 realism: Realism | None = None, wmh: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """FLAIR-like atlas-space volume (GM = 1) with the tumour painted in.
+
+    Args:
+        realism: the case's realistic draws (tissue levels, oedema and hyperintensity levels);
+            ``None``: the study's phantom.
+        wmh: white-matter hyperintensities as a blending weight on the atlas grid, or ``None``.
 
     Returns:
         The float32 array (z, y, x) and the head's outer radius beyond the brain hull in mm
         (0 without skull).
     """
     img = anat.gm + rng.uniform(0.7, 0.85) * anat.wm + rng.uniform(0.08, 0.2) * anat.csf
+    ref = 1.0  # the brightest parenchyma: lesions are painted relative to it
+    if realism is not None and realism.levels is not None:
+        gm, wm, csf = realism.levels
+        img = gm * anat.gm + wm * anat.wm + csf * anat.csf
+        ref = max(gm, wm)
     img *= 1.0 + 0.04 * _unit_noise(img.shape, max(0.5, 1.5 / anat.spacing), rng)
+    if wmh is not None and realism is not None:
+        img = img * (1.0 - wmh) + realism.wmh_level * ref * wmh
     head_mm = 0.0
     if skull:
         shell, head_mm = _skull_shell(anat.outside_mm, rng)
@@ -125,26 +155,33 @@ def render_flair(anat: Anatomy, tumour: Tumour, skull: bool, rng: np.random.Gene
     b = tumour.box
     level = rng.uniform(1.35, 1.7) * (1.0 + 0.06 * _unit_noise(tumour.mask.shape, max(0.5, 1.5 / anat.spacing), rng))
     level = np.where(tumour.cyst, rng.uniform(0.15, 0.35), level)
-    weight = np.clip(ndimage.gaussian_filter(tumour.mask.astype(np.float32), 0.5), 0.0, 1.0)
-    weight = np.where(tumour.mask, np.maximum(weight, 0.7), weight)
-    img[b] = img[b] * (1.0 - weight) + level * weight
+    if tumour.oedema is None or realism is None:
+        img[b] = _blend(img[b], tumour.mask, level if ref == 1.0 else ref * level)
+        return img.astype(np.float32), head_mm
+    # oedema fades towards its infiltrative margin (half the contrast at the edge), then the core
+    img[b] = _blend(img[b], tumour.oedema, realism.oedema_level * ref, 1.0 - 0.5 * tumour.oedema_depth**2)
+    img[b] = _blend(img[b], tumour.mask & ~tumour.oedema, ref * level)
     return img.astype(np.float32), head_mm
 
 
-def render_t2(anat: Anatomy, tumour: Tumour, head_mm: float, rng: np.random.Generator) -> np.ndarray:
+def render_t2(anat: Anatomy, tumour: Tumour, head_mm: float, rng: np.random.Generator,
+              wmh: np.ndarray | None = None) -> np.ndarray:
     """T2-like atlas-space volume of the same head (GM = 1): CSF brightest, white matter darker than
-    grey, the tumour bright and a cyst brighter still (fluid), where FLAIR darkens CSF and cysts. The
-    second contrast therefore tells a cyst from the surrounding brain where FLAIR alone makes it look
-    like CSF.
+    grey, the tumour (oedema included) bright and a cyst brighter still (fluid), where FLAIR darkens
+    CSF and cysts. The second contrast therefore tells a cyst from the surrounding brain where FLAIR
+    alone makes it look like CSF.
 
     Args:
         head_mm: the head's outer radius beyond the brain hull (:func:`render_flair`'s), 0 without skull.
+        wmh: white-matter hyperintensities (weight on the atlas grid), painted at 1.4, or ``None``.
 
     Returns:
         The float32 array (z, y, x).
     """
     img = anat.gm + rng.uniform(0.55, 0.7) * anat.wm + rng.uniform(1.8, 2.4) * anat.csf
     img *= 1.0 + 0.04 * _unit_noise(img.shape, max(0.5, 1.5 / anat.spacing), rng)
+    if wmh is not None:
+        img = img * (1.0 - wmh) + 1.4 * wmh
     if head_mm > 0:  # the FLAIR's shell radii (scalp = 14 f mm): CSF bright, bone dark, scalp fat mid-grey
         f, out = head_mm / 14.0, anat.outside_mm
         img[(out > 0) & (out <= 2.0 * f)] = rng.uniform(1.6, 2.2)
@@ -153,7 +190,5 @@ def render_t2(anat: Anatomy, tumour: Tumour, head_mm: float, rng: np.random.Gene
     b = tumour.box
     level = rng.uniform(1.5, 1.9) * (1.0 + 0.06 * _unit_noise(tumour.mask.shape, max(0.5, 1.5 / anat.spacing), rng))
     level = np.where(tumour.cyst, rng.uniform(2.2, 2.6), level)
-    weight = np.clip(ndimage.gaussian_filter(tumour.mask.astype(np.float32), 0.5), 0.0, 1.0)
-    weight = np.where(tumour.mask, np.maximum(weight, 0.7), weight)
-    img[b] = img[b] * (1.0 - weight) + level * weight
+    img[b] = _blend(img[b], tumour.mask, level)
     return img.astype(np.float32)
