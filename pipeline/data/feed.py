@@ -9,15 +9,35 @@
   1 mm grid of ``paper.json``), filled by ``cache_workers`` threads at start; the DataLoader's worker
   processes share the cached tensors (fork, copy-on-write), so nothing is read from disk per patch;
 - ``"none"``: MONAI ``Dataset``, the whole chain per patch (debugging).
+
+The disk cache is :class:`CheckedPersistentDataset`: MONAI's ``PersistentDataset`` with each entry
+written atomically in its own folder (a full disk or a read-only folder is one line naming the
+entry) and ending in its SHA-256, checked on every read: an entry cut short or changed is logged as
+corrupt and recomputed, never loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
 from collections.abc import Callable, Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DATASET_CACHES", "training_dataset"]
+import torch
+from monai.data import PersistentDataset
+from monai.data.utils import SUPPORTED_PICKLE_MOD
+from monai.utils import convert_to_tensor, look_up_option
+
+from pipeline.io.imageio import atomic_write
+
+__all__ = ["DATASET_CACHES", "TRAILER", "CheckedPersistentDataset", "training_dataset"]
+
+logger = logging.getLogger(__name__)
+#: What ends every entry of the disk cache: this marker, then the SHA-256 of the bytes before it.
+TRAILER = b"\nplgg-sha256:"
 
 DATASET_CACHES = ("disk", "memory", "none")
 
@@ -36,13 +56,55 @@ def training_dataset(kind: str, data: Sequence[dict[str, Any]], transform: Calla
     Raises:
         ValueError: an unknown ``kind``.
     """
-    from monai.data import CacheDataset, Dataset, PersistentDataset
+    from monai.data import CacheDataset, Dataset
     from monai.data.utils import json_hashing
 
     if kind == "disk":
-        return PersistentDataset(data, transform, cache_dir=str(cache_dir), hash_transform=json_hashing)
+        return CheckedPersistentDataset(data, transform, cache_dir=str(cache_dir), hash_transform=json_hashing)
     if kind == "memory":
         return CacheDataset(data, transform, cache_rate=1.0, num_workers=max(1, int(cache_workers)), progress=True)
     if kind == "none":
         return Dataset(data, transform)
     raise ValueError(f"dataset_cache must be one of {DATASET_CACHES}, got {kind!r}")
+
+
+class CheckedPersistentDataset(PersistentDataset):
+    """MONAI's ``PersistentDataset`` whose entries are checked by content.
+
+    Each entry is ``torch.save``'s bytes followed by :data:`TRAILER` and their SHA-256, written
+    through :func:`~pipeline.io.imageio.atomic_write` in the cache folder itself (MONAI writes in
+    the system's temporary folder and moves the file, which is a copy, not a rename, across file
+    systems). A read takes the file's bytes once, checks the digest, then loads them; an entry that
+    does not match (cut short, bytes changed, written by another version) is reported in one
+    warning and recomputed. Same arguments as ``PersistentDataset``.
+    """
+
+    def _cachecheck(self, item_transformed: Any) -> Any:
+        if self.cache_dir is None:
+            return super()._cachecheck(item_transformed)
+        path = Path(self.cache_dir) / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
+        if path.is_file():
+            cached = self._read(path)
+            if cached is not None:
+                return cached
+        item = self._pre_transform(deepcopy(item_transformed))  # keep the original hashed
+        buf = io.BytesIO()
+        torch.save(convert_to_tensor(item, convert_numeric=False, track_meta=self.track_meta), buf,
+                   pickle_module=look_up_option(self.pickle_module, SUPPORTED_PICKLE_MOD),
+                   pickle_protocol=self.pickle_protocol)
+        body = buf.getvalue()
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(body + TRAILER + hashlib.sha256(body).digest()), ".pt")
+        return item
+
+    def _read(self, path: Path) -> Any | None:
+        """The entry's item, or ``None`` (reported) when its bytes do not match their digest."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # removed meanwhile
+            return None
+        body, marker, digest = data[:-32 - len(TRAILER)], data[-32 - len(TRAILER):-32], data[-32:]
+        if marker != TRAILER or hashlib.sha256(body).digest() != digest:
+            why = "content does not match its checksum" if marker == TRAILER else "no checksum at its end"
+            logger.warning("dataset cache entry %s is corrupt (%s): recomputed", path, why)
+            return None
+        return torch.load(io.BytesIO(body), weights_only=self.weights_only)

@@ -14,7 +14,9 @@ Every file is written atomically and ``prepared.json`` last: it records the cont
 the input image and mask, the atlas fingerprint and the registration settings. A second run
 skips a case only when all of these are unchanged (``--overwrite`` redoes it anyway), so a run
 with another atlas, grid or setting, or after an input changed, never keeps stale results. A failing case is
-reported with its reason and does not stop the others; the exit status is 1 if any failed.
+reported with its reason and does not stop the others; the exit status is 1 if any failed. A full
+disk or a read-only output folder is not a case's fault: the run stops in one line, exit status 2,
+with the cases finished before whole. One ``prepare`` at a time per output folder (``DIR/.lock``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from pipeline.data.datalist import Case, load_datalist, reference_index
-from pipeline.io.errors import InputError
+from pipeline.io.errors import InputError, MachineError, machine_fault
 from pipeline.io.filecheck import file_sha256
 from pipeline.io.imageio import read_mask, read_volume, write_image_atomic, write_text_atomic
 from pipeline.registration.atlas import load_atlas
@@ -42,6 +44,7 @@ from pipeline.registration.register import register_to_atlas
 from pipeline.registration.resample import resample_image_to_atlas, resample_mask_to_atlas
 from pipeline.registration.settings import RegistrationSettings
 from pipeline.registration.transforms import write_transform_atomic
+from pipeline.runtime.locks import folder_lock
 
 __all__ = ["AtlasSpec", "CaseResult", "prepare_case", "prepare_datalist", "main"]
 
@@ -136,10 +139,15 @@ def prepare_case(case: Case, out: Path, atlas_spec: AtlasSpec, settings: Registr
                                title=f"{case.id} on {atlas.name} (red: atlas brain)")
         write_transform_atomic(transform, folder / "to_atlas.tfm")
         write_text_atomic(folder / "prepared.json", json.dumps(stamp, indent=1))
+    except MachineError:
+        raise  # a full disk or a read-only folder fails every case: the run stops (prepare_datalist)
     except InputError as exc:
         message = str(exc) if exc.path else f"{case.image}: {exc.problem}"
         return CaseResult(case.id, "failed", message, time.perf_counter() - t0)
     except Exception as exc:  # one bad case never stops the others
+        fault = machine_fault(exc, folder)
+        if fault is not None:
+            raise fault from None
         return CaseResult(case.id, "failed", f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
     return CaseResult(case.id, "done", "", time.perf_counter() - t0)
 
@@ -160,7 +168,12 @@ def _entry(case: Case, out: Path, sequences: tuple[str, ...] = ()) -> dict[str, 
 
 def _run_all(cases: list[Case], out: Path, atlas_spec: AtlasSpec, settings: RegistrationSettings,
              workers: int, overwrite: bool, sequences: tuple[str, ...] = ()) -> list[CaseResult]:
-    bar = tqdm(total=len(cases), desc="prepare", unit="case", file=sys.stderr)
+    with tqdm(total=len(cases), desc="prepare", unit="case", file=sys.stderr) as bar:  # closed before an error's line
+        return _run_cases(cases, out, atlas_spec, settings, workers, overwrite, sequences, bar)
+
+
+def _run_cases(cases: list[Case], out: Path, atlas_spec: AtlasSpec, settings: RegistrationSettings, workers: int,
+               overwrite: bool, sequences: tuple[str, ...], bar: Any) -> list[CaseResult]:
     results: list[CaseResult] = []
     if workers <= 1:
         for case in cases:
@@ -172,10 +185,13 @@ def _run_all(cases: list[Case], out: Path, atlas_spec: AtlasSpec, settings: Regi
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futures = [pool.submit(prepare_case, case, out, atlas_spec, settings, overwrite, sequences)
                        for case in cases]
-            for fut in as_completed(futures):
-                results.append(fut.result())
-                bar.update()
-    bar.close()
+            try:
+                for fut in as_completed(futures):
+                    results.append(fut.result())
+                    bar.update()
+            except MachineError:  # the cases not started are not started
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     return results
 
 
@@ -194,10 +210,20 @@ def prepare_datalist(datalist: str | Path, out: str | Path, atlas_spec: AtlasSpe
 
     Returns:
         One :class:`CaseResult` per case, in datalist order.
+
+    Raises:
+        InputError: another ``prepare`` writes ``out`` (:mod:`pipeline.runtime.locks`).
+        MachineError: a full disk or a read-only folder: the run stops (every later case would fail
+            alike); the cases finished before are whole, and a re-run skips them.
     """
     dl = load_datalist(datalist, check_files=False)  # a missing file fails its own case only
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "prepare"):  # also: a folder that cannot be written stops here, in one line
+        return _prepare(dl, out, atlas_spec, settings, workers, overwrite)
+
+
+def _prepare(dl: Any, out: Path, atlas_spec: AtlasSpec | None, settings: RegistrationSettings | None,
+             workers: int, overwrite: bool) -> list[CaseResult]:
     atlas_spec = atlas_spec or AtlasSpec()
     workers = max(1, min(workers, len(dl.cases)))
     settings = settings or RegistrationSettings()

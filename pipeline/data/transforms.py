@@ -26,6 +26,7 @@ from pipeline.registration.atlas import Atlas, load_atlas
 from pipeline.registration.register import RegistrationCache, check_on_atlas_grid
 from pipeline.registration.resample import resample_image_to_atlas, resample_mask_to_atlas
 from pipeline.registration.settings import RegistrationSettings
+from pipeline.runtime.locks import cache_lock
 
 __all__ = ["BrainNormalised", "NormaliseIntensityd", "RegisterToAtlasd", "cached_key", "native_meta",
            "split_at_registration"]
@@ -193,18 +194,20 @@ class RegisterToAtlasd(MapTransform):
         mask_outs = {k: out_dir / f"{tfm_path.stem}_{file_sha256(d[k])[:16]}_{self.mask_mode}.nii.gz"
                      for k in self.mask_keys if k in self.keys and d.get(k) not in (None, "")}
         image = None
-        tfm_whole = tfm_path.exists() and checksum_matches(tfm_path) is not False  # else recomputed and reported
-        if not (tfm_whole and all([_intact(p) for p in (*image_outs, *mask_outs.values())])):
+        with cache_lock(self.cache.root, exclusive=False):  # no writer between an entry and its checksum
+            tfm_whole = tfm_path.exists() and checksum_matches(tfm_path) is not False  # else recomputed, reported
+            whole = tfm_whole and all([_intact(p) for p in (*image_outs, *mask_outs.values())])
+        if not whole:
             image = read_volume(path)
             transform = self.cache.get_or_register(path, atlas, self.settings, image=image)
-            for p, out in zip(paths, image_outs, strict=True):
-                moving = image if p == path else read_volume(p)
-                write_image_atomic(resample_image_to_atlas(moving, transform, atlas, self.interpolator), out)
-                write_checksum(out)
-            for key, out in mask_outs.items():
-                mask = read_mask(d[key], image, path)
-                write_image_atomic(resample_mask_to_atlas(mask, transform, atlas, self.mask_mode), out)
-                write_checksum(out)
+            written = {out: resample_image_to_atlas(image if p == path else read_volume(p), transform, atlas,
+                                                    self.interpolator) for p, out in zip(paths, image_outs, strict=True)}
+            written |= {out: resample_mask_to_atlas(read_mask(d[key], image, path), transform, atlas, self.mask_mode)
+                        for key, out in mask_outs.items()}
+            with cache_lock(self.cache.root, exclusive=True):
+                for out, registered in written.items():
+                    write_image_atomic(registered, out)
+                    write_checksum(out)
         for key, out in mask_outs.items():
             d[key] = str(out)
         d[self.image_key] = str(image_outs[0]) if len(paths) == 1 else [str(p) for p in image_outs]

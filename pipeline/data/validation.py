@@ -8,9 +8,11 @@ cost half a minute at every start:
   ``read_volume`` reads them twice (SimpleITK for the image, nibabel for the NaNs SimpleITK hides);
   DICOM series and other formats go through ``read_volume`` / ``read_mask`` unchanged;
 - cases checked in parallel threads (decompression and reading release the GIL);
-- a case that passed is remembered under the SHA-256 of its files' bytes (``cache_dir/<digest>``),
-  so an unchanged case is not opened again; hashing reads the compressed bytes only (about 0.03 s
-  for a 30 MB file). A changed byte is a new digest; failures are never cached.
+- a case that passed is remembered under the SHA-256 of its files' bytes (``cache_dir/<digest>``,
+  a file holding ``passed <digest>``, written atomically), so an unchanged case is not opened again;
+  hashing reads the compressed bytes only (about 0.03 s for a 30 MB file). A changed byte is a new
+  digest; failures are never cached; an entry whose content is not exactly that line (cut short,
+  changed) is reported in one warning and the case is checked again.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.io.errors import InputError
+from pipeline.io.imageio import write_text_atomic
 
 __all__ = ["CHECKS_VERSION", "check_volume_file", "check_mask_file", "case_errors", "content_errors"]
 
 logger = logging.getLogger(__name__)
 
 #: Part of every cache key: bump it when a check is added, so earlier passes are not trusted.
-CHECKS_VERSION = "2026-12-01.1"
+CHECKS_VERSION = "2026-12-06.1"
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,23 @@ def _digest(case: Any) -> str | None:
     return h.hexdigest()
 
 
+def _memo_text(key: str) -> str:
+    return f"passed {key}\n"
+
+
+def _remembered(entry: Path, key: str) -> bool:
+    """Whether the memo says this case passed: its entry holds exactly :func:`_memo_text`; an entry
+    that does not (cut short, changed) is reported and the case is checked again."""
+    try:
+        text = entry.read_bytes()
+    except FileNotFoundError:
+        return False
+    if text == _memo_text(key).encode():
+        return True
+    logger.warning("datalist check memo entry %s is corrupt (content does not match its name): checked again", entry)
+    return False
+
+
 def content_errors(cases: list[Any] | tuple[Any, ...], cache_dir: str | Path | None = None,
                    sequences: tuple[str, ...] | None = None, workers: int | None = None) -> list[InputError]:
     """Every problem of the cases' images and masks, in case order.
@@ -208,12 +228,11 @@ def content_errors(cases: list[Any] | tuple[Any, ...], cache_dir: str | Path | N
 
     def one(case: Any) -> tuple[list[InputError], bool]:
         key = _digest(case) if cache else None
-        if key and (cache / key).is_file():  # type: ignore[operator]
+        if key and _remembered(cache / key, key):  # type: ignore[operator]
             return [], True
         errors = case_errors(case, sequences)
         if key and not errors and _digest(case) == key:  # unchanged while it was checked
-            cache.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
-            (cache / key).touch()  # type: ignore[operator]
+            write_text_atomic(cache / key, _memo_text(key))  # type: ignore[operator]
         return errors, False
 
     n = workers or min(8, os.cpu_count() or 1)

@@ -50,10 +50,21 @@ from pipeline.experiment.plan import (
     plan_runs,
     read_json,
 )
-from pipeline.io.errors import InputError
+from pipeline.io.errors import InputError, MachineError, find_input_error, machine_fault, machine_fault_line
 from pipeline.runtime.locks import folder_lock
 
 __all__ = ["run_experiment", "main"]
+
+
+def _child_fault(spec: RunSpec) -> MachineError | None:
+    """The full disk or read-only folder a failed run's last step ended with (its log's last
+    ``error:`` line), else ``None``."""
+    try:
+        lines = (spec.run_dir / "log.txt").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    last = [ln for ln in lines if ln.startswith("error: ")][-1:]
+    return machine_fault_line(last[0]) if last else None
 
 
 def _report(cfg: ExperimentConfig, specs: list[RunSpec], class_names: list[str]) -> dict[str, Any]:
@@ -118,6 +129,7 @@ def run_experiment(cfg: ExperimentConfig) -> int:
         bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="experiment", unit="run", file=sys.stderr,
                    dynamic_ncols=True, disable=None)  # no bar when stderr is not a terminal (logs)
         failed: list[str] = []
+        machine: list[MachineError] = []  # the fault that stopped the experiment
 
         def job(spec: RunSpec) -> None:
             if children.stopping.is_set():  # the experiment is being stopped: start nothing new
@@ -132,8 +144,16 @@ def run_experiment(cfg: ExperimentConfig) -> int:
                            f"{where}", file=sys.stdout)
                 try:
                     state = execute(spec, slot, cfg, children)
-                except Exception as exc:  # disk full, a process that cannot start ...: this run only
-                    state = finish(spec, "failed", 0.0, f"{type(exc).__name__}: {exc}")
+                    fault = _child_fault(spec) if state.get("status") == "failed" else None
+                except Exception as exc:  # a process that cannot start ...: this run only
+                    err = find_input_error(exc)
+                    fault = err if isinstance(err, MachineError) else machine_fault(exc)
+                    if fault is None:
+                        state = finish(spec, "failed", 0.0, f"{type(exc).__name__}: {exc}")
+                if fault is not None:  # a full disk or a read-only folder: every run would fail alike
+                    machine.append(fault)
+                    children.terminate_all()
+                    return
             finally:
                 with slot_lock:
                     free.append(slot)
@@ -168,6 +188,8 @@ def run_experiment(cfg: ExperimentConfig) -> int:
             for s, h in previous.items():
                 signal.signal(s, h)
             bar.close()
+        if machine:
+            raise machine[0]
         summary = _report(cfg, specs, class_names)
         _print_summary(summary, cfg.out)
         if failed:

@@ -22,6 +22,7 @@ row, written last: its presence means the case is finished, so a re-run skips it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -48,7 +49,7 @@ from pipeline.inference.cases import (
     write_like_input,
     write_report,
 )
-from pipeline.io.errors import InputError, find_input_error
+from pipeline.io.errors import InputError, MachineError, find_input_error
 from pipeline.io.imageio import (
     is_dicom_dir,
     read_mask,
@@ -322,15 +323,25 @@ class FolderInference:
         return {**row, **timer.total(), "reused": False}
 
     def run_case(self, case: InputCase) -> dict[str, Any]:
-        """A case's report row: reused from an earlier run, computed now, or failed with the reason."""
+        """A case's report row: reused from an earlier run, computed now, or failed with the reason.
+
+        Raises:
+            MachineError: an output (or the registration cache) could not be written: a full disk or
+                a read-only folder fails every later case too, so the run stops; the cases finished
+                before stay whole and in the report as it was written after the last of them.
+        """
         done = None if case.problem else self.finished(case)  # a clashing id never reuses an earlier output
         if done is not None:
             return done
         try:
             return self.process(case)
-        except Exception as exc:  # one bad case never stops the others
-            self._discard_outputs(case)
+        except Exception as exc:  # one bad case never stops the others; a full or read-only disk stops all
             err = find_input_error(exc)
+            if isinstance(err, MachineError):
+                with contextlib.suppress(OSError):  # a read-only folder keeps what it holds
+                    self._discard_outputs(case)
+                raise err from exc
+            self._discard_outputs(case)
             if err is None:
                 logger.debug("case %s failed", case.id, exc_info=True)
                 reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
@@ -354,6 +365,7 @@ class FolderInference:
 
         Raises:
             InputError: another inference run writes this output folder (:mod:`pipeline.runtime.locks`).
+            MachineError: a full disk or a read-only folder (:meth:`run_case`).
         """
         from pipeline.runtime.locks import folder_lock
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["InputError", "InputErrors", "MachineError", "machine_fault", "find_input_error", "install_excepthook",
-           "debug_requested", "DEBUG_ENV"]
+__all__ = ["InputError", "InputErrors", "MachineError", "machine_fault", "machine_fault_line", "find_input_error",
+           "install_excepthook", "debug_requested", "DEBUG_ENV"]
 
 #: Set to 1 to see the Python traceback behind a user-input error (``python -m pipeline --debug`` sets it).
 DEBUG_ENV = "PIPELINE_DEBUG"
@@ -31,6 +31,9 @@ class InputError(ValueError):
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+    def __reduce__(self) -> tuple:  # rebuilt from (path, problem) in another process (a worker pool)
+        return type(self), (self.path, self.problem)
 
 
 class MachineError(InputError):
@@ -59,6 +62,10 @@ def machine_fault(exc: BaseException | None, path: str | Path | None = None) -> 
         target = path if path is not None else getattr(exc, "filename", None)
         name = errno.errorcode.get(getattr(exc, "errno", None) or -1, "") if isinstance(exc, OSError) else ""
         text = str(exc)
+        if "MachineError: " in text:  # raised in a DataLoader worker: re-raised as a RuntimeError of its traceback
+            found = machine_fault_line(text)
+            if found is not None:
+                return found
         if not name and ("write failed" in text or "No space left on device" in text):
             name = "ENOSPC"
         if name in _FAULTS:
@@ -75,6 +82,19 @@ def machine_fault(exc: BaseException | None, path: str | Path | None = None) -> 
             return MachineError(where, f"cannot be written: {what} ({hint})")
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def machine_fault_line(text: str) -> MachineError | None:
+    """The :class:`MachineError` another process of this product ended with, from its one line
+    (``error: <path>: no space left on the device while writing it ...``) or from a traceback's
+    last line (``pipeline.io.errors.MachineError: ...``, as a DataLoader worker's error comes back)
+    anywhere in ``text``; ``None`` when there is none."""
+    import re
+
+    problems = "|".join(re.escape(w) for w in _FAULTS.values())
+    found = re.findall(rf"^(?:error|(?:[\w.]+\.)?MachineError): (.+?): ((?:{problems}) while writing it.*|"
+                       rf"cannot be written: (?:{problems}).*)$", text, re.MULTILINE)
+    return MachineError(*found[-1]) if found else None
 
 
 class InputErrors(ValueError):
@@ -126,3 +146,21 @@ def install_excepthook() -> None:
 
     hook._pipeline_hook = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+    _quiet_tracebacks()
+
+
+def _quiet_tracebacks() -> None:
+    """Log records of our one-line errors without their traceback (the engines' handlers log every
+    exception with ``logger.exception`` before it reaches :func:`install_excepthook`'s hook)."""
+    import logging
+
+    make = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - logging.LogRecord's signature
+        record = make(*args, **kwargs)
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and not debug_requested() and (find_input_error(exc) or machine_fault(exc)):
+            record.exc_info = None
+        return record
+
+    logging.setLogRecordFactory(factory)

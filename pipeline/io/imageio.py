@@ -271,7 +271,30 @@ def write_image_atomic(img: sitk.Image, path: str | Path) -> Path:
     """Write ``img`` to ``path`` atomically (see :func:`atomic_write`), compressed."""
     p = Path(path)
     suffix = ".nii.gz" if p.name.endswith(".nii.gz") else p.suffix
-    return atomic_write(p, lambda tmp: sitk.WriteImage(img, tmp, useCompression=True), suffix)
+
+    def write(tmp: str) -> None:
+        sitk.WriteImage(img, tmp, useCompression=True)
+        if suffix.endswith(".gz"):
+            _check_gzip_written(tmp)
+
+    return atomic_write(p, write, suffix)
+
+
+def _check_gzip_written(path: str) -> None:
+    """ITK's compressed writers ignore a failed write (a full disk): read the stream back whole, else
+    raise the ``OSError`` the writer should have raised (``ENOSPC`` when the disk is nearly full)."""
+    import errno
+    import gzip
+    import shutil
+
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        full = shutil.disk_usage(os.path.dirname(path) or ".").free < (1 << 20)
+        code = errno.ENOSPC if full else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} (the written file is incomplete: {exc})", path) from None
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

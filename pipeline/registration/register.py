@@ -62,6 +62,7 @@ from pipeline.registration.preprocess import normalise_working, working_fixed, w
 from pipeline.registration.resample import map_to_native
 from pipeline.registration.settings import RegistrationSettings
 from pipeline.registration.transforms import read_transform, to_affine, write_transform_atomic
+from pipeline.runtime.locks import cache_lock
 
 __all__ = ["RegistrationCache", "check_on_atlas_grid", "register_to_atlas"]
 
@@ -118,10 +119,11 @@ def register_to_atlas(moving: sitk.Image, atlas: Atlas, settings: RegistrationSe
 class RegistrationCache:
     """Transforms on disk, keyed by file content, atlas and settings; registration runs once per key.
 
-    ``root/<sha256(file)[:16]>_<atlas.fingerprint()>_<settings.key()>.tfm``. The file is written
-    atomically, so concurrent workers registering the same case at worst both compute it, with a
-    ``.sha256`` beside it: an entry whose bytes no longer match (another process, a disk error) is
-    logged as corrupt and recomputed, never used.
+    ``root/<sha256(file)[:16]>_<atlas.fingerprint()>_<settings.key()>.tfm``, written atomically with
+    a ``.sha256`` beside it, both under the cache's exclusive lock (:func:`~pipeline.runtime.locks.cache_lock`;
+    readers share it), so processes registering the same case at once at worst both compute it and
+    all use the first one written. An entry whose bytes no longer match (cut short, changed, a disk
+    error) is logged as corrupt and recomputed, never used.
 
     Attributes:
         root: cache folder (created on first write).
@@ -161,7 +163,30 @@ class RegistrationCache:
         if not Path(image_path).exists():
             raise InputError(image_path, "file not found")
         target = self.path_for(image_path, atlas, s)
-        if target.exists():
+        cached = self._read(target)
+        if cached is not None:
+            return cached
+        moving = image if image is not None else read_volume(image_path)
+        try:
+            transform = register_to_atlas(moving, atlas, s)
+        except InputError as exc:
+            if exc.path is None:
+                raise InputError(image_path, exc.problem) from None
+            raise
+        with self._lock:
+            self.registrations_performed += 1
+        with cache_lock(self.root, exclusive=True):  # the entry and its checksum, seen together
+            if checksum_matches(target):  # another process wrote it meanwhile: every process uses that one
+                return read_transform(target)
+            write_transform_atomic(transform, target)
+            write_checksum(target)
+        return transform
+
+    def _read(self, target: Path) -> sitk.AffineTransform | None:
+        """The entry at ``target`` when it is whole; ``None`` when missing or corrupt (reported)."""
+        with cache_lock(self.root, exclusive=False):
+            if not target.exists():
+                return None
             intact = checksum_matches(target)
             try:
                 if intact is False:
@@ -172,19 +197,7 @@ class RegistrationCache:
                 return transform
             except InputError as exc:  # a damaged cache entry is reported and recomputed, never used
                 logger.warning("registration cache entry %s is corrupt (%s): recomputed", target, exc.problem)
-                target.unlink(missing_ok=True)
-        moving = image if image is not None else read_volume(image_path)
-        try:
-            transform = register_to_atlas(moving, atlas, s)
-        except InputError as exc:
-            if exc.path is None:
-                raise InputError(image_path, exc.problem) from None
-            raise
-        write_transform_atomic(transform, target)
-        write_checksum(target)
-        with self._lock:
-            self.registrations_performed += 1
-        return transform
+                return None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

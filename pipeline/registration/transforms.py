@@ -38,5 +38,20 @@ def read_transform(path: str | Path) -> sitk.AffineTransform:
 
 
 def write_transform_atomic(transform: sitk.Transform, path: str | Path) -> Path:
-    """Write an ITK ``.tfm`` through a temporary file in the same folder, then rename."""
-    return atomic_write(path, lambda tmp: sitk.WriteTransform(transform, tmp), ".tfm")
+    """Write an ITK ``.tfm`` through a temporary file in the same folder, then rename; the file is
+    read back first (ITK's writer ignores a failed write: a full disk)."""
+    def write(tmp: str) -> None:
+        sitk.WriteTransform(transform, tmp)
+        try:
+            back = sitk.ReadTransform(tmp)
+        except RuntimeError:
+            back = None
+        if back is None or len(back.GetParameters()) != len(transform.GetParameters()):
+            import errno
+            import os
+            import shutil
+
+            code = errno.ENOSPC if shutil.disk_usage(os.path.dirname(tmp) or ".").free < (1 << 20) else errno.EIO
+            raise OSError(code, f"{os.strerror(code)} (the written transform is incomplete)", tmp)
+
+    return atomic_write(path, write, ".tfm")

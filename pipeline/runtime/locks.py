@@ -4,8 +4,12 @@ Two trainings, two inference runs or two experiment runners writing one folder w
 checkpoints, reports and masks; the second is refused in one line naming the folder and the process
 that holds it. The operating system releases the lock when its process ends, however it ends (a
 kill leaves no stale lock behind), and the lock file itself is never removed (removing it would let
-a third process lock a new file while the first still holds the old one). Readers (evaluation of a
-finished run, the registration cache shared by several processes: atomic writes) take no lock.
+a third process lock a new file while the first still holds the old one). Evaluation of a finished
+run takes no lock.
+
+A cache shared by several processes (the registration cache) is guarded by :func:`cache_lock` on
+``<cache>/.cache.lock``: a writer holds it exclusively while it writes an entry and its checksum, a reader
+shares it while it checks and reads one, so nobody sees an entry without its checksum.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from pipeline.io.errors import InputError
+from pipeline.io.errors import InputError, machine_fault
 
-__all__ = ["folder_lock", "hold_folder_lock"]
+__all__ = ["cache_lock", "folder_lock", "hold_folder_lock"]
 
 LOCK_NAME = ".lock"
+CACHE_LOCK_NAME = ".cache.lock"
 _HELD: dict[str, IO[str]] = {}  # folder -> open lock file, for the life of the process
 
 
@@ -30,8 +35,9 @@ def _acquire(folder: Path, what: str) -> IO[str]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fh = (folder / LOCK_NAME).open("a+", encoding="utf-8")
-    except OSError as exc:
-        raise InputError(folder, f"cannot create its lock file: {exc.strerror}") from None
+    except OSError as exc:  # a full disk or a read-only folder: said as such, naming the folder
+        fault = machine_fault(exc, folder)
+        raise fault or InputError(folder, f"cannot create its lock file: {exc.strerror}") from None
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -49,11 +55,15 @@ def _acquire(folder: Path, what: str) -> IO[str]:
 
 @contextlib.contextmanager
 def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
-    """Hold ``folder``'s lock for a ``with`` block (``what`` names the holder in the refusal).
+    """Hold ``folder``'s lock for a ``with`` block (``what`` names the holder in the refusal); a no-op
+    when this process holds it for its whole life (:func:`hold_folder_lock`).
 
     Raises:
         InputError: another process holds it, or the lock file cannot be created.
     """
+    if str(Path(folder).resolve()) in _HELD:  # this process holds it already (hold_folder_lock)
+        yield
+        return
     fh = _acquire(Path(folder), what)
     try:
         yield
@@ -74,3 +84,28 @@ def hold_folder_lock(folder: str | Path, what: str) -> Path:
     if is_main() and str(path) not in _HELD:
         _HELD[str(path)] = _acquire(path, what)
     return path
+
+
+@contextlib.contextmanager
+def cache_lock(root: str | Path, exclusive: bool) -> Iterator[None]:
+    """Hold ``root/.cache.lock`` shared (a reader) or exclusively (a writer) for a ``with`` block, waiting
+    for it; a cache folder that cannot hold a lock file (read-only, not there yet) is used unlocked,
+    since nothing can write it either."""
+    import fcntl
+
+    path = Path(root) / CACHE_LOCK_NAME
+    fh = None
+    try:
+        if exclusive:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fh = path.open("a" if exclusive or os.access(path.parent, os.W_OK) else "r", encoding="utf-8")
+    except OSError:
+        pass  # a writer then fails on its own write, in one line (pipeline.io.errors.machine_fault)
+    if fh is None:
+        yield
+        return
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        fh.close()

@@ -276,3 +276,37 @@ def test_corrupt_cache_entries_are_reported_and_recomputed(tmp_path: Path, caplo
     fourth = RegisterToAtlasd(atlas_spacing=SPACING, cache_dir=tmp_path / "cache", settings=FAST)
     fourth(dict(case))
     assert fourth.cache.registrations_performed == 0 and Path(f"{image}.sha256").is_file()
+
+
+def test_two_processes_share_one_registration_cache(tmp_path: Path) -> None:
+    """Two real processes register the same cases into one cache at the same moment: both finish,
+    neither meets a half-written or unmatched entry, and both use the same transform and images."""
+    import json
+    import subprocess
+    import sys
+
+    from pipeline.io.imageio import checksum_matches
+    from tests.helpers import ROOT
+
+    cases = [write_case(tmp_path / "a", 8.0), write_case(tmp_path / "b", -6.0)]
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    code = (f"import json, time, pathlib\nfrom tests.data.test_transforms import FAST, SPACING\n"
+            f"from pipeline.data.transforms import RegisterToAtlasd\n"
+            f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.005)\n"
+            f"reg = RegisterToAtlasd(keys=('image', 'label'), atlas_spacing=SPACING, cache_dir={str(cache)!r}, "
+            f"settings=FAST)\n"
+            f"out = [reg(dict(c)) for c in json.loads({json.dumps(cases)!r})]\n"
+            f"print(json.dumps([[o['image'], o['label'], o['to_atlas']] for o in out]))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    go.touch()
+    done = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in done]
+    assert not any("corrupt" in err for _, err in done), [err[-2000:] for _, err in done]
+    first, second = (json.loads(out.splitlines()[-1]) for out, _ in done)
+    assert first == second  # the same entries
+    files = [Path(p) for case in first for p in case]
+    assert all(checksum_matches(p) for p in files)
+    assert not [p for p in cache.rglob(".*") if p.name != ".cache.lock"]  # no temporary left
+    transforms = {str(read_transform(p).GetParameters()) for p in files if p.suffix == ".tfm"}
+    assert len(transforms) == 2  # one per case, whoever computed it

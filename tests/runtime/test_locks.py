@@ -30,3 +30,30 @@ def test_unwritable_folder_is_one_line(tmp_path):
     blocker.write_text("x")
     with pytest.raises(InputError, match="cannot create its lock file"), folder_lock(blocker / "run", "training"):
         pass
+
+
+def test_a_second_training_or_inference_on_a_busy_folder_is_refused_before_writing(tmp_path):
+    """The bundles take the lock before they write: with the folder held, each stops in one line."""
+    from pipeline.data.phantom.build import make_cohort
+    from tests.helpers import DEMO, INFER, TINY, TRAIN, bundle
+
+    cohort = make_cohort(tmp_path / "cohort", cases=8, seed=0, spacing=6.0, space="atlas").datalist
+    overlay = tmp_path / "tiny.json"
+    overlay.write_text(__import__("json").dumps(TINY))
+    run = tmp_path / "run"
+    done = bundle(["run", "training"], [TRAIN, DEMO, overlay], datalist=cohort, output_dir=run, epochs=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for what, folder, cmd, kw in (
+            ("training", run, ["run", "training"], {"datalist": cohort, "output_dir": run, "epochs": 2}),
+            ("inference run", tmp_path / "inference", ["run"],
+             {"datalist": cohort, "output_dir": tmp_path / "inference", "ckpt": run / "models" / "model.pt"})):
+        before = {p: p.stat().st_mtime_ns for p in folder.rglob("*")} if folder.exists() else {}
+        with folder_lock(folder, "experiment"):
+            done = bundle(cmd, [TRAIN if what == "training" else INFER, DEMO, overlay], **kw)
+            after = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        lines = [ln for ln in done.stderr.splitlines() if ln.startswith("error: ")]
+        assert lines == [f"error: {folder.resolve()}: is in use by another {what} (experiment, pid "
+                         f"{__import__('os').getpid()}); wait for it to finish or choose another output folder"], lines
+        assert {p: t for p, t in after.items() if p.name != ".lock"} == {p: t for p, t in before.items()
+                                                                          if p.name != ".lock"}

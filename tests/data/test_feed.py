@@ -1,0 +1,54 @@
+"""The disk cache of the training chain: entries checked by content, a damaged one recomputed."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from monai.data import PersistentDataset
+from monai.transforms import Lambdad
+
+from pipeline.data.feed import CheckedPersistentDataset, training_dataset
+
+ITEMS = [{"id": "a", "x": 1.0}, {"id": "b", "x": 2.0}, {"id": "c", "x": 3.0}]
+
+
+def _transform(calls: list[str]) -> Lambdad:
+    def fill(x: float) -> torch.Tensor:
+        calls.append(str(x))
+        return torch.arange(1000, dtype=torch.float32) * x
+
+    return Lambdad("x", fill)
+
+
+def test_damaged_entries_are_reported_and_recomputed(tmp_path, caplog) -> None:
+    calls: list[str] = []
+    first = training_dataset("disk", ITEMS, _transform(calls), tmp_path)
+    assert isinstance(first, CheckedPersistentDataset)
+    expected = [first[i]["x"].clone() for i in range(3)]
+    entries = sorted(tmp_path.glob("*.pt"))
+    assert len(entries) == 3 and len(calls) == 3 and not list(tmp_path.glob(".*"))  # no temporary left
+    whole = {p: p.read_bytes() for p in entries}
+    flipped = bytearray(whole[entries[0]])
+    flipped[len(flipped) // 2] ^= 0xFF  # inside the tensor's bytes: torch.load would return a changed tensor
+    entries[0].write_bytes(bytes(flipped))
+    entries[1].write_bytes(whole[entries[1]][: len(whole[entries[1]]) // 2])
+    calls.clear()
+    again = training_dataset("disk", ITEMS, _transform(calls), tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.feed"):
+        got = [again[i]["x"] for i in range(3)]
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+    assert len(calls) == 2  # the two damaged entries recomputed, the whole one read
+    warned = [r.getMessage() for r in caplog.records if "is corrupt" in r.getMessage()]
+    assert len(warned) == 2 and all("recomputed" in w for w in warned)
+    assert {p: p.read_bytes() for p in entries} == whole  # rewritten whole
+
+
+def test_an_entry_without_its_checksum_is_not_loaded(tmp_path, caplog) -> None:
+    """An entry MONAI's own PersistentDataset wrote (no digest at its end) is recomputed, not trusted."""
+    calls: list[str] = []
+    PersistentDataset(ITEMS[:1], _transform(calls), cache_dir=tmp_path)[0]
+    ours = CheckedPersistentDataset(ITEMS[:1], _transform(calls), cache_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.feed"):
+        ours[0]
+    assert len(calls) == 2 and "no checksum at its end" in caplog.text
