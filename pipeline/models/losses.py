@@ -1,8 +1,11 @@
-"""MultiTaskLoss: the study's ``L = L_seg + w * L_cls`` with per-sample masking of missing labels, and an
-optional reconstruction term ``+ w_rec * MSE`` (the auxiliary branch of ``configs/recon.json``)."""
+"""MultiTaskLoss: the study's ``L = L_seg + w * L_cls`` with per-sample masking of missing labels, an
+optional reconstruction term ``+ w_rec * MSE`` (the auxiliary branch of ``configs/recon.json``), and the
+multi-task methods by name (:data:`MTL_METHODS`): the loss itself implements ``uncertainty``, the
+gradient rules ``pcgrad`` and ``stop`` live in :mod:`pipeline.training.gradients`."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -12,7 +15,13 @@ from torch import nn
 
 from pipeline.runtime import distributed
 
-__all__ = ["MultiTaskLoss"]
+__all__ = ["MultiTaskLoss", "MTL_METHODS"]
+
+#: How the two tasks share the encoder (``mtl_method``): ``fixed``, the study's ``L_seg + w L_cls``;
+#: ``uncertainty``, each term weighted by a learnt homoscedastic uncertainty (Kendall, Gal and
+#: Cipolla 2018); ``pcgrad``, gradient surgery on the encoder (Yu et al. 2020); ``stop``, the class
+#: gradient stopped below the deepest ``cls_grad_levels`` encoder levels.
+MTL_METHODS: tuple[str, ...] = ("fixed", "uncertainty", "pcgrad", "stop")
 
 
 class MultiTaskLoss(nn.Module):
@@ -41,6 +50,15 @@ class MultiTaskLoss(nn.Module):
             (MONAI ``FocalLoss`` on the sigmoid, ``focal_gamma``, mean over the voxels of the samples
             with a mask), the 2-D study's segmentation loss (``configs/mtl2d.json``).
         focal_gamma: the focal loss's exponent.
+        mtl_method: one of :data:`MTL_METHODS`. ``uncertainty`` replaces the fixed weights of the
+            segmentation and class terms by learnt ones: each term ``L_i`` becomes
+            ``exp(-s_i) L_i + s_i / 2`` (``s_i = log sigma_i^2``, Kendall et al.'s classification
+            form, used for the Dice term too), ``s`` a parameter of this module (the optimizer
+            must get :meth:`parameters`; ``train.json`` passes the loss to
+            :func:`pipeline.training.engines.param_groups`) that starts at ``-log(w)`` so the first
+            steps weigh as ``fixed``; at its optimum a term weighs ``1 / (2 L_i)``, so the class term
+            loses weight as the segmentation improves. The other methods leave the loss as
+            ``fixed`` (their rule acts on the gradients).
 
     :meth:`compute` takes the tensors explicitly; :meth:`forward` is the MONAI-engine adapter
     (``loss(pred, target)`` with the network's output tuple and the target dict from
@@ -60,10 +78,13 @@ class MultiTaskLoss(nn.Module):
 
     def __init__(self, cls_weight: float = 0.3, class_weights: Sequence[float] | torch.Tensor | None = None,
                  eps: float = 1e-5, seg_weight: float = 1.0, recon_weight: float = 0.0, seg_loss: str = "dice",
-                 focal_gamma: float = 2.0) -> None:
+                 focal_gamma: float = 2.0, mtl_method: str = "fixed") -> None:
         super().__init__()
         if seg_loss not in ("dice", "dice_focal"):
             raise ValueError(f"seg_loss must be 'dice' or 'dice_focal', got {seg_loss!r}")
+        if mtl_method not in MTL_METHODS:
+            raise ValueError(f"mtl_method must be one of {', '.join(MTL_METHODS)}, got {mtl_method!r}")
+        self.mtl_method = mtl_method
         self.focal = FocalLoss(use_softmax=False, gamma=focal_gamma, reduction="none") if seg_loss == "dice_focal" else None
         self.cls_weight = float(cls_weight)
         self.seg_weight = float(seg_weight)
@@ -72,6 +93,27 @@ class MultiTaskLoss(nn.Module):
         w = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", w, persistent=False)
         self.last_terms: dict[str, torch.Tensor] = {}
+        # learnt only when both tasks train: with one term there is nothing to balance
+        learnt = mtl_method == "uncertainty" and self.seg_weight > 0 and self.cls_weight > 0
+        self.log_vars = (nn.Parameter(torch.tensor([-math.log(self.seg_weight), -math.log(self.cls_weight)]))
+                         if learnt else None)
+
+    def _weighted(self, seg: torch.Tensor, ce: torch.Tensor, n_seg: int, n_cls: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(segmentation term, class term, regulariser)``: the weighted losses (what moves the
+        network) and the uncertainty weighting's ``sum s_i / 2`` over the present terms."""
+        if self.log_vars is None:
+            return self.seg_weight * seg, self.cls_weight * ce, seg.new_zeros(())
+        s = self.log_vars.to(seg.device)
+        reg = seg.new_zeros(()) + (0.5 * s[0] if n_seg else 0.0) + (0.5 * s[1] if n_cls else 0.0)
+        return torch.exp(-s[0]) * seg, torch.exp(-s[1]) * ce, reg
+
+    def task_weights(self) -> dict[str, float]:
+        """The current weights of the segmentation and class terms (``w_seg``, ``w_cls``)."""
+        if self.log_vars is None:
+            return {"w_seg": self.seg_weight, "w_cls": self.cls_weight}
+        w = torch.exp(-self.log_vars.detach()).tolist()
+        return {"w_seg": w[0], "w_cls": w[1]}
 
     def forward(self, pred: tuple | list, target: dict[str, torch.Tensor]) -> torch.Tensor:
         """Engine adapter: ``pred = (seg_logits, class_logits | None, embedding[, reconstruction])``,
@@ -130,10 +172,11 @@ class MultiTaskLoss(nn.Module):
         else:
             ce = zero
         rec = F.mse_loss(recon.float(), image[:, : recon.shape[1]].float()) if use_recon else zero
-        total = self.seg_weight * seg + self.cls_weight * ce + self.recon_weight * rec
+        seg_term, cls_term, reg = self._weighted(seg, ce, n_seg, n_cls)
+        total = seg_term + cls_term + self.recon_weight * rec + reg
         nan = torch.tensor(float("nan"), device=dev)
-        # the weighted terms with their graph, for the gradient statistics (pipeline.training.gradients)
-        graph = {"seg_term": self.seg_weight * seg, "cls_term": self.cls_weight * ce} if n_seg and n_cls else {}
+        # the weighted terms with their graph, for the gradient statistics and rules (pipeline.training.gradients)
+        graph = {"seg_term": seg_term, "cls_term": cls_term} if n_seg and n_cls else {}
         return {
             "loss": total,
             **graph,
@@ -196,8 +239,9 @@ class MultiTaskLoss(nn.Module):
         ce_all = total[o] / total[o + 1] if n_cls else keep
         rec = total[o + 2] / total[o + 3] if recon is not None else keep
         nan = torch.tensor(float("nan"), device=dev)
+        seg_term, cls_term, reg = self._weighted(seg, ce_all, n_seg, n_cls)
         return {
-            "loss": self.seg_weight * seg + self.cls_weight * ce_all + self.recon_weight * rec + keep,
+            "loss": seg_term + cls_term + self.recon_weight * rec + reg + keep,
             "seg": seg.detach() if n_seg else nan,
             "cls": ce_all.detach() if n_cls else nan,
             "recon": rec.detach() if recon is not None else nan,

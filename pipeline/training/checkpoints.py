@@ -178,12 +178,15 @@ class TrainerScaler:
 
 
 def checkpoint_objects(trainer: Engine, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                       lr_scheduler: Any = None, best_model_saver: AtomicCheckpointSaver | None = None
-                       ) -> dict[str, Any]:
+                       lr_scheduler: Any = None, best_model_saver: AtomicCheckpointSaver | None = None,
+                       loss: torch.nn.Module | None = None) -> dict[str, Any]:
     """What a resumable checkpoint holds: network, optimizer, scheduler, AMP grad scaler (when
-    AMP is on), the trainer's state (epoch, iteration) and the best key metric so far (the
-    validation ``best_model_saver``, so ``model.pt`` stays the best of the whole run)."""
+    AMP is on), the trainer's state (epoch, iteration), the best key metric so far (the
+    validation ``best_model_saver``, so ``model.pt`` stays the best of the whole run) and the loss
+    when it has learnt parameters (the task weights of ``mtl_method: uncertainty``)."""
     objs: dict[str, Any] = {"network": network, "optimizer": optimizer, "trainer": trainer}
+    if loss is not None and any(True for _ in loss.parameters()):
+        objs["loss"] = loss
     if lr_scheduler is not None:
         objs["lr_scheduler"] = lr_scheduler
     if best_model_saver is not None:

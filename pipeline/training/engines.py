@@ -104,7 +104,8 @@ class MultiTaskPrepareBatch(PrepareBatch):
 
 class LossTermsHandler:
     """After each loss computation, copy the loss components and the learning rate into
-    ``engine.state.output`` (keys ``loss_seg``, ``loss_cls``, ``loss_recon``, ``lr``) for the logging handlers."""
+    ``engine.state.output`` (keys ``loss_seg``, ``loss_cls``, ``loss_recon``, ``lr``, and the learnt task
+    weights ``w_seg`` / ``w_cls`` under ``mtl_method: uncertainty``) for the logging handlers."""
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
@@ -116,13 +117,15 @@ class LossTermsHandler:
             if key in terms:
                 out[f"loss_{key}"] = float(terms[key])
         out["lr"] = float(engine.optimizer.param_groups[0]["lr"])
+        if getattr(engine.loss_function, "log_vars", None) is not None:  # learnt task weights
+            out.update(engine.loss_function.task_weights())
 
 
 def loss_output(output: dict) -> dict[str, float]:
     """Trainer output -> scalars to log: total loss, each component (when computed), lr."""
     loss = output["loss"]
     logged = {"loss": float(loss.detach() if isinstance(loss, torch.Tensor) else loss)}
-    for key in ("loss_seg", "loss_cls", "loss_recon", "lr", "grad_seg", "grad_cls", "grad_cos"):
+    for key in ("loss_seg", "loss_cls", "loss_recon", "lr", "grad_seg", "grad_cls", "grad_cos", "grad_conflict", "w_seg", "w_cls"):
         value = output.get(key)
         if value is not None and value == value:  # skip NaN (no sample for that task in the batch)
             logged[key] = float(value)
@@ -273,8 +276,11 @@ class ClassificationMetrics(Metric):
         return {f"{self.prefix}{k}": v for k, v in values.items()}
 
 
-def param_groups(network: torch.nn.Module, lr: float, head_lr_factor: float = 1.0) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: the classifier head at ``lr * head_lr_factor``, the rest at ``lr``.
+def param_groups(network: torch.nn.Module, lr: float, head_lr_factor: float = 1.0,
+                 loss: torch.nn.Module | None = None) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: the classifier head at ``lr * head_lr_factor``, the rest at ``lr``;
+    the loss's own parameters (the learnt task weights of ``mtl_method: uncertainty``,
+    :class:`pipeline.models.losses.MultiTaskLoss`), when it has any, at ``lr`` without weight decay.
 
     The head is a few thousand weights on top of an encoder that Adam moves at ``lr``; with the
     demo's few hundred steps it barely leaves its initial state at the encoder's rate (training
@@ -282,12 +288,14 @@ def param_groups(network: torch.nn.Module, lr: float, head_lr_factor: float = 1.
     Frozen parameters (``requires_grad = False``, :mod:`pipeline.training.staging`) are left out.
     """
     trained = [p for p in network.parameters() if p.requires_grad]
+    own = [p for p in loss.parameters() if p.requires_grad] if loss is not None else []
+    extra = [{"params": own, "lr": lr, "weight_decay": 0.0}] if own else []
     head = getattr(distributed.unwrap(network), "classifier", None)
     if head is None or head_lr_factor == 1.0:
-        return [{"params": trained, "lr": lr}]
+        return [{"params": trained, "lr": lr}, *extra]
     head_ids = {id(p) for p in head.parameters() if p.requires_grad}
     groups = [{"params": [p for p in trained if id(p) not in head_ids], "lr": lr},
-              {"params": [p for p in trained if id(p) in head_ids], "lr": lr * head_lr_factor}]
+              {"params": [p for p in trained if id(p) in head_ids], "lr": lr * head_lr_factor}, *extra]
     return [g for g in groups if g["params"]]
 
 

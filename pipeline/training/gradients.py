@@ -15,6 +15,22 @@ Cost: one extra backward pass through the encoder per task at the iterations mea
 graph is kept for the training step), nothing at the others; a batch without both a mask and a
 class, a network without encoder parameters and several processes (DDP reduces gradients inside
 backward) are skipped. Written here because neither MONAI nor Ignite measures gradient conflict.
+
+:class:`EncoderGradientRule` acts on the same two gradients (``mtl_method``,
+:data:`pipeline.models.losses.MTL_METHODS`), between the backward pass and the optimiser step:
+
+* ``pcgrad`` (Yu et al. 2020, two tasks): where the tasks' encoder gradients conflict
+  (negative dot product), each is projected onto the normal plane of the other before they are
+  added; where they agree, nothing changes;
+* ``stop``: the class gradient reaches only the deepest ``cls_grad_levels`` levels of the encoder
+  (SegResNet's ``down_layers``; ``0``: none, the head learns on features only the segmentation
+  shapes), the shallower levels get the segmentation's gradient alone.
+
+It takes the class term's encoder gradient with one extra backward pass through the encoder (the
+segmentation's is the total's remainder). Written by hand because neither MONAI nor Ignite has
+gradient surgery; single process only (DDP averages inside the backward pass, before a rule could
+see the two tasks apart) and SegResNet only (the encoder is named by
+:data:`pipeline.training.staging.BRANCHES`).
 """
 
 from __future__ import annotations
@@ -22,13 +38,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
+from pipeline.models.losses import MTL_METHODS
 from pipeline.runtime.distributed import is_distributed, unwrap
 from pipeline.training.staging import branch_of
 
-__all__ = ["GradientConflictHandler", "encoder_gradient_stats"]
+__all__ = ["GradientConflictHandler", "encoder_gradient_stats", "EncoderGradientRule", "pcgrad_combine",
+           "encoder_level"]
 
 
 def encoder_gradient_stats(seg_term: torch.Tensor, cls_term: torch.Tensor,
@@ -66,3 +84,101 @@ class GradientConflictHandler:
                   if p.requires_grad and branch_of(n) == "encoder"]
         if params:
             engine.state.output.update(encoder_gradient_stats(seg, cls, params))
+
+
+def pcgrad_combine(g_seg: torch.Tensor, g_cls: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """PCGrad for two tasks: ``(g_seg' + g_cls', conflicted)``, where each gradient loses its
+    component along the other when their dot product is negative (both projections use the
+    original gradients, as in Yu et al.'s algorithm 1)."""
+    dot = torch.dot(g_seg, g_cls)
+    if dot >= 0:
+        return g_seg + g_cls, False
+    seg_p = g_seg - dot / g_cls.dot(g_cls).clamp_min(1e-20) * g_cls
+    cls_p = g_cls - dot / g_seg.dot(g_seg).clamp_min(1e-20) * g_seg
+    return seg_p + cls_p, True
+
+
+def encoder_level(name: str) -> int | None:
+    """The SegResNet encoder level of a parameter name: ``convInit`` 0, ``down_layers.<i>`` ``i``;
+    ``None`` outside the encoder."""
+    parts = name.split(".")
+    if parts[0] == "convInit":
+        return 0
+    if parts[0] == "down_layers" and len(parts) > 1 and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+class EncoderGradientRule:
+    """``pcgrad`` or ``stop`` on the shared encoder's gradients (see the module); nothing for
+    ``fixed`` and ``uncertainty`` (the loss implements those).
+
+    Args:
+        method: one of :data:`pipeline.models.losses.MTL_METHODS`.
+        cls_grad_levels: ``stop``: how many of the deepest encoder levels the class gradient
+            reaches (0: none).
+    """
+
+    def __init__(self, method: str = "fixed", cls_grad_levels: int = 0) -> None:
+        if method not in MTL_METHODS:
+            raise ValueError(f"mtl_method must be one of {', '.join(MTL_METHODS)}, got {method!r}")
+        if int(cls_grad_levels) < 0:
+            raise ValueError(f"cls_grad_levels must be 0 or more, got {cls_grad_levels}")
+        self.method = method
+        self.cls_grad_levels = int(cls_grad_levels)
+        self.params: list[tuple[torch.nn.Parameter, int]] = []
+        self.cls_grads: list[torch.Tensor] | None = None
+        self.steps = 0
+        self.conflicts = 0
+
+    def attach(self, engine: Engine) -> None:
+        if self.method not in ("pcgrad", "stop"):
+            return
+        if is_distributed():
+            raise ValueError(f"mtl_method {self.method!r} works in one process only (DDP averages the gradients "
+                             "inside the backward pass); use 'fixed' or 'uncertainty' with several GPUs")
+        engine.add_event_handler(Events.STARTED, self.find_encoder)
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self.take_class_gradient)
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self.combine)
+
+    def find_encoder(self, engine: Engine) -> None:
+        named = [(p, encoder_level(n)) for n, p in unwrap(engine.network).named_parameters()
+                 if p.requires_grad and branch_of(n) == "encoder"]
+        self.params = [(p, lvl) for p, lvl in named if lvl is not None]
+        if not self.params:
+            raise ValueError(f"mtl_method {self.method!r} needs the SegResNet backbone (its encoder is what the rule "
+                             "acts on); use 'fixed' or 'uncertainty' with other backbones")
+
+    def take_class_gradient(self, engine: Engine) -> None:
+        terms: dict[str, Any] = getattr(engine.loss_function, "last_terms", {})
+        cls = terms.get("cls_term")
+        self.cls_grads = None
+        if cls is None or not cls.requires_grad:
+            return  # a batch without both tasks: nothing to combine
+        grads = torch.autograd.grad(cls, [p for p, _ in self.params], retain_graph=True, allow_unused=True)
+        scale = float(engine.scaler.get_scale()) if getattr(engine, "amp", False) and engine.scaler is not None else 1.0
+        self.cls_grads = [(g if g is not None else torch.zeros_like(p)) * scale
+                          for g, (p, _) in zip(grads, self.params, strict=True)]
+
+    def combine(self, engine: Engine) -> None:
+        if self.cls_grads is None:
+            return
+        self.steps += 1
+        if self.method == "stop":
+            deepest = max(lvl for _, lvl in self.params)
+            for (p, lvl), g_cls in zip(self.params, self.cls_grads, strict=True):
+                if lvl <= deepest - self.cls_grad_levels and p.grad is not None:
+                    p.grad.sub_(g_cls.to(p.grad.dtype))
+        else:
+            totals = [p.grad if p.grad is not None else torch.zeros_like(p) for p, _ in self.params]
+            g_cls = torch.cat([g.reshape(-1).float() for g in self.cls_grads])
+            g_all = torch.cat([g.reshape(-1).float() for g in totals])
+            combined, conflicted = pcgrad_combine(g_all - g_cls, g_cls)
+            self.conflicts += int(conflicted)
+            offset = 0
+            for p, _ in self.params:
+                n = p.numel()
+                p.grad = combined[offset:offset + n].view_as(p).to(p.dtype)
+                offset += n
+            engine.state.output["grad_conflict"] = float(conflicted)
+        self.cls_grads = None

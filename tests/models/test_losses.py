@@ -88,3 +88,32 @@ def test_engine_adapter_keeps_terms(batch):
     loss = MultiTaskLoss(cls_weight=0.5)
     total = loss((seg, logits, None), {"label": mask, "class": cls, "has_label": torch.ones(4), "has_class": torch.ones(4)})
     assert total.item() == pytest.approx(loss.last_terms["seg"].item() + 0.5 * loss.last_terms["cls"].item(), rel=1e-6)
+
+
+def test_uncertainty_weighting_starts_at_the_fixed_weights_and_learns_one_over_twice_the_loss():
+    seg_logits = torch.randn(2, 1, 8, 8, 8)
+    mask = (torch.rand(2, 1, 8, 8, 8) > 0.7).float()
+    cls_logits = torch.randn(2, 3)
+    cls = torch.tensor([0, 2])
+    fixed = MultiTaskLoss(cls_weight=0.3).compute(seg_logits, cls_logits, mask, cls)
+    learnt = MultiTaskLoss(cls_weight=0.3, mtl_method="uncertainty")
+    out = learnt.compute(seg_logits, cls_logits, mask, cls)
+    # exp(-s) L + s / 2 per term, s starting at -log(w): the fixed loss plus -log(0.3) / 2
+    assert float(out["loss"].detach()) == pytest.approx(float(fixed["loss"]) - 0.5 * math.log(0.3), rel=1e-5)
+    assert learnt.task_weights() == pytest.approx({"w_seg": 1.0, "w_cls": 0.3})
+    # with the losses held constant, each weight goes to 1 / (2 L) (the minimum of exp(-s) L + s / 2)
+    opt = torch.optim.Adam(learnt.parameters(), lr=0.05)
+    for _ in range(600):
+        opt.zero_grad()
+        learnt.compute(seg_logits, cls_logits, mask, cls)["loss"].backward()
+        opt.step()
+    w = learnt.task_weights()
+    assert w["w_seg"] == pytest.approx(1 / (2 * float(fixed["seg"])), rel=0.02)
+    assert w["w_cls"] == pytest.approx(1 / (2 * float(fixed["cls"])), rel=0.02)
+
+
+def test_uncertainty_weighting_learns_nothing_with_one_task_and_refuses_unknown_methods():
+    assert MultiTaskLoss(cls_weight=0.0, mtl_method="uncertainty").log_vars is None
+    assert list(MultiTaskLoss(mtl_method="pcgrad").parameters()) == []
+    with pytest.raises(ValueError, match="mtl_method"):
+        MultiTaskLoss(mtl_method="gradnorm")
