@@ -10,7 +10,13 @@ test Dice under several post-processing rules (``dice_by_postprocessing`` in ``m
 those are tabulated too, so one trained model credits each rule.
 
     python benchmarks/seeds.py --overlays configs/demo.json --tag demo [--seeds 1 2 3 4 5]
-        [--cases 48] [--space atlas|native] [--work work/seeds] [--epochs N] [--set key=value ...]
+        [--cases 48] [--ratios 0.5 0.15 0.35] [--space atlas|native] [--work work/seeds] [--epochs N]
+        [--set key=value ...]
+
+Each seed's split (``pipeline split``, seeded by the cohort seed, stratified by class) holds 35 % of
+the cases for testing: 17 of 48, so that one case moves a seed's balanced accuracy by about 0.06, not
+by up to 0.17 as with the bundle's 15 % (7 cases; the figures in the results history before
+2026-12-06). ``benchmarks/multitask_cost.py`` uses the same cohorts, ratios and seeds.
 
 Cohorts are shared between tags (``WORK/cohorts/<space>_n<cases>_s<seed>``), runs live in
 ``WORK/<tag>/s<seed>`` and resume (the bundle resumes training; a finished evaluation is reused).
@@ -61,8 +67,12 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     if not (cohort / "datalist.json").exists():
         _run([py, "-m", "pipeline", "phantom", "--out", str(cohort), "--cases", str(args.cases), "--seed", str(seed),
               "--spacing", str(args.spacing), "--space", args.space], log)
+    splits = run / "splits.json"
+    if not splits.exists():
+        _run([py, "-m", "pipeline", "split", "--datalist", str(cohort / "datalist.json"), "--out", str(splits),
+              "--kind", "ratio", "--ratios", *map(str, args.ratios), "--repeats", "1", "--seed", str(seed)], log)
     common = ["--datalist", str(cohort / "datalist.json"), "--output_dir", str(run),
-              "--registration_cache", str(work / "registration")]
+              "--registration_cache", str(work / "registration"), "--split_file", str(splits), "--split_index", "0"]
     if args.space == "atlas":
         common += ["--already_registered", "True"]
     if args.epochs:
@@ -140,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="demo", help="name of this setting (runs in WORK/TAG/s<seed>)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     p.add_argument("--cases", type=int, default=48)
+    p.add_argument("--ratios", nargs=3, type=float, default=[0.5, 0.15, 0.35], help="train / validation / test")
     p.add_argument("--spacing", type=float, default=2.0)
     p.add_argument("--space", choices=("atlas", "native"), default="atlas")
     p.add_argument("--work", default="work/seeds")

@@ -91,3 +91,12 @@ def test_summary_pairs_arms_by_split_and_cases_by_id():
     assert p["cases"]["n"] == 6
     ref = stats.wilcoxon(np.round([0.05, -0.05] * 3, 10), method="auto")  # W+ = W-: p = 1
     assert p["cases"]["wilcoxon_p"] == pytest.approx(ref.pvalue)
+
+
+def test_t_interval_by_hand():
+    # differences 0.01, 0.03, -0.01, 0.05: mean 0.02, sd sqrt(0.002 / 3), t(0.975, 3) = 3.182446
+    single = [0.8, 0.8, 0.8, 0.8]
+    out = paired_comparison(single, [0.81, 0.83, 0.79, 0.85])
+    half = 3.182446 * math.sqrt(0.002 / 3) / 2
+    assert out["ci95_t"] == pytest.approx([0.02 - half, 0.02 + half], abs=1e-6)
+    assert all(math.isnan(x) for x in paired_comparison([0.5], [0.6])["ci95_t"])
