@@ -35,6 +35,9 @@ class TumourHeadMixin:
         self.coord_channels = int(coord_channels)
         self.cls_pooling = cls_pooling
         self.tumour_floor = float(tumour_floor)
+        # True: the head reads a detached bottleneck, so the class loss trains the head and never the
+        # encoder (mtl_method 'stop' with cls_grad_levels 0 sets it, pipeline.training.gradients)
+        self.cls_detach = False
         mirror = torch.zeros(max(self.coord_channels, 1), dtype=torch.bool)
         for a in coord_mirror_axes:
             if self.coord_channels and not 0 <= int(a) < self.coord_channels:
@@ -63,6 +66,8 @@ class TumourHeadMixin:
                   ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """``(class logits | None, embedding)`` from the bottleneck ``(B, C, h, w, d)``, the input
         ``x`` (its coordinate channels) and the segmentation logits (``None``: no decoder)."""
+        if self.cls_detach:
+            bottleneck = bottleneck.detach()
         if seg is None:
             embedding = torch.flatten(self.pool(bottleneck), 1)
             return (self.classifier(embedding) if self.classifier is not None else None), embedding

@@ -24,7 +24,9 @@ backward) are skipped. Written here because neither MONAI nor Ignite measures gr
   added; where they agree, nothing changes;
 * ``stop``: the class gradient reaches only the deepest ``cls_grad_levels`` levels of the encoder
   (SegResNet's ``down_layers``; ``0``: none, the head learns on features only the segmentation
-  shapes), the shallower levels get the segmentation's gradient alone.
+  shapes), the shallower levels get the segmentation's gradient alone. With ``0`` levels the rule
+  sets the network's ``cls_detach`` (its head then reads a detached bottleneck: the same update,
+  without the extra backward pass, on every backbone) and does nothing else.
 
 It takes the class term's encoder gradient with one extra backward pass through the encoder (the
 segmentation's is the total's remainder). Written by hand because neither MONAI nor Ignite has
@@ -134,14 +136,20 @@ class EncoderGradientRule:
     def attach(self, engine: Engine) -> None:
         if self.method not in ("pcgrad", "stop"):
             return
-        if is_distributed():
+        detach = self.method == "stop" and self.cls_grad_levels == 0  # the network does it: any process count
+        if is_distributed() and not detach:
             raise ValueError(f"mtl_method {self.method!r} works in one process only (DDP averages the gradients "
-                             "inside the backward pass); use 'fixed' or 'uncertainty' with several GPUs")
+                             "inside the backward pass); use 'fixed', 'uncertainty' or 'stop' with cls_grad_levels 0 with several GPUs")
         engine.add_event_handler(Events.STARTED, self.find_encoder)
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self.take_class_gradient)
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self.combine)
 
     def find_encoder(self, engine: Engine) -> None:
+        net = unwrap(engine.network)
+        if self.method == "stop" and self.cls_grad_levels == 0 and hasattr(net, "cls_detach"):
+            net.cls_detach = True  # the head's input detached: no class gradient reaches the encoder
+            self.params = []
+            return
         named = [(p, encoder_level(n)) for n, p in unwrap(engine.network).named_parameters()
                  if p.requires_grad and branch_of(n) == "encoder"]
         self.params = [(p, lvl) for p, lvl in named if lvl is not None]
@@ -150,6 +158,8 @@ class EncoderGradientRule:
                              "acts on); use 'fixed' or 'uncertainty' with other backbones")
 
     def take_class_gradient(self, engine: Engine) -> None:
+        if not self.params:
+            return
         terms: dict[str, Any] = getattr(engine.loss_function, "last_terms", {})
         cls = terms.get("cls_term")
         self.cls_grads = None

@@ -154,3 +154,14 @@ def test_rule_refuses_an_unknown_method_and_a_network_without_segresnet_encoder(
     EncoderGradientRule("pcgrad").attach(trainer)
     with pytest.raises(ValueError, match="SegResNet"):
         trainer.run()
+
+
+def test_stop_at_no_level_detaches_the_head_input_and_trains_the_encoder_on_the_mask_alone():
+    from pipeline.training.gradients import encoder_level
+
+    before, after, g_seg, g_cls = _rule_step("stop", levels=0)
+    for n in before:
+        step = before[n] - after[n]
+        expected = g_seg[n] if encoder_level(n) is not None else g_seg[n] + g_cls[n]
+        assert torch.allclose(step, expected, atol=1e-5), n
+    assert any(g_cls[n].abs().max() > 1e-6 for n in before if encoder_level(n) is not None)
