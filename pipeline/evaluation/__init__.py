@@ -1,4 +1,4 @@
-"""Evaluation: the evaluation run's outputs, surface and BraTS lesion-wise metrics, `score`
+"""Evaluation: the evaluation run's outputs, surface and BraTS lesion-wise metrics, lesion detection, `score`
 (an inference run against ground truth) and paired statistics.
 
 Modules load on first use (``pipeline.evaluation.<module>``), so importing the package costs nothing.
@@ -8,6 +8,6 @@ from __future__ import annotations
 
 from pipeline.lazy import submodule_loader
 
-__all__ = ["lesions", "paired_stats", "report", "score", "surface"]
+__all__ = ["detection", "lesions", "paired_stats", "report", "score", "surface"]
 
 __getattr__ = submodule_loader(__name__)

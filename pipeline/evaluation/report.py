@@ -34,9 +34,11 @@ def _spacing(batch: dict[str, Any], b: int) -> list[float]:
 
 class EvaluationReport:
     """Evaluator handler: per-case Dice, HD95 and surface Dice (mm, :mod:`pipeline.evaluation.surface`),
-    the BraTS lesion-wise Dice and HD95 (:mod:`pipeline.evaluation.lesions`) and class probabilities to ``cases.csv`` and the run's
-    summary (every metric of ``engine.state.metrics`` plus ``dice`` and counts) to
-    ``metrics.json``, both written atomically in ``output_dir`` when the evaluation completes.
+    the BraTS lesion-wise Dice and HD95 (:mod:`pipeline.evaluation.lesions`), the numbers of true
+    lesions and of predicted components (``boxes_true``, ``boxes_pred``) and class probabilities
+    to ``cases.csv``, and the run's summary (every metric of ``engine.state.metrics`` plus
+    ``dice``, the mask components as lesion detections ``det_*``
+    (:func:`pipeline.evaluation.detection.detection_scores`) and counts) to ``metrics.json``, both written atomically in ``output_dir`` when the evaluation completes.
     Under a process group it runs on every rank: the cases of all ranks are gathered and rank 0
     writes them, in the order one process would have.
 
@@ -85,6 +87,7 @@ class EvaluationReport:
     def record(self, engine: Engine) -> None:
         from monai.metrics import compute_dice
 
+        from pipeline.evaluation.detection import lesion_boxes, mask_detections
         from pipeline.evaluation.lesions import lesion_scores
         from pipeline.evaluation.surface import surface_scores
         from pipeline.inference.postprocess import dice_by_rule
@@ -104,6 +107,10 @@ class EvaluationReport:
                 pred_np, truth_np, spacing = pred_mask[0, 0].cpu().numpy(), truth[0, 0].cpu().numpy(), _spacing(batch, b)
                 row.update(surface_scores(pred_np, truth_np, spacing, self.surface_tolerance_mm))
                 row.update(lesion_scores(pred_np, truth_np, spacing))
+                prob_np = seg[b, 0].detach().float().cpu().numpy()
+                row["_boxes_true"] = lesion_boxes(truth_np, spacing)
+                row["_detections"] = mask_detections(pred_np, prob_np, spacing)
+                row["boxes_true"], row["boxes_pred"] = len(row["_boxes_true"]), len(row["_detections"][0])
                 row["true_volume_vox"] = int(truth.sum())
                 if seg_raw is not None:
                     scores = dice_by_rule(seg_raw[b:b + 1], target["label"][b:b + 1], self.threshold,
@@ -143,12 +150,16 @@ class EvaluationReport:
         dices = [r["dice"] for r in self.rows if "dice" in r]
         by_rule = {k[5:-1]: [r[k] for r in self.rows if k in r] for k in {k for r in self.rows for k in r}
                    if k.startswith("dice[")}
+        from pipeline.evaluation.detection import detection_scores
         from pipeline.evaluation.lesions import summarise_lesions
         from pipeline.evaluation.surface import summarise_surface
 
+        boxed = [r for r in self.rows if "_boxes_true" in r]
+        detection = detection_scores([r["_detections"] for r in boxed], [r["_boxes_true"] for r in boxed]) if boxed else {}
         summary.update({
             **summarise_surface(self.rows),
             **summarise_lesions(self.rows),
+            **{f"det_{k}": v for k, v in detection.items()},
             "surface_tolerance_mm": self.surface_tolerance_mm,
             "dice_std": float(torch.tensor(dices).std()) if len(dices) > 1 else float("nan"),
             "dice_min": min(dices) if dices else float("nan"),

@@ -3,7 +3,10 @@
 ``python -m pipeline score --predictions OUT --datalist DATALIST [--ids-from SPLIT --part test]``
 reads ``OUT/<id>/seg.nii.gz`` and ``OUT/predictions.csv`` (written by the inference bundle) and
 compares them with the datalist's native masks and classes: per-case Dice, HD95, surface Dice and
-the BraTS lesion-wise Dice and HD95 on the native grid, their means, accuracy and balanced accuracy. Writes ``OUT/score.json``.
+the BraTS lesion-wise Dice and HD95 on the native grid, their means, accuracy and balanced accuracy,
+and how the predicted mask's components find the true lesions as boxes (``det_ap_iou0.25`` and the
+rest of :func:`pipeline.evaluation.detection.detection_scores`; scored by their mean probability
+when the run wrote ``prob.nii.gz``). Writes ``OUT/score.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import SimpleITK as sitk
 
 from pipeline.data.datalist import load_datalist
 from pipeline.data.splits import load_splits
+from pipeline.evaluation.detection import detection_scores, lesion_boxes, mask_detections
 from pipeline.evaluation.lesions import lesion_scores, summarise_lesions
 from pipeline.evaluation.surface import summarise_surface, surface_scores
 from pipeline.io.errors import InputError
@@ -49,7 +53,7 @@ def score_predictions(pred_dir: str | Path, datalist: str | Path, ids: list[str]
     if not report.is_file():
         raise InputError(report, "no predictions.csv: run the inference bundle first")
     rows = {r["id"]: r for r in csv.DictReader(report.open(encoding="utf-8", newline=""))}
-    cases = []
+    cases, detections, truths = [], [], []
     for case in dl.cases:
         if (ids is not None and case.id not in ids) or case.id not in rows:
             continue
@@ -66,6 +70,11 @@ def score_predictions(pred_dir: str | Path, datalist: str | Path, ids: list[str]
             entry["dice"] = dice(p_arr, t_arr)
             entry.update(surface_scores(p_arr, t_arr, truth.GetSpacing()[::-1]))  # arrays are (z, y, x)
             entry.update(lesion_scores(p_arr, t_arr, truth.GetSpacing()[::-1]))
+            prob_path = pred_dir / case.id / "prob.nii.gz"
+            prob = (sitk.GetArrayViewFromImage(sitk.ReadImage(str(prob_path))) if prob_path.is_file() else None)
+            truths.append(lesion_boxes(t_arr, truth.GetSpacing()[::-1]))
+            detections.append(mask_detections(p_arr, prob, truth.GetSpacing()[::-1]))
+            entry["boxes_true"], entry["boxes_pred"] = len(truths[-1]), len(detections[-1][0])
         if case.cls is not None and row.get("predicted_class"):
             entry["true_class"] = dl.classes[case.cls]
             entry["predicted_class"] = row["predicted_class"]
@@ -91,6 +100,7 @@ def score_predictions(pred_dir: str | Path, datalist: str | Path, ids: list[str]
         "dice_std": float(np.std(dices)) if dices else None,
         **surface,
         **summarise_lesions([c for c in cases if "dice" in c]),
+        **({f"det_{k}": v for k, v in detection_scores(detections, truths).items()} if truths else {}),
         "accuracy": float(np.mean([c["predicted_class"] == c["true_class"] for c in classified])) if classified else None,
         "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
         "cases": cases,
@@ -120,5 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"native space, {s['n']} cases{failed}: Dice {fmt(s['dice'])} (sd {fmt(s['dice_std'])}), "
           f"HD95 {fmt(s['hd95_mm'])} mm, surface Dice {fmt(s['surface_dice'])} (1 mm), lesion-wise Dice "
           f"{fmt(s['lesion_dice'])} and HD95 {fmt(s['lesion_hd95_mm'])} mm, "
+          f"mask components as boxes: AP {fmt(s.get('det_ap_iou0.25'))} (IoU 0.25), lesion sensitivity "
+          f"{fmt(s.get('det_sensitivity_fp1'))} at 1 false positive per case, "
           f"accuracy {fmt(s['accuracy'])}, balanced accuracy {fmt(s['balanced_accuracy'])}")
     return 0

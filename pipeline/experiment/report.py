@@ -37,10 +37,12 @@ __all__ = ["RESULT_COLUMNS", "collect_run", "write_reports", "REFERENCE"]
 RESULT_COLUMNS = [
     "arm", "split", "split_name", "status", "val_dice", "val_balanced_accuracy", "best_epoch", "epochs",
     "test_dice", "test_dice_sd", "test_dice_min", "test_hd95_mm", "test_surface_dice", "test_lesion_dice",
-    "test_lesion_hd95_mm", "test_lesions_tp", "test_lesions_fn", "test_lesions_fp", "test_accuracy",
+    "test_lesion_hd95_mm", "test_lesions_tp", "test_lesions_fn", "test_lesions_fp", "test_box_ap25",
+    "test_box_sensitivity_fp1", "test_accuracy",
     "test_balanced_accuracy", "test_auc", "test_ece", "n_test", "n_test_with_mask", "n_test_with_class", "postprocessing", "seconds", "error",
 ]
 ARM_METRICS = ["val_dice", "test_dice", "test_hd95_mm", "test_surface_dice", "test_lesion_dice", "test_lesion_hd95_mm",
+               "test_box_ap25", "test_box_sensitivity_fp1",
                "val_balanced_accuracy", "test_accuracy", "test_balanced_accuracy", "test_auc"]
 # the single-task arm -> the metric of its own task (per split, per case)
 COMPARED = {"seg": ("test_dice", "dice"), "cls": ("test_balanced_accuracy", "p_true")}
@@ -91,7 +93,8 @@ def collect_run(run_dir: Path, arm: str, split: int, split_name: str, class_name
                test_hd95_mm=_num(m.get("hd95_mm")), test_surface_dice=_num(m.get("surface_dice")),
                test_lesion_dice=_num(m.get("lesion_dice")), test_lesion_hd95_mm=_num(m.get("lesion_hd95_mm")),
                test_lesions_tp=m.get("lesions_tp"), test_lesions_fn=m.get("lesions_fn"),
-               test_lesions_fp=m.get("lesions_fp"),
+               test_lesions_fp=m.get("lesions_fp"), test_box_ap25=_num(m.get("det_ap_iou0.25")),
+               test_box_sensitivity_fp1=_num(m.get("det_sensitivity_fp1")),
                n_test_with_mask=m.get("n_with_mask"), n_test_with_class=m.get("n_with_class"),
                postprocessing=m.get("postprocessing"))
     with (run_dir / "cases.csv").open(newline="", encoding="utf-8") as fh:
@@ -205,14 +208,15 @@ def summary_markdown(summary: dict[str, Any], rows: list[dict[str, Any]], info: 
              f"Datalist `{info.get('datalist')}`, overlays {info.get('overlays')}, seed {info.get('seed')}, "
              f"epochs {info.get('epochs') or 'from the overlays'}.", "", "## Per run", "",
              "| arm | split | status | val Dice (best epoch) | best epoch | test Dice (sd) | HD95 mm | surface Dice "
-             "| lesion Dice | lesion HD95 mm | lesions TP / FN / FP | test bal. acc. | test AUC "
-             "| test cases scored (mask / class) | min |", "|" + " --- |" * 15]
+             "| lesion Dice | lesion HD95 mm | lesions TP / FN / FP | mask boxes AP (IoU 0.25) / sens. at 1 FP "
+             "| test bal. acc. | test AUC | test cases scored (mask / class) | min |", "|" + " --- |" * 16]
     for r in rows:
         lines.append(f"| {r['arm']} | {r['split']} | {r['status']} | {_fmt(r.get('val_dice'))} | {_fmt(r.get('best_epoch'))} "
                      f"| {_fmt(r.get('test_dice'))} ({_fmt(r.get('test_dice_sd'))}) | {_fmt(r.get('test_hd95_mm'), 1)} "
                      f"| {_fmt(r.get('test_surface_dice'))} | {_fmt(r.get('test_lesion_dice'))} "
                      f"| {_fmt(r.get('test_lesion_hd95_mm'), 1)} | {_fmt(r.get('test_lesions_tp'))} / "
                      f"{_fmt(r.get('test_lesions_fn'))} / {_fmt(r.get('test_lesions_fp'))} "
+                     f"| {_fmt(r.get('test_box_ap25'))} / {_fmt(r.get('test_box_sensitivity_fp1'))} "
                      f"| {_fmt(r.get('test_balanced_accuracy'))} "
                      f"| {_fmt(r.get('test_auc'))} | {_fmt(r.get('n_test_with_mask'))} / {_fmt(r.get('n_test_with_class'))} "
                      f"| {_fmt((r.get('seconds') or 0) / 60, 1)} |")

@@ -98,7 +98,9 @@ def test_train_two_iterations_then_evaluate(cohort, overlay, tmp_path):
     if metrics["n_with_mask"]:
         assert 0.0 <= metrics["surface_dice"] <= 1.0
         header = (run / "cases.csv").read_text().splitlines()[0].split(",")
-        assert {"hd95_mm", "surface_dice"} <= set(header)
+        assert {"hd95_mm", "surface_dice", "boxes_true", "boxes_pred"} <= set(header)
+        assert metrics["det_cases"] == metrics["n_with_mask"] and metrics["det_lesions"] >= 1  # a phantom has a tumour
+        assert 0.0 <= metrics["det_ap_iou0.25"] <= 1.0 and 0.0 <= metrics["det_sensitivity_fp1"] <= 1.0
         assert set(metrics["dice_by_postprocessing"]) == {"none", "largest", "confident"}
         assert metrics["dice_by_postprocessing"][decision["postprocess"]] == pytest.approx(metrics["dice"], abs=1e-6)
     if metrics["n_with_class"]:

@@ -99,4 +99,8 @@ def test_score_reports_surface_metrics_in_native_space(tmp_path):
     assert by["c000"]["dice"] == 1.0 and by["c000"]["hd95_mm"] == 0.0 and by["c000"]["surface_dice"] == 1.0
     assert by["c001"]["hd95_mm"] == pytest.approx(6.0)  # one 6 mm voxel along the third axis
     assert s["hd95_mm"] == pytest.approx(3.0) and s["n_hd95_undefined"] == 0
+    # the mask's components as boxes: the exact copy finds its lesions box for box, the shifted one
+    # still overlaps each of them (no probabilities written: every box scores 1)
+    assert by["c000"]["boxes_pred"] == by["c000"]["boxes_true"] >= 1
+    assert s["det_ar_iou0.10"] == pytest.approx(1.0) and s["det_lesions"] == sum(c["boxes_true"] for c in s["cases"])
     shutil.rmtree(pred)

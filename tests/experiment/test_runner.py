@@ -80,15 +80,17 @@ def test_tables_have_a_row_per_arm_and_split(setup):
     assert "Wilcoxon" in (out / "summary.md").read_text()
     # the boundary and lesion-wise figures per split, and the pooled test cases (each once per split)
     for r in rows:
-        for col in ("test_hd95_mm", "test_surface_dice", "test_lesion_dice", "test_lesion_hd95_mm"):
+        for col in ("test_hd95_mm", "test_surface_dice", "test_lesion_dice", "test_lesion_hd95_mm", "test_box_ap25",
+                    "test_box_sensitivity_fp1"):
             assert r[col] != "", col
         assert 0.0 <= float(r["test_lesion_dice"]) <= 1.0 and float(r["test_lesions_tp"]) >= 0
+        assert 0.0 <= float(r["test_box_ap25"]) <= 1.0 and 0.0 <= float(r["test_box_sensitivity_fp1"]) <= 1.0
     cases = read_csv(out / "cases.csv")
     for arm in ("seg", "mtl"):
         scored = [float(c["lesion_dice"]) for c in cases if c["arm"] == arm and c["dice"] != ""]
         pooled = summary["arms"][arm]["pooled_cases"]
         assert pooled["n"] == len(scored) and pooled["lesion_dice"]["mean"] == pytest.approx(sum(scored) / len(scored), abs=1e-5)  # csv rounds
-    assert "lesion Dice" in (out / "summary.md").read_text()
+    assert "lesion Dice" in (out / "summary.md").read_text() and "mask boxes AP" in (out / "summary.md").read_text()
     for arm in ("seg", "mtl"):
         run = out / "runs" / arm / "split1"
         assert "--split_index 1" in (run / "command.txt").read_text()
