@@ -264,6 +264,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="contrasts per case, comma-separated, flair first: flair or flair,t2 (default flair)")
     p.add_argument("--skull-fraction", type=float, default=PhantomConfig.skull_fraction,
                    help=f"fraction of cases with a skull/scalp shell (default {PhantomConfig.skull_fraction})")
+    p.add_argument("--satellites", type=float, default=0.0,
+                   help="fraction of cases with one or two small lesions apart from the tumour (default 0)")
     p.add_argument("--profile", choices=PROFILES, default="study",
                    help="study: the study's phantom (one FLAIR contrast, 10-60 mL tumours; the default); "
                         "realistic: oedema along white matter, 3-100 mL cores (whole tumours up to over 200 mL), "
@@ -275,7 +277,7 @@ def main(argv: list[str]) -> int:
     """CLI entry: ``python -m pipeline phantom --out DIR --cases N --seed S [...]``."""
     args = _parser().parse_args(argv)
     config = (PhantomConfig.realistic if args.profile == "realistic" else PhantomConfig)(
-        skull_fraction=args.skull_fraction)
+        skull_fraction=args.skull_fraction, satellite_fraction=args.satellites)
     summary = make_cohort(args.out, cases=args.cases, seed=args.seed, spacing=args.spacing, space=args.space,
                           missing_mask=args.missing_mask, missing_class=args.missing_class, config=config,
                           progress=print, sequences=tuple(s.strip() for s in args.sequences.split(",") if s.strip()))

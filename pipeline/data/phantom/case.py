@@ -31,7 +31,7 @@ from pipeline.data.phantom.realism import (
     warp_anatomy,
     wmh_weight,
 )
-from pipeline.data.phantom.tumour import Tumour, make_tumour, render_flair, render_t2
+from pipeline.data.phantom.tumour import Tumour, add_satellites, make_tumour, render_flair, render_t2
 from pipeline.io.imageio import write_image_atomic, write_text_atomic
 from pipeline.registration.transforms import write_transform_atomic
 
@@ -87,6 +87,12 @@ def render_case(spec: CaseSpec, anat: Anatomy, space: str, config: PhantomConfig
     tumour = make_tumour(anat, REGIONS[spec.region], APPEARANCES[spec.appearance] == "cystic", anat_rng, config)
     if realism is not None and real_rng is not None:
         anat, tumour, wmh = _make_realistic(anat, tumour, realism, real_rng)
+    satellites: list[float] = []
+    if config.satellite_fraction > 0:  # a stream of its own, as the realistic pieces
+        sat_rng = _stream(spec, 3000)
+        if sat_rng.random() < config.satellite_fraction:
+            tumour, satellites = add_satellites(anat, tumour, int(sat_rng.integers(1, 3)), sat_rng,
+                                                config.satellite_ml, config.satellite_distance_mm)
     flair, head_mm = render_flair(anat, tumour, spec.skull, anat_rng, realism, wmh)
     mask = np.zeros(anat.brain.shape, dtype=bool)
     mask[tumour.box] = tumour.mask
@@ -94,6 +100,8 @@ def render_case(spec: CaseSpec, anat: Anatomy, space: str, config: PhantomConfig
     signal, seg, tfm = _acquire(anat, flair, mask, head_mm, acq, space, config)
     image = to_image(corrupt_image(sitk.GetArrayFromImage(signal), acq, acq_rng), signal, sitk.sitkFloat32)
     truth = _truth_record(spec, anat, tumour, acq, space, image, seg, tfm)
+    truth["lesions"] = 1 + len(satellites)
+    truth["satellite_volumes_ml_atlas"] = [round(v, 3) for v in satellites]
     if realism is not None:
         oedema = 0.0 if tumour.oedema is None else float(tumour.oedema.sum()) * anat.spacing**3 / 1000.0
         truth["realism"] = {**asdict(realism), "oedema_volume_ml_atlas": round(oedema, 3),

@@ -57,9 +57,16 @@ class PhantomConfig:
             template's shape for every case).
         mass_effect: range of the mass-effect displacement at the tumour centre, as a fraction of
             the core's radius.
+        satellite_fraction: fraction of cases with one or two more lesions apart from the tumour
+            (equally often; satellites or multifocal disease, so that lesion counting and detection
+            have something to learn; :func:`pipeline.data.phantom.tumour.add_satellites`).
+        satellite_ml: volume range of a satellite lesion in mL, drawn log-uniformly.
+        satellite_distance_mm: range of a satellite's centre distance to the tumour's centre.
 
-    The last six (:mod:`pipeline.data.phantom.realism`) are off by default, which is the study's
-    phantom; :meth:`realistic` turns them on.
+    The six realistic pieces from oedema to mass effect (:mod:`pipeline.data.phantom.realism`) and
+    the satellites are off by default, which is the study's phantom; :meth:`realistic` turns the six
+    on, ``--satellites`` the satellites (each from a random stream of its own: with them off, a
+    cohort is bit-identical to one built without the knob).
     """
 
     region_prior: tuple[tuple[float, ...], ...] = ((0.8, 0.05, 0.15), (0.05, 0.8, 0.15), (0.1, 0.1, 0.8))
@@ -83,6 +90,9 @@ class PhantomConfig:
     wmh_fraction: float = 0.0
     deform_mm: float = 0.0
     mass_effect: tuple[float, float] = (0.0, 0.0)
+    satellite_fraction: float = 0.0
+    satellite_ml: tuple[float, float] = (0.3, 3.0)
+    satellite_distance_mm: tuple[float, float] = (15.0, 50.0)
 
     @classmethod
     def realistic(cls, **overrides: object) -> PhantomConfig:
@@ -112,9 +122,10 @@ class PhantomConfig:
         _check_prior(self.appearance_prior, len(APPEARANCES), "appearance_prior")
         check_fraction(self.skull_fraction, "skull fraction")
         check_fraction(self.oblique_fraction, "oblique fraction")
-        for name in ("oedema_fraction", "random_contrast_fraction", "wmh_fraction"):
+        for name in ("oedema_fraction", "random_contrast_fraction", "wmh_fraction", "satellite_fraction"):
             check_fraction(getattr(self, name), name.replace("_", " "))
-        for name in ("volume_ml", "scale_range", "thickness_mm", "intensity_scale", "noise_sigma", "oedema_mm"):
+        for name in ("volume_ml", "scale_range", "thickness_mm", "intensity_scale", "noise_sigma", "oedema_mm",
+                     "satellite_ml", "satellite_distance_mm"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
                 raise InputError(None, f"{name} must be a range 0 < low <= high, got ({lo}, {hi})")

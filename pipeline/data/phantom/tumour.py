@@ -1,5 +1,5 @@
-"""Synthetic cohort (phantom): one irregular tumour (optionally cystic) and the FLAIR-like atlas-space volume,
-and on request a T2-like second contrast of the same head.
+"""Synthetic cohort (phantom): one irregular tumour (optionally cystic, optionally with satellite
+lesions) and the FLAIR-like atlas-space volume, and on request a T2-like second contrast of the same head.
 
 The first two draw from the case's anatomy stream, in the order :func:`make_tumour` then
 :func:`render_flair`; :func:`render_t2` draws from a stream of its own, so asking for it leaves the
@@ -8,7 +8,7 @@ FLAIR, the mask and the acquisition bit-identical.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -17,7 +17,9 @@ from pipeline.data.phantom.anatomy import Anatomy
 from pipeline.data.phantom.config import PhantomConfig
 from pipeline.data.phantom.realism import Realism
 
-__all__ = ["Tumour", "make_tumour", "render_flair", "render_t2"]
+__all__ = ["Tumour", "add_satellites", "make_tumour", "render_flair", "render_t2"]
+
+CUBE = np.ones((3, 3, 3), bool)  # the 26-neighbourhood
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,15 @@ def make_tumour(anat: Anatomy, region: str, cystic: bool, rng: np.random.Generat
     The threshold is chosen so that the tumour (restricted to the brain mask) has the drawn volume;
     the largest connected piece is kept. A cystic tumour gets an ellipsoidal cyst inside its core.
     """
-    s = anat.spacing
     centre = anat.centres[region][rng.integers(len(anat.centres[region]))]
     lo, hi = np.log(config.volume_ml)
     volume_ml = float(np.exp(rng.uniform(lo, hi)))
+    return _grow(anat, centre, volume_ml, cystic, rng)
+
+
+def _grow(anat: Anatomy, centre: np.ndarray, volume_ml: float, cystic: bool, rng: np.random.Generator) -> Tumour:
+    """The tumour of :func:`make_tumour` around a given centre and volume."""
+    s = anat.spacing
     r_eq = (3.0 * volume_ml * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)
     box = _box_around(centre, int(np.ceil(1.8 * r_eq / s)), anat.brain.shape)
     shape = tuple(b.stop - b.start for b in box)
@@ -101,6 +108,64 @@ def make_tumour(anat: Anatomy, region: str, cystic: bool, rng: np.random.Generat
         cyst = core & (_ellipsoid_norm(shape, cyst_centre, s, cyst_radii, _random_rotation(rng)) < 1.0)
     return Tumour(box=box, mask=mask, cyst=cyst, centre_zyx=tuple(int(c) for c in centre),  # type: ignore[arg-type]
                   target_ml=volume_ml)
+
+
+def add_satellites(anat: Anatomy, tumour: Tumour, count: int, rng: np.random.Generator,
+                   volume_ml: tuple[float, float], distance_mm: tuple[float, float]) -> tuple[Tumour, list[float]]:
+    """``count`` small solid lesions apart from the tumour (a satellite or multifocal disease).
+
+    Each is grown as :func:`make_tumour` grows a tumour, around a tumour-centre candidate of any
+    region whose distance to the main centre lies in ``distance_mm``, cut to at least two voxels
+    (26-neighbourhood) from every lesion already placed, so that it stays a lesion of its own, with a volume drawn
+    log-uniformly in ``volume_ml``. The returned tumour's box covers every lesion; its mask, cyst
+    and oedema are the union (a satellite has neither cyst nor oedema); its centre and target
+    volume stay the main tumour's (the class cue is the main tumour's region).
+
+    Returns:
+        The tumour with its satellites, and each satellite's volume in mL (fewer than ``count``
+        when no candidate is left).
+    """
+    shape = anat.brain.shape
+    full = np.zeros(shape, bool)
+    full[tumour.box] = tumour.mask
+    candidates = np.concatenate(list(anat.centres.values()))  # tumour-centre candidates: deep in the brain
+    dist_mm = np.linalg.norm((candidates - np.asarray(tumour.centre_zyx)) * anat.spacing, axis=1)
+    candidates = candidates[(dist_mm >= distance_mm[0]) & (dist_mm <= distance_mm[1])]
+    parts, volumes = [], []
+    lo, hi = np.log(volume_ml)
+    for _ in range(count):
+        taken = ndimage.binary_dilation(full, structure=CUBE, iterations=2)  # 26-neighbourhood, as lesions are counted
+        free = candidates[~taken[tuple(candidates.T)]] if len(candidates) else candidates
+        if not len(free):
+            break
+        sat = _grow(anat, free[rng.integers(len(free))], float(np.exp(rng.uniform(lo, hi))), False, rng)
+        piece = np.zeros(shape, bool)
+        piece[sat.box] = sat.mask
+        piece &= ~taken
+        labels, n = ndimage.label(piece, structure=CUBE)
+        if n > 1:
+            piece = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+        if not piece.any():
+            continue
+        full |= piece
+        parts.append(piece)
+        volumes.append(float(piece.sum()) * anat.spacing**3 / 1000.0)
+    if not parts:
+        return tumour, volumes
+    zyx = np.nonzero(full)
+    box = tuple(slice(int(min(a.min(), b.start)), int(max(a.max() + 1, b.stop)))
+                for a, b in zip(zyx, tumour.box, strict=True))
+
+    def embed(local: np.ndarray | None) -> np.ndarray | None:
+        if local is None:
+            return None
+        out = np.zeros(tuple(b.stop - b.start for b in box), local.dtype)
+        out[tuple(slice(t.start - b.start, t.stop - b.start) for t, b in zip(tumour.box, box, strict=True))] = local
+        return out
+
+    mask = full[box]
+    return replace(tumour, box=box, mask=mask, cyst=embed(tumour.cyst), oedema=embed(tumour.oedema),  # type: ignore[arg-type]
+                   oedema_depth=embed(tumour.oedema_depth)), volumes
 
 
 # ----------------------------------------------------------------------------- rendering
