@@ -17,3 +17,33 @@ def test_switched_off_branches_weigh_nothing_and_are_frozen():
     frozen = {n.split(".")[0] for n, p in net.named_parameters() if not p.requires_grad}
     assert frozen == {"classifier"}
     assert all(p.requires_grad for n, p in net.named_parameters() if n.startswith("convInit"))
+
+
+def test_gradient_rules_fall_back_to_fixed_without_both_tasks():
+    from pipeline.training.staging import effective_mtl_method
+
+    both = {"seg_weight": 1.0, "cls_weight": 0.3, "recon_weight": 0.0}
+    for method in ("fixed", "uncertainty", "pcgrad", "stop"):
+        assert effective_mtl_method(method, both) == method
+    classifier_only = {"seg_weight": 0.0, "cls_weight": 1.0, "recon_weight": 0.5}
+    segmentation_only = {"seg_weight": 1.0, "cls_weight": 0.0, "recon_weight": 0.0}
+    for weights in (classifier_only, segmentation_only):
+        assert effective_mtl_method("stop", weights) == "fixed" and effective_mtl_method("pcgrad", weights) == "fixed"
+        assert effective_mtl_method("uncertainty", weights) == "uncertainty"
+
+
+def test_bundle_resolves_the_method_each_arm_uses():
+    """An overlay that sets ``stop`` for the multi-task network leaves the classifier-alone arm and
+    stage 1 of the staged recipe training their encoder with the class term."""
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    root = Path(__file__).resolve().parents[2]
+    train = root / "bundles/plgg_mtl/configs/train.json"
+    for overlay, expected in (([], "stop"), (["configs/classify_only.json"], "fixed"),
+                              (["configs/stage1_cls_recon.json"], "fixed"), (["configs/single_task.json"], "fixed")):
+        parser = ConfigParser()
+        parser.read_config([str(train), str(root / "configs/demo.json"), str(root / "configs/mtl_stop.json"),
+                            *(str(root / o) for o in overlay)])
+        assert parser.get_parsed_content("mtl_method_used") == expected, overlay
