@@ -17,7 +17,7 @@ Then, per arm, over the seeds:
   them and the share of negative cosines (measured before any gradient rule acts).
 
     python benchmarks/multitask_cost.py --work work/mtl_cost [--seeds 1 2 3 4 5] [--parallel 2]
-        [--arms seg,mtl,stop=configs/mtl_stop.json,...] [--overlays configs/demo.json]
+        [--arms seg,fixed=configs/mtl_fixed.json,stop=configs/mtl_stop.json,...] [--overlays configs/demo.json]
         [--also DIR ...] [--summary-only]
 
 Runs resume (the runner's). ``--also DIR``: more experiment folders laid out as ``DIR/s<seed>`` (arms
@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.evaluation.paired_stats import paired_comparison  # noqa: E402
 
-DEFAULT_ARMS = "seg,mtl,stop=configs/mtl_stop.json,pcgrad=configs/mtl_pcgrad.json,uncertainty=configs/mtl_uncertainty.json"
+DEFAULT_ARMS = "seg,fixed=configs/mtl_fixed.json,stop=configs/mtl_stop.json,pcgrad=configs/mtl_pcgrad.json,uncertainty=configs/mtl_uncertainty.json"
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> None:
