@@ -67,7 +67,11 @@ class TumourHeadMixin:
         """``(class logits | None, embedding)`` from the bottleneck ``(B, C, h, w, d)``, the input
         ``x`` (its coordinate channels) and the segmentation logits (``None``: no decoder)."""
         if self.cls_detach:
-            bottleneck = bottleneck.detach()
+            # a zero gradient rather than a cut graph: the class term's backward pass still reaches the
+            # encoder's nodes (adding exact zeros), so it runs in the same order on every process and the
+            # head's synchronised batch norm keeps in step with DDP's gradient buckets (a plain detach
+            # let the two collectives interleave differently across processes)
+            bottleneck = bottleneck.detach() + 0.0 * bottleneck
         if seg is None:
             embedding = torch.flatten(self.pool(bottleneck), 1)
             return (self.classifier(embedding) if self.classifier is not None else None), embedding
