@@ -15,13 +15,18 @@ from torch import nn
 
 from pipeline.runtime import distributed
 
-__all__ = ["MultiTaskLoss", "MTL_METHODS"]
+__all__ = ["MultiTaskLoss", "MTL_METHODS", "SEG_LOSSES"]
 
 #: How the two tasks share the encoder (``mtl_method``): ``fixed``, the study's ``L_seg + w L_cls``;
 #: ``uncertainty``, each term weighted by a learnt homoscedastic uncertainty (Kendall, Gal and
 #: Cipolla 2018); ``pcgrad``, gradient surgery on the encoder (Yu et al. 2020); ``stop``, the class
 #: gradient stopped below the deepest ``cls_grad_levels`` encoder levels.
 MTL_METHODS: tuple[str, ...] = ("fixed", "uncertainty", "pcgrad", "stop")
+
+#: The segmentation term (``seg_loss``): ``dice``, the study's soft Dice; ``dice_ce``, the Dice plus the
+#: binary cross-entropy (nnU-Net's Dice + CE for one sigmoid channel); ``dice_focal``, the Dice plus the
+#: binary focal loss (the 2-D study's).
+SEG_LOSSES: tuple[str, ...] = ("dice", "dice_ce", "dice_focal")
 
 
 class MultiTaskLoss(nn.Module):
@@ -46,9 +51,10 @@ class MultiTaskLoss(nn.Module):
         eps: denominator smoothing of the Dice term.
         seg_weight: ``w_seg`` (1; 0 in a stage that does not train the segmentation).
         recon_weight: ``w_rec`` (0: no reconstruction term even if the network reconstructs).
-        seg_loss: ``dice`` (the study) or ``dice_focal``: the Dice plus the binary focal loss
-            (MONAI ``FocalLoss`` on the sigmoid, ``focal_gamma``, mean over the voxels of the samples
-            with a mask), the 2-D study's segmentation loss (``configs/mtl2d.json``).
+        seg_loss: one of :data:`SEG_LOSSES`: ``dice`` (the study), ``dice_ce`` (the Dice plus the binary
+            cross-entropy, mean over the voxels of the samples with a mask: nnU-Net's Dice + CE) or
+            ``dice_focal`` (the Dice plus the binary focal loss, MONAI ``FocalLoss`` on the sigmoid with
+            ``focal_gamma``, the same mean: the 2-D study's segmentation loss, ``configs/mtl2d.json``).
         focal_gamma: the focal loss's exponent.
         mtl_method: one of :data:`MTL_METHODS`. ``uncertainty`` replaces the fixed weights of the
             segmentation and class terms by learnt ones: each term ``L_i`` becomes
@@ -80,12 +86,14 @@ class MultiTaskLoss(nn.Module):
                  eps: float = 1e-5, seg_weight: float = 1.0, recon_weight: float = 0.0, seg_loss: str = "dice",
                  focal_gamma: float = 2.0, mtl_method: str = "fixed") -> None:
         super().__init__()
-        if seg_loss not in ("dice", "dice_focal"):
-            raise ValueError(f"seg_loss must be 'dice' or 'dice_focal', got {seg_loss!r}")
+        if seg_loss not in SEG_LOSSES:
+            raise ValueError(f"seg_loss must be one of {', '.join(SEG_LOSSES)}, got {seg_loss!r}")
         if mtl_method not in MTL_METHODS:
             raise ValueError(f"mtl_method must be one of {', '.join(MTL_METHODS)}, got {mtl_method!r}")
         self.mtl_method = mtl_method
-        self.focal = FocalLoss(use_softmax=False, gamma=focal_gamma, reduction="none") if seg_loss == "dice_focal" else None
+        # binary cross-entropy is the focal loss at gamma 0 (MONAI's FocalLoss weighs by exp(0 * ...) = 1)
+        gamma = 0.0 if seg_loss == "dice_ce" else focal_gamma
+        self.focal = FocalLoss(use_softmax=False, gamma=gamma, reduction="none") if seg_loss != "dice" else None
         self.cls_weight = float(cls_weight)
         self.seg_weight = float(seg_weight)
         self.recon_weight = float(recon_weight)

@@ -117,3 +117,16 @@ def test_uncertainty_weighting_learns_nothing_with_one_task_and_refuses_unknown_
     assert list(MultiTaskLoss(mtl_method="pcgrad").parameters()) == []
     with pytest.raises(ValueError, match="mtl_method"):
         MultiTaskLoss(mtl_method="gradnorm")
+
+
+def test_dice_ce_adds_the_binary_cross_entropy_of_the_masked_samples(batch):
+    seg, mask, logits, cls = batch
+    has_label = torch.tensor([1, 1, 0, 1])
+    keep = np.array([0, 1, 3])
+    out = MultiTaskLoss(cls_weight=0.0, seg_loss="dice_ce").compute(seg, logits, mask, cls, has_label=has_label)
+    x, y = seg.numpy()[keep].astype(np.float64), mask.numpy()[keep]
+    p = 1 / (1 + np.exp(-x))
+    bce = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+    assert out["seg"].item() == pytest.approx(hand_dice_loss(x, y) + bce, rel=1e-5)
+    with pytest.raises(ValueError, match="dice_ce"):
+        MultiTaskLoss(seg_loss="ce")
