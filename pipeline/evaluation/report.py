@@ -35,9 +35,10 @@ def _spacing(batch: dict[str, Any], b: int) -> list[float]:
 class EvaluationReport:
     """Evaluator handler: per-case Dice, HD95 and surface Dice (mm, :mod:`pipeline.evaluation.surface`),
     the BraTS lesion-wise Dice and HD95 (:mod:`pipeline.evaluation.lesions`), the numbers of true
-    lesions and of predicted components (``boxes_true``, ``boxes_pred``) and class probabilities
-    to ``cases.csv``, and the run's summary (every metric of ``engine.state.metrics`` plus
-    ``dice``, the mask components as lesion detections ``det_*``
+    lesions, of predicted components and of the detection head's boxes (``boxes_true``, ``boxes_pred``,
+    ``boxes_head``) and class probabilities to ``cases.csv``, and the run's summary (every metric of
+    ``engine.state.metrics`` plus ``dice``, the mask components as lesion detections ``det_*`` and the
+    detection head's boxes ``det_head_*`` when the network detects
     (:func:`pipeline.evaluation.detection.detection_scores`) and counts) to ``metrics.json``, both written atomically in ``output_dir`` when the evaluation completes.
     Under a process group it runs on every rank: the cases of all ranks are gathered and rank 0
     writes them, in the order one process would have.
@@ -111,6 +112,9 @@ class EvaluationReport:
                 row["_boxes_true"] = lesion_boxes(truth_np, spacing)
                 row["_detections"] = mask_detections(pred_np, prob_np, spacing)
                 row["boxes_true"], row["boxes_pred"] = len(row["_boxes_true"]), len(row["_detections"][0])
+                if "boxes" in out["pred"]:  # the detection head's, next to the mask-derived baseline
+                    row["_head_detections"] = out["pred"]["boxes"][b]
+                    row["boxes_head"] = len(row["_head_detections"][0])
                 row["true_volume_vox"] = int(truth.sum())
                 if seg_raw is not None:
                     scores = dice_by_rule(seg_raw[b:b + 1], target["label"][b:b + 1], self.threshold,
@@ -156,10 +160,14 @@ class EvaluationReport:
 
         boxed = [r for r in self.rows if "_boxes_true" in r]
         detection = detection_scores([r["_detections"] for r in boxed], [r["_boxes_true"] for r in boxed]) if boxed else {}
+        headed = [r for r in boxed if "_head_detections" in r]
+        head = (detection_scores([r["_head_detections"] for r in headed], [r["_boxes_true"] for r in headed])
+                if headed else {})
         summary.update({
             **summarise_surface(self.rows),
             **summarise_lesions(self.rows),
             **{f"det_{k}": v for k, v in detection.items()},
+            **{f"det_head_{k}": v for k, v in head.items()},
             "surface_tolerance_mm": self.surface_tolerance_mm,
             "dice_std": float(torch.tensor(dices).std()) if len(dices) > 1 else float("nan"),
             "dice_min": min(dices) if dices else float("nan"),

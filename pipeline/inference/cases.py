@@ -65,6 +65,8 @@ __all__ = [
     "input_fingerprint",
     "write_like_input",
     "tumour_measures",
+    "native_boxes",
+    "box_mask",
     "largest_component",
     "report_columns",
     "write_report",
@@ -88,6 +90,8 @@ SEQUENCE_PATTERNS: dict[str, tuple[str, ...]] = {
     "t2": ("*_t2.nii*", "*-t2w.nii*", "*_t2w.nii*", "t2.nii*", "t2w.nii*", "*t2w*", "*t2_tse*", "*t2*tse*"),
 }
 _RAS_FROM_LPS = np.array([-1.0, -1.0, 1.0])
+#: Report fields with a list per case (the detection head's ``boxes``): in ``predictions.json`` only.
+JSON_ONLY = ("boxes",)
 
 
 def sequence_patterns(name: str, overrides: dict[str, Any] | None = None) -> tuple[str, ...]:
@@ -418,6 +422,48 @@ def tumour_measures(seg: sitk.Image) -> dict[str, Any]:
     return out
 
 
+def native_boxes(boxes: Any, scores: Any, atlas: sitk.Image, transform: sitk.Transform, native: sitk.Image
+                 ) -> list[dict[str, Any]]:
+    """The detection head's boxes, found on the atlas grid, in the scan's own space.
+
+    Each atlas box ``[x0, y0, z0, x1, y1, z1]`` (voxel indices, upper corner exclusive) spans the
+    voxels' edges from ``x0 - 0.5`` to ``x1 - 0.5``; its eight corners go through ``transform``
+    (atlas -> native, the registration's) and the native box is their extent: rotated or
+    sheared, an atlas box becomes a larger native box that still holds it.
+
+    Returns:
+        One dict per box, best first: ``score``, ``voxel_min`` / ``voxel_max`` (inclusive native
+        voxel indices ``i j k``, clipped to the scan, as ``bbox_voxel_*``) and ``ras_min_mm`` /
+        ``ras_max_mm`` (the corners' extent in scanner RAS mm).
+    """
+    b = np.asarray(boxes, dtype=float).reshape(-1, 6)
+    out = []
+    size = np.asarray(native.GetSize()) - 1
+    for box, score in zip(b, np.asarray(scores, dtype=float).reshape(-1), strict=True):
+        lo, hi = box[:3] - 0.5, box[3:] - 0.5
+        corners = [(x, y, z) for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
+        lps = np.array([transform.TransformPoint(atlas.TransformContinuousIndexToPhysicalPoint(c)) for c in corners])
+        ijk = np.array([native.TransformPhysicalPointToContinuousIndex(tuple(p)) for p in lps])
+        vmin = np.clip(np.ceil(ijk.min(0) - 1e-6), 0, size)  # voxels whose centre lies inside
+        vmax = np.clip(np.floor(ijk.max(0) + 1e-6), 0, size)
+        ras = lps * _RAS_FROM_LPS
+        out.append({"score": round(float(score), 4), "voxel_min": _triple(vmin), "voxel_max": _triple(vmax),
+                    "ras_min_mm": _triple(ras.min(0), 1), "ras_max_mm": _triple(ras.max(0), 1)})
+    return out
+
+
+def box_mask(native: sitk.Image, boxes: Sequence[dict[str, Any]]) -> sitk.Image:
+    """A mask on ``native``'s grid with the voxels of every box of :func:`native_boxes` (for the QC picture)."""
+    arr = np.zeros(native.GetSize()[::-1], np.uint8)
+    for box in boxes:
+        lo = [int(v) for v in box["voxel_min"].split()]
+        hi = [int(v) for v in box["voxel_max"].split()]
+        arr[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1] = 1
+    mask = sitk.GetImageFromArray(arr)
+    mask.CopyInformation(native)
+    return mask
+
+
 def largest_component(seg: sitk.Image) -> sitk.Image:
     """The largest connected component (26-connectivity) of a mask; an empty mask stays empty."""
     labels = sitk.RelabelComponent(sitk.ConnectedComponent(seg > 0, True), sortByObjectSize=True)
@@ -431,11 +477,12 @@ _TIMES = ("seconds_registration", "seconds_network", "seconds_writing", "seconds
 
 def report_columns(class_names: Sequence[str], rows: Sequence[dict[str, Any]] = ()) -> list[str]:
     """CSV columns: id, input, status, ``p_<class>`` each, predicted class, volume, boxes, times,
-    ``reused`` (finished by an earlier run), then any extra columns (``dice``, ``true_class``)."""
+    ``reused`` (finished by an earlier run), then any extra columns (``dice``, ``true_class``,
+    ``lesions_detected``) but the list-valued ones (:data:`JSON_ONLY`)."""
     cols = ["id", "input", "status", *[f"p_{n}" for n in class_names], "predicted_class", "volume_ml",
             "bbox_voxel_min", "bbox_voxel_max", "bbox_ras_min_mm", "bbox_ras_max_mm", *_TIMES, "reused"]
     for row in rows:
-        cols += [k for k in row if k not in cols and not k.startswith("_")]
+        cols += [k for k in row if k not in cols and not k.startswith("_") and k not in JSON_ONLY]
     return cols
 
 

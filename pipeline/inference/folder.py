@@ -43,8 +43,10 @@ from pipeline.inference.cases import (
     InputCase,
     case_title,
     input_fingerprint,
+    box_mask,
     largest_component,
     log_row,
+    native_boxes,
     tumour_measures,
     write_like_input,
     write_report,
@@ -67,6 +69,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 #: Files a case's folder holds (their temporaries are removed when a killed run left them).
 _CASE_FILES = ("seg.nii.gz", "seg.dcm", "prob.nii.gz", "qc.png", "result.json")
+#: The detection head's boxes scoring at least this are counted (``lesions_detected``) and drawn on ``qc.png``;
+#: ``predictions.json`` lists every box the head's selector kept (score >= its ``score_thresh``).
+QC_BOX_SCORE = 0.5
 _CHANGED = "the file changed while it was processed (still being copied or written?); run again once it is complete"
 
 
@@ -216,8 +221,10 @@ class FolderInference:
         tfm = item.get("to_atlas")
         return item, (read_transform(tfm) if tfm else sitk.AffineTransform(3))
 
-    def _predict(self, item: dict[str, Any]) -> tuple[sitk.Image, torch.Tensor | None]:
-        """Normalise like training, predict; the tumour probability as an atlas-grid image."""
+    def _predict(self, item: dict[str, Any]) -> tuple[sitk.Image, torch.Tensor | None, tuple | None]:
+        """Normalise like training, predict; the tumour probability as an atlas-grid image, the class
+        probabilities, and the detection head's ``(boxes, scores)`` on the atlas grid (``None``
+        for a network without the head)."""
         from pipeline.registration.atlas import nifti_to_sitk
 
         data = self.normalise(item)
@@ -228,7 +235,8 @@ class FolderInference:
         prob = pred["seg"][0, 0].float().cpu().numpy()
         affine = np.asarray(image.affine, dtype=float)  # the loaded atlas-grid file's RAS affine
         cls = pred["cls"][0].float().cpu() if pred.get("cls") is not None else None
-        return nifti_to_sitk(prob, affine), cls
+        boxes = pred["boxes"][0] if pred.get("boxes") is not None else None
+        return nifti_to_sitk(prob, affine), cls, boxes
 
     def _class_columns(self, cls: torch.Tensor | None) -> dict[str, Any]:
         names = self.options.class_names
@@ -269,8 +277,10 @@ class FolderInference:
         if self.options.write_prob:
             write_like_input(prob, case.path, folder / "prob.nii.gz", np.float32)
         if self.options.qc:  # planes through the largest tumour component, not between scattered blobs
+            shown = [b for b in row.get("boxes", []) if b["score"] >= QC_BOX_SCORE]
             save_orthogonal_slices(image, folder / "qc.png", outline=seg, title=case_title(row),
-                                   center_index=mask_center_index(largest_component(seg)))
+                                   center_index=mask_center_index(largest_component(seg)),
+                                   boxes=box_mask(image, shown) if shown else None)
 
     def _discard_outputs(self, case: InputCase) -> None:
         """Remove what an earlier run (other settings or input, or ``overwrite``) or this failed
@@ -312,12 +322,15 @@ class FolderInference:
         _check_sequence_grids(case, image)
         item, transform = self._atlas_input(case, image)
         timer.lap("registration")
-        prob_atlas, cls = self._predict(item)
+        prob_atlas, cls, detected = self._predict(item)
         timer.lap("network")
         prob = map_to_native(prob_atlas, transform, image, is_mask=False)
         seg = sitk.Cast(prob >= self.threshold, sitk.sitkUInt8)
         row = {"id": case.id, "input": str(case.path), "status": "ok", **self._class_columns(cls),
                **tumour_measures(seg), **self._truth_columns(case, image, seg)}
+        if detected is not None:  # the detection head's boxes: all in the JSON, their count in the CSV
+            row["boxes"] = native_boxes(*detected, prob_atlas, transform, image)
+            row["lesions_detected"] = sum(b["score"] >= QC_BOX_SCORE for b in row["boxes"])
         self._write(case, image, prob, seg, row)
         timer.lap("writing")
         return {**row, **timer.total(), "reused": False}

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from monai.inferers import Inferer, sliding_window_inference
 from monai.transforms import SpatialPad
@@ -24,7 +25,7 @@ from pipeline.inference.postprocess import RULES, apply_rule, top_component_mask
 from pipeline.models.networks import SegmentationOutput
 from pipeline.runtime.precision import AMP_DTYPES
 
-__all__ = ["MultiTaskInferer", "PredictConfig", "predict_volume", "predict_raw", "tumour_patch_center", "crop_patch",
+__all__ = ["MultiTaskInferer", "detect_boxes", "PredictConfig", "predict_volume", "predict_raw", "tumour_patch_center", "crop_patch",
            "keep_largest_component"]
 
 
@@ -245,20 +246,45 @@ def _classify(network: torch.nn.Module, image: torch.Tensor, seg_prob: torch.Ten
     return torch.stack(all_logits).mean(0)
 
 
+def detect_boxes(network: torch.nn.Module, image: torch.Tensor, detector: torch.nn.Module
+                 ) -> list[tuple[Any, Any]]:
+    """The detection head's boxes on whole volumes ``(B, C, H, W, D)``: per sample ``(boxes (N, 6),
+    scores (N,))``, voxel indices of ``image`` (``[x0, y0, z0, x1, y1, z1]``, upper corner exclusive),
+    best first. The volume is padded at its far end to a multiple of the encoder's down-sampling
+    (so voxel indices keep their meaning) and seen whole (the anchors then cover every lesion in
+    one pass; sliding windows would need their boxes merged); boxes are clipped to the volume.
+    ``detector``: :class:`pipeline.models.detection.LesionDetector`."""
+    k = int(getattr(network, "downsampling", 8))
+    size = list(image.shape[2:])
+    full = [((s + k - 1) // k) * k for s in size]
+    padded = SpatialPad(spatial_size=full, method="end")
+    was_training = network.training
+    network.eval()
+    with torch.no_grad():
+        maps = network(torch.stack([padded(image[b]) for b in range(image.shape[0])]))[-1]
+    network.train(was_training)
+    hi = np.asarray(size * 2, dtype=float)
+    return [(np.clip(boxes, 0, hi), scores) for boxes, scores in detector.decode(maps, full)]
+
+
 class MultiTaskInferer(Inferer):
     """Whole-volume inferer: returns ``{"seg": (B, 1, H, W, D) probabilities after the component
     rule, "cls": (B, K) calibrated probabilities | None, "seg_raw": the probabilities before the
-    component rule, "cls_logits": (B, K) | None}``.
+    component rule, "cls_logits": (B, K) | None}``, and with a network that detects (``detect``) and
+    a ``detector``, ``"boxes"``: per sample the head's ``(boxes, scores)`` (:func:`detect_boxes`).
 
-    Args: the fields of :class:`PredictConfig`.
+    Args: the fields of :class:`PredictConfig`; ``detector``, the
+    :class:`pipeline.models.detection.LesionDetector` that decodes the detection head.
     """
 
     def __init__(self, roi_size: Sequence[int], sw_batch_size: int = 1, overlap: float = 0.25,
                  mode: str = "gaussian", classify: str = "patch", threshold: float = 0.5,
                  tta_flips: Sequence[Sequence[int]] | None = None, amp: bool = False,
                  postprocess: str = "none", class_flip_axes: Sequence[int] | None = None,
-                 min_mass_fraction: float = 0.2, temperature: float = 1.0, amp_dtype: str = "float16") -> None:
+                 min_mass_fraction: float = 0.2, temperature: float = 1.0, amp_dtype: str = "float16",
+                 detector: torch.nn.Module | None = None) -> None:
         super().__init__()
+        self.detector = detector
         self.cfg = PredictConfig(roi_size, sw_batch_size, overlap, mode, classify, threshold, tta_flips, amp,
                                  postprocess, class_flip_axes, min_mass_fraction, float(temperature), amp_dtype)
 
@@ -266,4 +292,7 @@ class MultiTaskInferer(Inferer):
                  **kwargs: Any) -> dict:
         seg_raw, logits = predict_raw(network, inputs, self.cfg, mask=mask)
         seg, cls = finish(seg_raw, logits, self.cfg)
-        return {"seg": seg, "cls": cls, "seg_raw": seg_raw, "cls_logits": logits}
+        out = {"seg": seg, "cls": cls, "seg_raw": seg_raw, "cls_logits": logits}
+        if self.detector is not None and getattr(network, "detect", False):
+            out["boxes"] = detect_boxes(network, inputs, self.detector)
+        return out

@@ -36,6 +36,7 @@ def save_orthogonal_slices(
     outline: sitk.Image | None = None,
     center_index: tuple[int, int, int] | None = None,
     title: str = "",
+    boxes: sitk.Image | None = None,
 ) -> Path:
     """Save axial, coronal and sagittal slices of ``image`` with ``outline``'s contour in red.
 
@@ -48,6 +49,7 @@ def save_orthogonal_slices(
         center_index: voxel index (x, y, z) in ``image`` where the three planes cross;
             default: the outline's centre of mass, else the image centre.
         title: text above the panels.
+        boxes: optional mask on the same grid holding detected boxes; drawn dashed in cyan.
 
     Returns:
         The written path.
@@ -67,6 +69,9 @@ def save_orthogonal_slices(
     if outline is not None:
         mimg = _to_ras_display(sitk.Cast(outline > 0, sitk.sitkUInt8))
         mask_arr = sitk.GetArrayFromImage(mimg)
+    box_arr = None
+    if boxes is not None:
+        box_arr = sitk.GetArrayFromImage(_to_ras_display(sitk.Cast(boxes > 0, sitk.sitkUInt8)))
 
     lo, hi = np.percentile(arr, [1, 99.5]) if arr.size else (0, 1)
     # Radiological convention, as clinical viewers show it. The LPS array's x index runs from the
@@ -84,6 +89,10 @@ def save_orthogonal_slices(
             m = take(mask_arr)
             if m.any():
                 ax.contour(m, levels=[0.5], colors="red", linewidths=1.0)
+        if box_arr is not None:
+            m = take(box_arr)
+            if m.any():
+                ax.contour(m, levels=[0.5], colors="cyan", linewidths=1.0, linestyles="dashed")
         ax.set_title(name, color="white", fontsize=9)
         for x, text, ha in ((0.01, left, "left"), (0.99, right, "right")):
             ax.text(x, 0.5, text, color="yellow", fontsize=9, ha=ha, va="center", transform=ax.transAxes)

@@ -286,7 +286,7 @@ def multitask_network(backbone: str = "segresnet", backbone_kwargs: dict[str, An
     baselines (``densenet121``, ``resnet18``, ``vit``, with ``decoder=False``)
     :class:`pipeline.models.classifiers.ClassifierAlone`. ``kwargs`` are MultiTaskSegResNet's arguments
     (the SegResNet-only ones, ``blocks_down`` / ``blocks_up`` / ``dropout_prob`` / ``norm``, are
-    ignored by the others; ``decoder=False`` and ``reconstruct=True`` need SegResNet);
+    ignored by the others; ``decoder=False``, ``reconstruct=True`` and ``detect=True`` need SegResNet);
     ``patch_size`` is the ViT's input size."""
     from pipeline.models.classifiers import CLASSIFIERS, ClassifierAlone
 
@@ -300,10 +300,11 @@ def multitask_network(backbone: str = "segresnet", backbone_kwargs: dict[str, An
                                kwargs.get("num_classes", 3), patch_size or (48, 48, 48), backbone_kwargs)
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}: use one of {', '.join(BACKBONES + CLASSIFIERS)}")
-    if kwargs.pop("reconstruct", False):
-        raise ValueError(f"backbone {backbone!r}: the reconstruction branch is built on SegResNet only; use "
-                         "backbone 'segresnet'")
-    for key in ("blocks_down", "blocks_up", "dropout_prob", "norm"):
+    for branch in ("reconstruct", "detect"):
+        if kwargs.pop(branch, False):
+            raise ValueError(f"backbone {backbone!r}: the {branch} branch is built on SegResNet only; use "
+                             "backbone 'segresnet'")
+    for key in ("blocks_down", "blocks_up", "dropout_prob", "norm", "det_levels", "det_channels", "det_anchors"):
         kwargs.pop(key, None)
     return MultiTaskBackboneNet(backbone=backbone, backbone_kwargs=backbone_kwargs, **kwargs)
 

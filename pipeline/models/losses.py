@@ -66,6 +66,14 @@ class MultiTaskLoss(nn.Module):
             loses weight as the segmentation improves. The other methods leave the loss as
             ``fixed`` (their rule acts on the gradients).
 
+        det_weight: ``w_det`` of the detection term (0: off, the default): with a detection output (the
+            network's last, ``detect=True``), ``L_det`` = the anchors' classification loss + the box
+            regression loss of :class:`pipeline.models.detection.LesionDetector`, over the samples
+            that have a mask, each lesion of the mask patch above ``det_min_volume_mm3`` a target box
+            (a sample without a mask gives no box targets and no term, as for the other heads).
+        detector: the :class:`~pipeline.models.detection.LesionDetector` (needed when ``det_weight > 0``).
+        det_min_volume_mm3: the smallest lesion that is a target.
+
     :meth:`compute` takes the tensors explicitly; :meth:`forward` is the MONAI-engine adapter
     (``loss(pred, target)`` with the network's output tuple and the target dict from
     :class:`pipeline.training.engines.MultiTaskPrepareBatch`) and returns the total, keeping the
@@ -84,7 +92,8 @@ class MultiTaskLoss(nn.Module):
 
     def __init__(self, cls_weight: float = 0.3, class_weights: Sequence[float] | torch.Tensor | None = None,
                  eps: float = 1e-5, seg_weight: float = 1.0, recon_weight: float = 0.0, seg_loss: str = "dice",
-                 focal_gamma: float = 2.0, mtl_method: str = "fixed") -> None:
+                 focal_gamma: float = 2.0, mtl_method: str = "fixed", det_weight: float = 0.0,
+                 detector: nn.Module | None = None, det_min_volume_mm3: float = 50.0) -> None:
         super().__init__()
         if seg_loss not in SEG_LOSSES:
             raise ValueError(f"seg_loss must be one of {', '.join(SEG_LOSSES)}, got {seg_loss!r}")
@@ -97,6 +106,11 @@ class MultiTaskLoss(nn.Module):
         self.cls_weight = float(cls_weight)
         self.seg_weight = float(seg_weight)
         self.recon_weight = float(recon_weight)
+        self.det_weight = float(det_weight)
+        if self.det_weight > 0 and detector is None:
+            raise ValueError("det_weight > 0 needs the detector (pipeline.models.detection.LesionDetector)")
+        self.detector = detector if self.det_weight > 0 else None
+        self.det_min_volume_mm3 = float(det_min_volume_mm3)
         self.dice = DiceLoss(sigmoid=True, squared_pred=True, batch=True, smooth_nr=0.0, smooth_dr=eps)
         w = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", w, persistent=False)
@@ -127,9 +141,10 @@ class MultiTaskLoss(nn.Module):
         """Engine adapter: ``pred = (seg_logits, class_logits | None, embedding[, reconstruction])``,
         ``target`` with keys ``label``, ``class``, ``has_label``, ``has_class`` (and ``image``, the
         network's input, for the reconstruction term). Returns the total loss."""
-        recon = pred[3] if len(pred) > 3 else None
+        det = pred[-1] if isinstance(pred[-1], (list, tuple)) else None
+        recon = pred[3] if len(pred) > 3 and isinstance(pred[3], torch.Tensor) else None
         terms = self.compute(pred[0], pred[1], target["label"], target["class"],
-                             target.get("has_label"), target.get("has_class"), recon, target.get("image"))
+                             target.get("has_label"), target.get("has_class"), recon, target.get("image"), det)
         self.last_terms = terms
         return terms["loss"]
 
@@ -143,13 +158,15 @@ class MultiTaskLoss(nn.Module):
         has_class: torch.Tensor | None = None,
         recon: torch.Tensor | None = None,
         image: torch.Tensor | None = None,
+        det: Sequence[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Args: ``seg_logits`` / ``mask`` ``(B, 1, H, W, D)``; ``cls_logits`` ``(B, K)`` or None;
         ``cls`` ``(B,)`` int (``-1`` = unknown); ``has_label`` / ``has_class`` ``(B,)`` 0/1
         (default: every mask present; class present where ``cls >= 0``). ``seg_logits`` is ``None``
         for a network without decoder (the classifier alone): no segmentation term. ``recon``
         ``(B, C, H, W, D)`` and ``image`` (whose first ``C`` channels it reconstructs): the
-        reconstruction term, when ``recon_weight > 0``."""
+        reconstruction term, when ``recon_weight > 0``. ``det``: the detection head's maps, the
+        detection term when ``det_weight > 0``."""
         if seg_logits is None and cls_logits is None:
             raise ValueError("the network returned neither segmentation nor class logits")
         ref = seg_logits if seg_logits is not None else cls_logits
@@ -164,9 +181,18 @@ class MultiTaskLoss(nn.Module):
         cls = cls.to(dev).long().view(-1)
         has_class = (cls >= 0) if has_class is None else (has_class.to(dev).bool().view(-1) & (cls >= 0))
         zero = ref.float().sum() * 0.0  # keeps the graph: a valid loss with zero gradients
+        if self.det_weight > 0 and det is None:
+            raise ValueError("det_weight > 0 but the network has no detection head (set detect: true)")
+        use_det = self.det_weight > 0 and bool(has_label.any())
+        det_loss = self._detection(det, mask, has_label) if use_det else zero
         if distributed.is_distributed():
-            return self._whole_batch(seg_logits, cls_logits, mask, cls, has_label, has_class,
-                                     recon if use_recon else None, image)
+            out = self._whole_batch(seg_logits, cls_logits, mask, cls, has_label, has_class,
+                                    recon if use_recon else None, image)
+            if self.det_weight > 0:
+                # each process's own samples: DDP's gradient average is the mean over processes
+                out["loss"] = out["loss"] + self.det_weight * (det_loss + sum(m.float().sum() * 0.0 for m in det))
+                out["det"] = det_loss.detach() if use_det else torch.tensor(float("nan"), device=dev)
+            return out
 
         n_seg = int(has_label.sum())
         seg = self.dice(seg_logits[has_label].float(), (mask[has_label] > 0).float()) if n_seg else zero
@@ -181,7 +207,7 @@ class MultiTaskLoss(nn.Module):
             ce = zero
         rec = F.mse_loss(recon.float(), image[:, : recon.shape[1]].float()) if use_recon else zero
         seg_term, cls_term, reg = self._weighted(seg, ce, n_seg, n_cls)
-        total = seg_term + cls_term + self.recon_weight * rec + reg
+        total = seg_term + cls_term + self.recon_weight * rec + reg + self.det_weight * det_loss
         nan = torch.tensor(float("nan"), device=dev)
         # the weighted terms with their graph, for the gradient statistics and rules (pipeline.training.gradients)
         graph = {"seg_term": seg_term, "cls_term": cls_term} if n_seg and n_cls else {}
@@ -191,9 +217,21 @@ class MultiTaskLoss(nn.Module):
             "seg": seg.detach() if n_seg else nan,
             "cls": ce.detach() if n_cls else nan,
             "recon": rec.detach() if use_recon else nan,
+            "det": det_loss.detach() if use_det else nan,
             "n_seg": torch.tensor(n_seg),
             "n_cls": torch.tensor(n_cls),
         }
+
+    def _detection(self, det: Sequence[torch.Tensor], mask: torch.Tensor, has_label: torch.Tensor) -> torch.Tensor:
+        """The detection term over the samples with a mask: anchor classification + box regression
+        against the boxes of the mask patch's lesions."""
+        from pipeline.models.detection import mask_box_targets
+
+        keep = has_label.nonzero().view(-1)
+        maps = [m[keep].float() for m in det]
+        boxes = mask_box_targets(mask[keep], self.detector.spacing_mm, self.det_min_volume_mm3)
+        cls_loss, box_loss = self.detector.loss(maps, boxes, mask.shape[2:])
+        return cls_loss + box_loss
 
     def _whole_batch(self, seg_logits: torch.Tensor | None, cls_logits: torch.Tensor | None, mask: torch.Tensor,
                      cls: torch.Tensor, has_label: torch.Tensor, has_class: torch.Tensor,
@@ -253,6 +291,7 @@ class MultiTaskLoss(nn.Module):
             "seg": seg.detach() if n_seg else nan,
             "cls": ce_all.detach() if n_cls else nan,
             "recon": rec.detach() if recon is not None else nan,
+            "det": nan,
             "n_seg": torch.tensor(n_seg),
             "n_cls": torch.tensor(n_cls),
         }

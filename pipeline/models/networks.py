@@ -143,6 +143,10 @@ class MultiTaskSegResNet(TumourHeadMixin, SegResNet):
             top level would copy the input and teach the encoder nothing). It is hand-written rather
             than MONAI's ``SegResNetVAE`` because that branch needs a fixed ``input_image_size``
             (its dense layers) while this network trains on patches and infers on whole volumes.
+        detect: add the lesion detection head (:class:`pipeline.models.detection.LesionDetectionHead`,
+            MONAI's RetinaNet heads) on the encoder levels ``det_levels`` (0 = full resolution;
+            level ``i`` has stride ``2**i``), projected to ``det_channels``, ``det_anchors`` anchors
+            per location.
 
     Forward:
         ``x``: ``(B, in_channels + coord_channels, H, W, D)``, each spatial size divisible by
@@ -152,10 +156,11 @@ class MultiTaskSegResNet(TumourHeadMixin, SegResNet):
         ``None`` without a decoder, ``(B, num_classes)`` or ``None`` when the head is off, and
         ``(B, C_bottleneck)`` (the pooled bottleneck). With ``reconstruct`` a fourth output, the
         reconstructed image ``(B, in_channels, H, W, D)``, computed in every mode (TorchScript
-        and ONNX need one output signature).
+        and ONNX need one output signature). With ``detect`` a last output, the detection head's list
+        of maps (:class:`pipeline.models.detection.LesionDetectionHead`).
     """
 
-    __constants__ = ["reconstruct"]  # TorchScript then compiles only the branch this network takes
+    __constants__ = ["reconstruct", "detect"]  # TorchScript then compiles only the branch this network takes
 
     def __init__(
         self,
@@ -176,6 +181,10 @@ class MultiTaskSegResNet(TumourHeadMixin, SegResNet):
         coord_mirror_axes: Sequence[int] = (),
         decoder: bool = True,
         reconstruct: bool = False,
+        detect: bool = False,
+        det_levels: Sequence[int] = (2, 3),
+        det_channels: int = 32,
+        det_anchors: int = 2,
     ) -> None:
         if not decoder and (cls_pooling != "mean" or coord_channels or num_classes <= 0):
             raise ValueError("a network without decoder is the classifier alone: it needs num_classes > 0, "
@@ -201,6 +210,15 @@ class MultiTaskSegResNet(TumourHeadMixin, SegResNet):
         if self.reconstruct:
             self.recon_up_layers, self.recon_up_samples = self._make_up_layers()
             self.recon_final = self._make_final_conv(self.image_channels)
+        self.detect = bool(detect)
+        self.det_levels = [int(i) for i in det_levels]
+        if self.detect:
+            if not self.det_levels or min(self.det_levels) < 0 or max(self.det_levels) >= len(blocks_down):
+                raise ValueError(f"det_levels must name encoder levels 0..{len(blocks_down) - 1}, got {list(det_levels)}")
+            from pipeline.models.detection import LesionDetectionHead
+
+            self.det_head = LesionDetectionHead(spatial_dims, [init_filters * 2**i for i in self.det_levels],
+                                                det_channels, det_anchors)
 
     @torch.jit.unused
     def encoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -212,6 +230,12 @@ class MultiTaskSegResNet(TumourHeadMixin, SegResNet):
 
     def forward(self, x: torch.Tensor):  # type: ignore[override]
         bottleneck, down_x = self.encode(x[:, : self.image_channels])
+        if self.detect:  # a TorchScript constant, as reconstruct
+            det = self.det_head([down_x[i] for i in self.det_levels])
+            seg, logits, embedding = self._heads(x, bottleneck, down_x)
+            if self.reconstruct:
+                return seg, logits, embedding, self._reconstruct(bottleneck), det
+            return seg, logits, embedding, det
         if self.reconstruct:  # a TorchScript constant: each network scripts one output signature
             seg, logits, embedding = self._heads(x, bottleneck, down_x)
             return seg, logits, embedding, self._reconstruct(bottleneck)

@@ -104,7 +104,7 @@ class MultiTaskPrepareBatch(PrepareBatch):
 
 class LossTermsHandler:
     """After each loss computation, copy the loss components and the learning rate into
-    ``engine.state.output`` (keys ``loss_seg``, ``loss_cls``, ``loss_recon``, ``lr``, and the learnt task
+    ``engine.state.output`` (keys ``loss_seg``, ``loss_cls``, ``loss_recon``, ``loss_det``, ``lr``, and the learnt task
     weights ``w_seg`` / ``w_cls`` under ``mtl_method: uncertainty``) for the logging handlers."""
 
     def attach(self, engine: Engine) -> None:
@@ -113,7 +113,7 @@ class LossTermsHandler:
     def __call__(self, engine: Engine) -> None:
         terms = getattr(engine.loss_function, "last_terms", {})
         out = engine.state.output
-        for key in ("seg", "cls", "recon"):
+        for key in ("seg", "cls", "recon", "det"):
             if key in terms:
                 out[f"loss_{key}"] = float(terms[key])
         out["lr"] = float(engine.optimizer.param_groups[0]["lr"])
@@ -125,7 +125,7 @@ def loss_output(output: dict) -> dict[str, float]:
     """Trainer output -> scalars to log: total loss, each component (when computed), lr."""
     loss = output["loss"]
     logged = {"loss": float(loss.detach() if isinstance(loss, torch.Tensor) else loss)}
-    for key in ("loss_seg", "loss_cls", "loss_recon", "lr", "grad_seg", "grad_cls", "grad_cos", "grad_conflict", "w_seg", "w_cls"):
+    for key in ("loss_seg", "loss_cls", "loss_recon", "loss_det", "lr", "grad_seg", "grad_cls", "grad_cos", "grad_conflict", "w_seg", "w_cls"):
         value = output.get(key)
         if value is not None and value == value:  # skip NaN (no sample for that task in the batch)
             logged[key] = float(value)

@@ -8,7 +8,8 @@ weights (``configs/stage1_cls_recon.json``, then ``configs/stage2_seg_recon.json
   is copied; the rest stays at random. It prints what was loaded and what was not, by branch.
 - Branches whose loss weight is 0 are frozen (``requires_grad = False``, so the optimizer and DDP
   leave them alone): the segmentation decoder when ``seg_weight = 0``, the classifier when
-  ``cls_weight = 0``, the reconstruction decoder when ``recon_weight = 0``. The shared encoder
+  ``cls_weight = 0``, the reconstruction decoder when ``recon_weight = 0``, the detection head when
+  ``det_weight = 0``. The shared encoder
   always trains. A frozen classifier's batch norm still updates its running statistics in training
   mode (it follows the encoder's features); its weights do not move.
 """
@@ -34,6 +35,7 @@ BRANCHES: dict[str, tuple[str, ...]] = {
     "seg": ("up_layers", "up_samples", "conv_final"),
     "cls": ("classifier",),
     "recon": ("recon_up_layers", "recon_up_samples", "recon_final"),
+    "det": ("det_head",),
 }
 
 
@@ -74,9 +76,10 @@ def load_matching(network: torch.nn.Module, path: str | Path) -> dict[str, list[
             "unused": [k for k in state if k not in own]}
 
 
-def freeze_untrained(network: torch.nn.Module, seg_weight: float, cls_weight: float, recon_weight: float) -> list[str]:
+def freeze_untrained(network: torch.nn.Module, seg_weight: float, cls_weight: float, recon_weight: float,
+                     det_weight: float = 0.0) -> list[str]:
     """Set ``requires_grad = False`` on the branches whose loss weight is 0; returns their names."""
-    off = {"seg": seg_weight == 0, "cls": cls_weight == 0, "recon": recon_weight == 0}
+    off = {"seg": seg_weight == 0, "cls": cls_weight == 0, "recon": recon_weight == 0, "det": det_weight == 0}
     frozen = [b for b, is_off in off.items() if is_off]
     for name, p in network.named_parameters():
         if branch_of(name) in frozen:
@@ -89,7 +92,7 @@ def prepare_for_training(network: torch.nn.Module, init_from: str | None = None,
                          loss_weights: Mapping[str, float] | None = None) -> torch.nn.Module:
     """``init_from`` (optional) then :func:`freeze_untrained` with ``loss_weights`` (those of
     :func:`active_loss_weights`; by default the study's 1.0 / 0.3 / 0.0); prints both. Returns ``network``."""
-    weights = {"seg_weight": 1.0, "cls_weight": 0.3, "recon_weight": 0.0, **(loss_weights or {})}
+    weights = {"seg_weight": 1.0, "cls_weight": 0.3, "recon_weight": 0.0, "det_weight": 0.0, **(loss_weights or {})}
     if init_from:
         r = load_matching(network, init_from)
         print(f"[init_from] {init_from}: loaded {len(r['loaded'])} tensors ({_summary(r['loaded'])}); "
@@ -99,7 +102,8 @@ def prepare_for_training(network: torch.nn.Module, init_from: str | None = None,
                  if r["mismatched"] else "")
               + (f"; {len(r['unused'])} of the file's tensors unused ({_summary(r['unused'])})" if r["unused"] else ""),
               flush=True)
-    frozen = freeze_untrained(network, weights["seg_weight"], weights["cls_weight"], weights["recon_weight"])
+    frozen = freeze_untrained(network, weights["seg_weight"], weights["cls_weight"], weights["recon_weight"],
+                              weights["det_weight"])
     if frozen:
         n = sum(p.numel() for p in network.parameters() if not p.requires_grad)
         print(f"[staging] frozen (loss weight 0): {', '.join(frozen)} ({n} parameters); training "
@@ -108,16 +112,18 @@ def prepare_for_training(network: torch.nn.Module, init_from: str | None = None,
 
 
 def active_loss_weights(seg_weight: float, cls_weight: float, recon_weight: float, segment: bool = True,
-                        multitask: bool = True, reconstruct: bool = False) -> dict[str, float]:
+                        multitask: bool = True, reconstruct: bool = False, det_weight: float = 0.0,
+                        detect: bool = False) -> dict[str, float]:
     """The loss weights of the branches the network has: a branch the config switches off
-    (``segment``, ``multitask``, ``reconstruct`` false) weighs 0, so its term is not computed and
-    its parameters are frozen (:func:`prepare_for_training`).
+    (``segment``, ``multitask``, ``reconstruct``, ``detect`` false) weighs 0, so its term is not
+    computed and its parameters are frozen (:func:`prepare_for_training`).
 
     Returns:
-        ``{"seg_weight", "cls_weight", "recon_weight"}``.
+        ``{"seg_weight", "cls_weight", "recon_weight", "det_weight"}``.
     """
     return {"seg_weight": float(seg_weight) if segment else 0.0, "cls_weight": float(cls_weight) if multitask else 0.0,
-            "recon_weight": float(recon_weight) if reconstruct else 0.0}
+            "recon_weight": float(recon_weight) if reconstruct else 0.0,
+            "det_weight": float(det_weight) if detect else 0.0}
 
 
 def effective_mtl_method(mtl_method: str, loss_weights: Mapping[str, float]) -> str:

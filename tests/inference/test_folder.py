@@ -426,3 +426,21 @@ def test_bad_case_fails_alone_and_leaves_no_stale_outputs(trained, tmp_path, mon
     assert str(inputs / "c003.nii.gz") in rows["c003"]["input"]
     assert not any((out / "c003").glob("*")), list((out / "c003").glob("*"))  # no mask beside 'failed'
     assert {r["id"]: r["status"][:6] for r in read_report(out)} == {"c002": "ok", "c003": "failed"}
+
+
+def test_native_boxes_follow_the_registration_into_the_scan():
+    """An atlas box through a known atlas -> native transform (2 mm atlas voxels, 1 mm native ones,
+    shifted by 10 mm): its native voxel extent and RAS corners, computed here by hand."""
+    from pipeline.inference.cases import box_mask, native_boxes, report_columns
+
+    atlas = sitk.Image(20, 20, 20, sitk.sitkFloat32)
+    atlas.SetSpacing((2.0, 2.0, 2.0))
+    native = sitk.Image(60, 60, 60, sitk.sitkUInt8)
+    shift = sitk.TranslationTransform(3, (10.0, 0.0, 0.0))  # atlas point p lies at p + (10, 0, 0) in the scan
+    (box,) = native_boxes([[2, 3, 4, 5, 6, 7]], [0.9], atlas, shift, native)
+    # voxel edges 1.5..4.5 (x) -> 3..9 mm -> 13..19 mm in the scan -> native voxel centres 13..19
+    assert box["voxel_min"] == "13 5 7" and box["voxel_max"] == "19 11 13" and box["score"] == 0.9
+    assert box["ras_min_mm"] == "-19.0 -11.0 7.0" and box["ras_max_mm"] == "-13.0 -5.0 13.0"  # LPS -> RAS
+    mask = sitk.GetArrayFromImage(box_mask(native, [box]))
+    assert mask.sum() == 7 * 7 * 7 and mask[7, 5, 13] == 1 and mask[7, 5, 12] == 0  # (z, y, x)
+    assert "boxes" not in report_columns([], [{"id": "a", "boxes": [box], "lesions_detected": 1}])
