@@ -61,7 +61,9 @@ class LesionDetectionHead(nn.Module):
         self.box_head = RetinaNetRegressionHead(channels, num_anchors, spatial_dims)
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        maps = [lat(f) for lat, f in zip(self.lateral, features)]  # noqa: B905 - TorchScript: no strict=
+        maps: list[torch.Tensor] = []
+        for i, lat in enumerate(self.lateral):  # TorchScript: a module list is iterated, not zipped
+            maps.append(lat(features[i]))
         return self.cls_head(maps) + self.box_head(maps)
 
 

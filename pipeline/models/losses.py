@@ -173,6 +173,7 @@ class MultiTaskLoss(nn.Module):
         b = ref.shape[0]
         dev = ref.device
         has_label = torch.ones(b, dtype=torch.bool, device=dev) if has_label is None else has_label.to(dev).bool().view(-1)
+        has_mask = has_label  # the detection's targets come from the mask whatever the segmentation's weight
         if seg_logits is None or self.seg_weight == 0:
             has_label = torch.zeros_like(has_label)
         use_recon = recon is not None and self.recon_weight > 0
@@ -183,8 +184,8 @@ class MultiTaskLoss(nn.Module):
         zero = ref.float().sum() * 0.0  # keeps the graph: a valid loss with zero gradients
         if self.det_weight > 0 and det is None:
             raise ValueError("det_weight > 0 but the network has no detection head (set detect: true)")
-        use_det = self.det_weight > 0 and bool(has_label.any())
-        det_loss = self._detection(det, mask, has_label) if use_det else zero
+        use_det = self.det_weight > 0 and bool(has_mask.any())
+        det_loss = self._detection(det, mask, has_mask) if use_det else zero
         if distributed.is_distributed():
             out = self._whole_batch(seg_logits, cls_logits, mask, cls, has_label, has_class,
                                     recon if use_recon else None, image)

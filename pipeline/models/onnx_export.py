@@ -59,6 +59,9 @@ def export_onnx(network: torch.nn.Module, path: str | Path, channels: int, facto
     x = torch.randn(1, channels, *example)
 
     names = OUTPUTS + (["reconstruction"] if getattr(network, "reconstruct", False) else [])
+    if getattr(network, "detect", False):  # the detection head's raw maps (decoding: docs/how-to/detection.md)
+        levels = list(network.det_levels)
+        names += [f"det_class_level{lv}" for lv in levels] + [f"det_box_level{lv}" for lv in levels]
     # the sizes the file accepts, read back by pipeline.models.onnx_backend.OnnxNetwork (its checks, and the
     # padding of a whole-volume classification)
     props = {"spatial_factor": str(factor if dynamic_spatial else 0), "spatial_min": str(min_size)}
@@ -79,13 +82,21 @@ def export_onnx(network: torch.nn.Module, path: str | Path, channels: int, facto
     for shape in ([1, channels, *example], [2, channels, *[s + step for s in example]]):
         xi = torch.randn(*shape)
         with torch.no_grad():
-            ref = network(xi)
+            ref = _flat(network(xi))
         got = exported(xi)
         worst = max(worst, *(float((r.float() - g).abs().max()) for r, g in zip(ref, got, strict=True)))
     if worst > 1e-4:
         path.unlink()
         raise RuntimeError(f"ONNX Runtime and PyTorch disagree by {worst:.2e} on the export of {path}: not kept")
     return worst
+
+
+def _flat(outputs: tuple) -> list[torch.Tensor]:
+    """The network's outputs as the ONNX file lists them: the detection head's list spread out."""
+    flat: list[torch.Tensor] = []
+    for o in outputs:
+        flat.extend(o if isinstance(o, list | tuple) else [o])
+    return flat
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,6 +81,11 @@ def test_detection_term_skips_samples_without_mask_and_trains_the_head():
     assert float(terms["det"]) == pytest.approx(float(cls_l + box_l), rel=1e-4)
     with pytest.raises(ValueError, match="detector"):
         MultiTaskLoss(det_weight=1.0)
+    # stage 3 (segmentation weight 0): no Dice term, the detection term still has the masks' boxes
+    stage3 = MultiTaskLoss(cls_weight=0.0, seg_weight=0.0, det_weight=1.0, detector=det)
+    torch.manual_seed(5)
+    only_det = stage3.compute(out[0], None, mask, torch.full((3,), -1), has_label=has_label, det=out[-1])
+    assert torch.isnan(only_det["seg"]) and float(only_det["loss"].detach()) == pytest.approx(float(terms["det"]), rel=1e-5)
 
 
 def test_learns_to_box_bright_lesions():
@@ -110,6 +115,22 @@ def test_learns_to_box_bright_lesions():
         boxes, scores = det.decode(net(x[None])[-1], (32, 32, 32))[0]
         found += bool(len(boxes)) and iou(boxes[0], truth) > 0.3
     assert found >= 3
+
+
+def test_validation_average_precision_of_the_head():
+    from pipeline.training.engines import DetectionAP
+
+    mask = torch.zeros(1, 16, 16, 16)
+    mask[0, 2:6, 2:6, 2:6] = 1  # 64 voxels of 8 mm3
+    mask[0, 10:14, 10:14, 10:14] = 1
+    truth = np.array([[2, 2, 2, 6, 6, 6], [10, 10, 10, 14, 14, 14]], float)
+    metric = DetectionAP(spacing_mm=2.0)
+    metric.reset()
+    metric.update(([(truth, np.array([0.9, 0.8]))], [mask]))
+    assert metric.compute() == pytest.approx(1.0)
+    metric.reset()  # one lesion found, a false positive ranked above it: precision 1/2 at recall 1/2
+    metric.update(([(np.array([[0, 0, 0, 1, 1, 1], truth[0]], float), np.array([0.9, 0.8]))], [mask]))
+    assert 0.2 < metric.compute() < 0.5
 
 
 @pytest.mark.slow

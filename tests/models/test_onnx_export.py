@@ -131,11 +131,13 @@ def test_pipeline_onnx_has_dynamic_spatial_axes(exported, tmp_path):
         assert got[0].shape == (shape[0], 1, *shape[2:])
 
 
-@pytest.mark.parametrize("kwargs", [{"backbone": "basic_unet"}, {"backbone": "segresnet", "reconstruct": True}],
-                         ids=["basic_unet", "segresnet_recon"])
+@pytest.mark.parametrize("kwargs", [{"backbone": "basic_unet"},
+                                    {"backbone": "segresnet", "reconstruct": True, "detect": True, "det_channels": 8}],
+                         ids=["basic_unet", "segresnet_recon_detect"])
 def test_other_networks_export_with_dynamic_spatial_axes(kwargs, tmp_path):
-    """A backbone adapter (which pads inside its forward) and the reconstruction network (four outputs)
-    export with free spatial sizes; ONNX Runtime equals PyTorch at a size the trace never saw."""
+    """A backbone adapter (which pads inside its forward) and the network with the reconstruction and
+    detection branches (four outputs, then the detection head's class and box maps per level) export
+    with free spatial sizes; ONNX Runtime equals PyTorch at a size the trace never saw."""
     from pipeline.models.backbones import multitask_network
     from pipeline.models.onnx_backend import OnnxNetwork
     from pipeline.models.onnx_export import export_onnx
@@ -153,8 +155,13 @@ def test_other_networks_export_with_dynamic_spatial_axes(kwargs, tmp_path):
         ref = network(x)
     onnx_net = OnnxNetwork(tmp_path / "net.onnx")
     got = onnx_net(x)
-    assert len(got) == len(ref) == (4 if kwargs.get("reconstruct") else 3)
-    assert onnx_net.output_names[-1] == ("reconstruction" if kwargs.get("reconstruct") else "embedding")
+    if kwargs.get("detect"):
+        assert onnx_net.output_names[3:] == ["reconstruction", "det_class_level2", "det_class_level3",
+                                             "det_box_level2", "det_box_level3"]
+        ref = (*ref[:4], *ref[4])
+        assert got[-1].shape == (1, 12, *(s // 8 for s in x.shape[2:]))  # 2 anchors x 6 box deltas, stride 8
+    else:
+        assert len(got) == len(ref) == 3 and onnx_net.output_names[-1] == "embedding"
     assert got[0].shape == (1, 1, *x.shape[2:])
     for r, g in zip(ref, got, strict=True):
         assert torch.allclose(r, g, atol=1e-4), float((r - g).abs().max())
