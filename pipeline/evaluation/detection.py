@@ -20,54 +20,18 @@ a number of false positives per case).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
+from ignite.metrics import Metric
 
-__all__ = ["IOU_THRESHOLDS", "detection_scores", "lesion_boxes", "mask_detections"]
+from pipeline.data.boxes import component_box, lesion_boxes, lesion_components
+
+__all__ = ["IOU_THRESHOLDS", "DetectionAP", "detection_scores", "labelled_boxes", "mask_detections"]
 
 IOU_THRESHOLDS = (0.1, 0.25, 0.5)
-
-
-def _components(mask: np.ndarray, spacing: Sequence[float], min_volume_mm3: float) -> tuple[np.ndarray, list]:
-    from scipy import ndimage
-
-    if mask.ndim != 3:
-        raise ValueError(f"expected a 3-D mask, got shape {mask.shape}")
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    if n == 0:
-        return labels, []
-    voxel_mm3 = float(np.prod(spacing))
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    slices = ndimage.find_objects(labels)
-    kept = [(i + 1, sl) for i, sl in enumerate(slices) if sizes[i] * voxel_mm3 > min_volume_mm3]
-    return labels, kept
-
-
-def _box(sl: tuple[slice, ...]) -> list[float]:
-    return [float(s.start) for s in sl] + [float(s.stop) for s in sl]
-
-
-def lesion_boxes(mask: Any, spacing: Sequence[float] = (1.0, 1.0, 1.0), min_volume_mm3: float = 50.0) -> np.ndarray:
-    """One box per lesion of a binary mask (module docstring).
-
-    Args:
-        mask: array-like ``(H, W, D)``, nonzero = lesion.
-        spacing: voxel size in mm along the array's axes.
-        min_volume_mm3: components of at most this volume give no box.
-
-    Returns:
-        ``(N, 6)`` float array, ``[x0, y0, z0, x1, y1, z1]`` voxel indices, upper corner exclusive,
-        ordered by the components' first voxel.
-
-    Example:
-        >>> m = np.zeros((20, 20, 20), bool); m[2:5, 2:6, 2:7] = True
-        >>> lesion_boxes(m, min_volume_mm3=0).tolist()
-        [[2.0, 2.0, 2.0, 5.0, 6.0, 7.0]]
-    """
-    _, kept = _components(np.asarray(mask) != 0, spacing, min_volume_mm3)
-    return np.asarray([_box(sl) for _, sl in kept], dtype=float).reshape(-1, 6)
 
 
 def mask_detections(mask: Any, prob: Any = None, spacing: Sequence[float] = (1.0, 1.0, 1.0),
@@ -79,17 +43,17 @@ def mask_detections(mask: Any, prob: Any = None, spacing: Sequence[float] = (1.0
         prob: the tumour probability on the same grid; each component scores its mean probability.
             Without it every component scores 1 (the ranking is then arbitrary: AP reads the
             precision at the mask's own operating point).
-        spacing, min_volume_mm3: as :func:`lesion_boxes` (0: every component, as a reader sees it).
+        spacing, min_volume_mm3: as :func:`pipeline.data.boxes.lesion_boxes` (0: every component, as a reader sees it).
 
     Returns:
-        ``(boxes (N, 6), scores (N,))``, boxes as :func:`lesion_boxes`.
+        ``(boxes (N, 6), scores (N,))``, boxes as :func:`pipeline.data.boxes.lesion_boxes`.
 
     Raises:
         ValueError: ``prob`` and ``mask`` differ in shape.
     """
     mask = np.asarray(mask) != 0
-    labels, kept = _components(mask, spacing, min_volume_mm3)
-    boxes = np.asarray([_box(sl) for _, sl in kept], dtype=float).reshape(-1, 6)
+    labels, kept = lesion_components(mask, spacing, min_volume_mm3)
+    boxes = np.asarray([component_box(sl) for _, sl in kept], dtype=float).reshape(-1, 6)
     if prob is None:
         return boxes, np.ones(len(kept))
     prob = np.asarray(prob, dtype=float)
@@ -106,7 +70,7 @@ def detection_scores(detections: Sequence[tuple[Any, Any]], truths: Sequence[Any
 
     Args:
         detections: per case, ``(boxes (D, 6), scores (D,))``.
-        truths: per case, the lesions' boxes ``(G, 6)`` (:func:`lesion_boxes`); the same order.
+        truths: per case, the lesions' boxes ``(G, 6)`` (:func:`pipeline.data.boxes.lesion_boxes`); the same order.
         iou_thresholds: IoU at which a detection finds a lesion (each gets ``ap_iou<t>`` and
             ``ar_iou<t>``; the loosest also decides the sensitivity).
         fp_per_case: false positives per case at which the sensitivity is read
@@ -167,6 +131,48 @@ def detection_scores(detections: Sequence[tuple[Any, Any]], truths: Sequence[Any
                                             n_lesions, len(gt_boxes))
         out[f"sensitivity_fp{k:g}"] = float(compute_froc_score(fps, sens, eval_thresholds=(float(k),)))
     return out
+
+
+def labelled_boxes(output: dict) -> tuple[list, list]:
+    """Output transform for :class:`DetectionAP`: the detection head's ``(boxes, scores)`` and the
+    mask ``(1, H, W, D)`` of each case that has a mask (none when the network does not detect)."""
+    boxes = output["pred"].get("boxes")
+    if boxes is None:
+        return [], []
+    target = output["label"]
+    keep = [b for b in range(len(boxes)) if int(target["has_label"][b])]
+    return [boxes[b] for b in keep], [target["label"][b].detach().cpu() for b in keep]
+
+
+class DetectionAP(Metric):
+    """The detection head's average precision at an IoU threshold over the validation cases (Ignite
+    metric, :func:`pipeline.evaluation.detection.detection_scores`), each case's lesions the
+    components of its mask above ``min_volume_mm3`` on the atlas grid of ``spacing_mm``: the key
+    metric of a stage that trains the detection alone (``configs/stage3_det_recon.json``). ``nan``
+    when no case has a lesion. Under a process group every rank's cases are gathered first."""
+
+    def __init__(self, spacing_mm: float, iou: float = 0.25, min_volume_mm3: float = 50.0,
+                 output_transform: Callable = labelled_boxes, device: str | torch.device = "cpu") -> None:
+        self.spacing = (float(spacing_mm),) * 3
+        self.iou = float(iou)
+        self.min_volume_mm3 = float(min_volume_mm3)
+        super().__init__(output_transform=output_transform, device=device)
+
+    def reset(self) -> None:
+        self._iterations: list[list[tuple[Any, Any]]] = []
+
+    def update(self, output: tuple[list, list]) -> None:
+        self._iterations.append([(found, lesion_boxes(mask[0].numpy() > 0, self.spacing, self.min_volume_mm3))
+                                 for found, mask in zip(*output, strict=True)])
+
+    def compute(self) -> float:
+        from pipeline.runtime import distributed
+
+        cases = [c for part in distributed.gather_in_sampler_order(self._iterations) for c in part]
+        if not cases:
+            return float("nan")
+        scores = detection_scores([d for d, _ in cases], [t for _, t in cases], iou_thresholds=(self.iou,))
+        return scores[f"ap_iou{self.iou:.2f}"]
 
 
 def _pick(values: dict[str, float], kind: str, iou: float) -> float:

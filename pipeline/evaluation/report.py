@@ -88,7 +88,8 @@ class EvaluationReport:
     def record(self, engine: Engine) -> None:
         from monai.metrics import compute_dice
 
-        from pipeline.evaluation.detection import lesion_boxes, mask_detections
+        from pipeline.data.boxes import lesion_boxes
+        from pipeline.evaluation.detection import mask_detections
         from pipeline.evaluation.lesions import lesion_scores
         from pipeline.evaluation.surface import surface_scores
         from pipeline.inference.postprocess import dice_by_rule

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from pipeline.data.boxes import lesion_boxes
 from pipeline.data.datalist import load_datalist
 from pipeline.data.splits import load_splits
-from pipeline.evaluation.detection import detection_scores, lesion_boxes, mask_detections
+from pipeline.evaluation.detection import detection_scores, mask_detections
 from pipeline.evaluation.lesions import lesion_scores, summarise_lesions
 from pipeline.evaluation.surface import summarise_surface, surface_scores
 from pipeline.io.errors import InputError

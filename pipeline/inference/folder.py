@@ -41,9 +41,9 @@ import torch
 from pipeline.data.transforms import split_at_registration
 from pipeline.inference.cases import (
     InputCase,
+    box_mask,
     case_title,
     input_fingerprint,
-    box_mask,
     largest_component,
     log_row,
     native_boxes,

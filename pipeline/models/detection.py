@@ -13,7 +13,7 @@ decoding, all from MONAI's detection components (``monai.apps.detection``).
   (:meth:`decode`). The encoder runs once for every head: the detector never calls the network
   itself, so it is given the head's outputs (``RetinaNetDetector.forward`` would run its own).
 - :func:`mask_box_targets`: the training targets, one box per connected lesion of a mask patch above a
-  minimum volume (the evaluation's definition, :func:`pipeline.evaluation.detection.lesion_boxes`).
+  minimum volume (the evaluation's definition, :func:`pipeline.data.boxes.lesion_boxes`).
 
 Boxes are voxel indices of the network's input, ``[x0, y0, z0, x1, y1, z1]`` (MONAI's ``StandardMode``
 ``xyzxyz``), upper corner exclusive, as the evaluation writes them.
@@ -26,7 +26,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
-from monai.apps.detection.networks.retinanet_network import RetinaNetClassificationHead, RetinaNetRegressionHead
+from monai.apps.detection.networks.retinanet_network import (
+    RetinaNetClassificationHead,
+    RetinaNetRegressionHead,
+)
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
 from monai.networks.layers import Conv
 from torch import nn
@@ -186,7 +189,7 @@ def _flatten(maps: Sequence[torch.Tensor], num_anchors: int, spatial_dims: int) 
 def mask_box_targets(masks: torch.Tensor, spacing_mm: float, min_volume_mm3: float) -> list[torch.Tensor]:
     """One box per connected lesion of each mask patch ``(B, 1, H, W, D)`` above ``min_volume_mm3``
     (lesions cut by the patch's border count by the part inside it): the detection head's targets."""
-    from pipeline.evaluation.detection import lesion_boxes
+    from pipeline.data.boxes import lesion_boxes
 
     spacing = (float(spacing_mm),) * (masks.dim() - 2)
     arr = (masks[:, 0] > 0).cpu().numpy()

@@ -48,8 +48,6 @@ __all__ = [
     "param_groups",
     "validation_metrics",
     "pick_metrics",
-    "DetectionAP",
-    "labelled_boxes",
 ]
 
 TARGET_KEYS = ("label", "class", "has_label", "has_class")
@@ -276,50 +274,6 @@ class ClassificationMetrics(Metric):
         if self.metric is not None:
             return values[self.metric]
         return {f"{self.prefix}{k}": v for k, v in values.items()}
-
-
-def labelled_boxes(output: dict) -> tuple[list, list]:
-    """Output transform for :class:`DetectionAP`: the detection head's ``(boxes, scores)`` and the
-    mask ``(1, H, W, D)`` of each case that has a mask (none when the network does not detect)."""
-    boxes = output["pred"].get("boxes")
-    if boxes is None:
-        return [], []
-    target = output["label"]
-    keep = [b for b in range(len(boxes)) if int(target["has_label"][b])]
-    return [boxes[b] for b in keep], [target["label"][b].detach().cpu() for b in keep]
-
-
-class DetectionAP(Metric):
-    """The detection head's average precision at an IoU threshold over the validation cases (Ignite
-    metric, :func:`pipeline.evaluation.detection.detection_scores`), each case's lesions the
-    components of its mask above ``min_volume_mm3`` on the atlas grid of ``spacing_mm``: the key
-    metric of a stage that trains the detection alone (``configs/stage3_det_recon.json``). ``nan``
-    when no case has a lesion. Under a process group every rank's cases are gathered first."""
-
-    def __init__(self, spacing_mm: float, iou: float = 0.25, min_volume_mm3: float = 50.0,
-                 output_transform: Callable = labelled_boxes, device: str | torch.device = "cpu") -> None:
-        self.spacing = (float(spacing_mm),) * 3
-        self.iou = float(iou)
-        self.min_volume_mm3 = float(min_volume_mm3)
-        super().__init__(output_transform=output_transform, device=device)
-
-    def reset(self) -> None:
-        self._iterations: list[list[tuple[Any, Any]]] = []
-
-    def update(self, output: tuple[list, list]) -> None:
-        from pipeline.evaluation.detection import lesion_boxes
-
-        self._iterations.append([(found, lesion_boxes(mask[0].numpy() > 0, self.spacing, self.min_volume_mm3))
-                                 for found, mask in zip(*output, strict=True)])
-
-    def compute(self) -> float:
-        from pipeline.evaluation.detection import detection_scores
-
-        cases = [c for part in distributed.gather_in_sampler_order(self._iterations) for c in part]
-        if not cases:
-            return float("nan")
-        scores = detection_scores([d for d, _ in cases], [t for _, t in cases], iou_thresholds=(self.iou,))
-        return scores[f"ap_iou{self.iou:.2f}"]
 
 
 def param_groups(network: torch.nn.Module, lr: float, head_lr_factor: float = 1.0,

@@ -6,26 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.evaluation.detection import detection_scores, lesion_boxes, mask_detections
-
-
-def test_one_box_per_lesion_above_the_volume_threshold() -> None:
-    m = np.zeros((40, 40, 40), bool)
-    m[2:8, 3:9, 4:10] = True  # 216 voxels
-    m[20:23, 25:30, 30:34] = True  # 60 voxels
-    m[35, 35, 35] = True  # a speck of 1 voxel
-    boxes = lesion_boxes(m, spacing=(1.0, 1.0, 1.0), min_volume_mm3=50.0)
-    assert boxes.tolist() == [[2, 3, 4, 8, 9, 10], [20, 25, 30, 23, 30, 34]]
-    # at 2 mm the 60-voxel lesion is 480 mm^3 and the speck 8 mm^3: still two boxes
-    assert len(lesion_boxes(m, spacing=(2.0, 2.0, 2.0), min_volume_mm3=50.0)) == 2
-    assert len(lesion_boxes(m, spacing=(1.0, 1.0, 1.0), min_volume_mm3=0.0)) == 3
-
-
-def test_voxels_touching_at_a_corner_are_one_lesion() -> None:
-    m = np.zeros((10, 10, 10), bool)
-    m[2, 2, 2] = m[3, 3, 3] = True
-    assert lesion_boxes(m, min_volume_mm3=0.0).tolist() == [[2, 2, 2, 4, 4, 4]]
-    assert lesion_boxes(np.zeros((5, 5, 5)), min_volume_mm3=0.0).shape == (0, 6)
+from pipeline.evaluation.detection import detection_scores, mask_detections
 
 
 def test_mask_detections_score_each_component_by_its_mean_probability() -> None:

@@ -14,7 +14,7 @@ from scipy import ndimage
 from pipeline.data.phantom.anatomy import load_anatomy
 from pipeline.data.phantom.build import main, make_cohort
 from pipeline.data.phantom.config import PhantomConfig
-from pipeline.evaluation.detection import lesion_boxes
+from pipeline.data.boxes import lesion_boxes
 from pipeline.io.errors import InputError
 
 SPACING, CASES, SEED = 4.0, 4, 5

@@ -96,7 +96,7 @@ def test_learns_to_box_bright_lesions():
     loss = MultiTaskLoss(cls_weight=0.0, det_weight=1.0, detector=det)
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     first = last = None
-    for step in range(80):
+    for _ in range(80):
         pairs = [lesions(rng, int(rng.integers(1, 3))) for _ in range(2)]
         x, mask = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         out = net(x)
@@ -118,7 +118,7 @@ def test_learns_to_box_bright_lesions():
 
 
 def test_validation_average_precision_of_the_head():
-    from pipeline.training.engines import DetectionAP
+    from pipeline.evaluation.detection import DetectionAP
 
     mask = torch.zeros(1, 16, 16, 16)
     mask[0, 2:6, 2:6, 2:6] = 1  # 64 voxels of 8 mm3
