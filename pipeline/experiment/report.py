@@ -38,11 +38,11 @@ RESULT_COLUMNS = [
     "arm", "split", "split_name", "status", "val_dice", "val_balanced_accuracy", "best_epoch", "epochs",
     "test_dice", "test_dice_sd", "test_dice_min", "test_hd95_mm", "test_surface_dice", "test_lesion_dice",
     "test_lesion_hd95_mm", "test_lesions_tp", "test_lesions_fn", "test_lesions_fp", "test_box_ap25",
-    "test_box_sensitivity_fp1", "test_accuracy",
+    "test_box_sensitivity_fp1", "test_head_box_ap25", "test_head_box_sensitivity_fp1", "test_accuracy",
     "test_balanced_accuracy", "test_auc", "test_ece", "n_test", "n_test_with_mask", "n_test_with_class", "postprocessing", "seconds", "error",
 ]
 ARM_METRICS = ["val_dice", "test_dice", "test_hd95_mm", "test_surface_dice", "test_lesion_dice", "test_lesion_hd95_mm",
-               "test_box_ap25", "test_box_sensitivity_fp1",
+               "test_box_ap25", "test_box_sensitivity_fp1", "test_head_box_ap25", "test_head_box_sensitivity_fp1",
                "val_balanced_accuracy", "test_accuracy", "test_balanced_accuracy", "test_auc"]
 # the single-task arm -> the metric of its own task (per split, per case)
 COMPARED = {"seg": ("test_dice", "dice"), "cls": ("test_balanced_accuracy", "p_true")}
@@ -95,6 +95,8 @@ def collect_run(run_dir: Path, arm: str, split: int, split_name: str, class_name
                test_lesions_tp=m.get("lesions_tp"), test_lesions_fn=m.get("lesions_fn"),
                test_lesions_fp=m.get("lesions_fp"), test_box_ap25=_num(m.get("det_ap_iou0.25")),
                test_box_sensitivity_fp1=_num(m.get("det_sensitivity_fp1")),
+               test_head_box_ap25=_num(m.get("det_head_ap_iou0.25")),
+               test_head_box_sensitivity_fp1=_num(m.get("det_head_sensitivity_fp1")),
                n_test_with_mask=m.get("n_with_mask"), n_test_with_class=m.get("n_with_class"),
                postprocessing=m.get("postprocessing"))
     with (run_dir / "cases.csv").open(newline="", encoding="utf-8") as fh:

@@ -85,6 +85,7 @@ def test_tables_have_a_row_per_arm_and_split(setup):
             assert r[col] != "", col
         assert 0.0 <= float(r["test_lesion_dice"]) <= 1.0 and float(r["test_lesions_tp"]) >= 0
         assert 0.0 <= float(r["test_box_ap25"]) <= 1.0 and 0.0 <= float(r["test_box_sensitivity_fp1"]) <= 1.0
+        assert r["test_head_box_ap25"] == "" == r["test_head_box_sensitivity_fp1"]  # no detection head in these arms
     cases = read_csv(out / "cases.csv")
     for arm in ("seg", "mtl"):
         scored = [float(c["lesion_dice"]) for c in cases if c["arm"] == arm and c["dice"] != ""]
