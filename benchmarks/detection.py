@@ -1,0 +1,178 @@
+"""Lesions as boxes: the detection head against the predicted mask's components, paired over cohort seeds.
+
+Per seed it builds a synthetic cohort in atlas space with satellite lesions (``python -m pipeline
+phantom --satellites 0.5``: half the cases get one or two lesions beside the tumour, so a case has one
+to three) and runs the experiment runner (``python -m pipeline experiment``) with two arms on the same
+split (48 cases, 50/15/35: 24 training, 7 validation, 17 test), no component rule
+(``postprocess=none``: the rule decided on validation deletes satellites, see the model card):
+
+- ``mtl``: the demo's multi-task network; its lesion boxes are the predicted mask's components;
+- ``det``: the same plus the detection head (``configs/detect.json``); both its own boxes and its
+  mask's components are scored.
+
+Per arm and seed: test Dice, the mask components' AP at IoU 0.25 and lesion sensitivity at one false
+positive per case (``test_box_*``), the head's (``test_head_box_*``), and the run's minutes; over
+the seeds, the head minus the mask-derived boxes (same runs) and the Dice of ``det`` minus ``mtl``,
+paired by seed (95 % t-interval) and by test case.
+
+    python benchmarks/detection.py --work work/detection [--seeds 1 2 3] [--parallel 1] [--epochs N] [--summary-only]
+
+Runs resume (the runner's). Writes ``WORK/summary.json`` and ``WORK/summary.md``. Seeds 1-3 are ones no
+setting was tuned on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.evaluation.paired_stats import paired_comparison  # noqa: E402
+
+ARMS = "mtl,det=configs/detect.json"
+FIGURES = ("test_dice", "test_box_ap25", "test_box_sensitivity_fp1", "test_head_box_ap25",
+           "test_head_box_sensitivity_fp1", "seconds")
+
+
+def run_seed(seed: int, args: argparse.Namespace) -> None:
+    """Build the cohort of ``seed`` (once) and run both arms on it; raise on failure."""
+    work = Path(args.work)
+    cohort = work / "cohorts" / f"atlas_n{args.cases}_sat{args.satellites}_s{seed}"
+    log = work / f"s{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    cmds = []
+    if not (cohort / "datalist.json").exists():
+        cmds.append([py, "-m", "pipeline", "phantom", "--out", str(cohort), "--cases", str(args.cases), "--seed",
+                     str(seed), "--space", "atlas", "--spacing", "2", "--satellites", str(args.satellites)])
+    cmds.append([py, "-m", "pipeline", "experiment", "--datalist", str(cohort / "datalist.json"), "--out",
+                 str(work / f"s{seed}"), "--overlays", "configs/demo.json", "--ratios", "0.5", "0.15", "0.35",
+                 "--repeats", "1", "--arms", ARMS, "--seed", str(seed), "--parallel", str(args.parallel),
+                 "--set", "already_registered=True", "postprocess=none",
+                 *(["--epochs", str(args.epochs)] if args.epochs else [])])
+    with log.open("a") as fh:
+        for cmd in cmds:
+            fh.write(f"\n$ {' '.join(cmd)}\n")
+            fh.flush()
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT).returncode
+            if rc != 0:
+                raise RuntimeError(f"command failed (exit {rc}), see {log}: {' '.join(cmd)}")
+
+
+def _num(v: str | None) -> float:
+    try:
+        return float(v) if v not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def collect(work: Path, seeds: list[int]) -> tuple[dict, dict]:
+    """``runs[arm][seed]`` (the figures of :data:`FIGURES`) and ``cases[arm][(seed, id)]`` (test Dice)."""
+    runs: dict[str, dict[int, dict[str, float]]] = {}
+    cases: dict[str, dict[tuple[int, str], float]] = {}
+    for seed in seeds:
+        exp = work / f"s{seed}"
+        if not (exp / "results.csv").is_file():
+            continue
+        with (exp / "results.csv").open(newline="") as fh:
+            for r in csv.DictReader(fh):
+                if r.get("status") == "complete":
+                    runs.setdefault(r["arm"], {})[seed] = {k: _num(r.get(k)) for k in FIGURES}
+        with (exp / "cases.csv").open(newline="") as fh:
+            for r in csv.DictReader(fh):
+                cases.setdefault(r["arm"], {})[(seed, r["id"])] = _num(r.get("dice"))
+    return runs, cases
+
+
+def _mean(values: list[float]) -> float:
+    v = [x for x in values if math.isfinite(x)]
+    return statistics.fmean(v) if v else math.nan
+
+
+def summarise(runs: dict, cases: dict, seeds: list[int]) -> dict:
+    """Means per arm, the head against the mask-derived boxes, and the Dice of ``det`` against ``mtl``."""
+    arms = {arm: {k: _mean([by_seed[s][k] for s in seeds if s in by_seed]) for k in FIGURES}
+            | {"seeds": sum(s in by_seed for s in seeds)} for arm, by_seed in runs.items()}
+    out: dict = {"arms": arms}
+    det, mtl = runs.get("det", {}), runs.get("mtl", {})
+    done = [s for s in seeds if s in det]
+    if done:
+        out["head_minus_mask_ap25"] = paired_comparison([det[s]["test_box_ap25"] for s in done],
+                                                        [det[s]["test_head_box_ap25"] for s in done])
+        out["head_minus_mask_sensitivity_fp1"] = paired_comparison(
+            [det[s]["test_box_sensitivity_fp1"] for s in done], [det[s]["test_head_box_sensitivity_fp1"] for s in done])
+    both = [s for s in done if s in mtl]
+    if both:
+        out["dice_det_minus_mtl_by_seed"] = paired_comparison([mtl[s]["test_dice"] for s in both],
+                                                               [det[s]["test_dice"] for s in both])
+        keys = [k for k in cases.get("det", {}) if k in cases.get("mtl", {})]
+        out["dice_det_minus_mtl_by_case"] = paired_comparison([cases["mtl"][k] for k in keys],
+                                                              [cases["det"][k] for k in keys])
+    return out
+
+
+def _f(v: float, digits: int = 3) -> str:
+    return "n/a" if not isinstance(v, float) or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _diff(c: dict | None) -> str:
+    if not c or not c.get("n"):
+        return "n/a"
+    lo, hi = c["ci95_t"]
+    return f"{c['mean_difference']:+.3f} [{_f(lo)}, {_f(hi)}] (n {c['n']})"
+
+
+def markdown(summary: dict, runs: dict, seeds: list[int]) -> str:
+    lines = ["| arm | seeds | test Dice | mask boxes AP25 | mask boxes sens. at 1 FP | head AP25 | head sens. at 1 FP "
+             "| min/run |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for arm, a in summary["arms"].items():
+        lines.append(f"| {arm} | {a['seeds']} | {_f(a['test_dice'])} | {_f(a['test_box_ap25'])} | "
+                     f"{_f(a['test_box_sensitivity_fp1'])} | {_f(a['test_head_box_ap25'])} | "
+                     f"{_f(a['test_head_box_sensitivity_fp1'])} | {_f(a['seconds'] / 60, 1)} |")
+    lines += ["", f"Head minus mask-derived boxes (det runs), AP25: {_diff(summary.get('head_minus_mask_ap25'))}; "
+              f"sensitivity at 1 FP: {_diff(summary.get('head_minus_mask_sensitivity_fp1'))}.",
+              f"Dice det minus mtl, by seed: {_diff(summary.get('dice_det_minus_mtl_by_seed'))}; by case: "
+              f"{_diff(summary.get('dice_det_minus_mtl_by_case'))}.", "",
+              "Per seed (test Dice, mask AP25, head AP25):", ""]
+    for arm, by_seed in runs.items():
+        cells = [f"s{s}: {_f(by_seed[s]['test_dice'])}, {_f(by_seed[s]['test_box_ap25'])}, "
+                 f"{_f(by_seed[s]['test_head_box_ap25'])}" for s in seeds if s in by_seed]
+        lines.append(f"- {arm}: " + "; ".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default="work/detection")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--cases", type=int, default=48)
+    p.add_argument("--satellites", type=float, default=0.5)
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (cores shared)")
+    p.add_argument("--epochs", type=int, default=0, help="override the demo's epochs (0: keep them)")
+    p.add_argument("--summary-only", action="store_true", help="tabulate what is there, run nothing")
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    if not args.summary_only:
+        for seed in args.seeds:
+            print(f"[detection] seed {seed}", flush=True)
+            run_seed(seed, args)
+    runs, cases = collect(work, args.seeds)
+    summary = summarise(runs, cases, args.seeds)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    text = markdown(summary, runs, args.seeds)
+    (work / "summary.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
