@@ -27,14 +27,13 @@ import argparse
 import csv
 import json
 import math
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.runs import finite_mean, number, seed_experiment  # noqa: E402
 from pipeline.evaluation.paired_stats import paired_comparison  # noqa: E402
 
 ARMS = "mtl,det=configs/detect.json"
@@ -44,34 +43,11 @@ FIGURES = ("test_dice", "test_box_ap25", "test_box_sensitivity_fp1", "test_head_
 
 def run_seed(seed: int, args: argparse.Namespace) -> None:
     """Build the cohort of ``seed`` (once) and run both arms on it; raise on failure."""
-    work = Path(args.work)
-    cohort = work / "cohorts" / f"atlas_n{args.cases}_sat{args.satellites}_s{seed}"
-    log = work / f"s{seed}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
-    cmds = []
-    if not (cohort / "datalist.json").exists():
-        cmds.append([py, "-m", "pipeline", "phantom", "--out", str(cohort), "--cases", str(args.cases), "--seed",
-                     str(seed), "--space", "atlas", "--spacing", "2", "--satellites", str(args.satellites)])
-    cmds.append([py, "-m", "pipeline", "experiment", "--datalist", str(cohort / "datalist.json"), "--out",
-                 str(work / f"s{seed}"), "--overlays", "configs/demo.json", "--ratios", "0.5", "0.15", "0.35",
-                 "--repeats", "1", "--arms", ARMS, "--seed", str(seed), "--parallel", str(args.parallel),
-                 "--set", "already_registered=True", "postprocess=none",
-                 *(["--epochs", str(args.epochs)] if args.epochs else [])])
-    with log.open("a") as fh:
-        for cmd in cmds:
-            fh.write(f"\n$ {' '.join(cmd)}\n")
-            fh.flush()
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT).returncode
-            if rc != 0:
-                raise RuntimeError(f"command failed (exit {rc}), see {log}: {' '.join(cmd)}")
+    seed_experiment(Path(args.work), seed, args.cases, ARMS, ["configs/demo.json"], [0.5, 0.15, 0.35], args.parallel,
+                    overrides=["postprocess=none"], phantom=["--satellites", str(args.satellites)],
+                    cohort_tag=f"_sat{args.satellites}",
+                    extra=["--epochs", str(args.epochs)] if args.epochs else [])
 
-
-def _num(v: str | None) -> float:
-    try:
-        return float(v) if v not in (None, "") else math.nan
-    except ValueError:
-        return math.nan
 
 
 def collect(work: Path, seeds: list[int]) -> tuple[dict, dict]:
@@ -85,21 +61,17 @@ def collect(work: Path, seeds: list[int]) -> tuple[dict, dict]:
         with (exp / "results.csv").open(newline="") as fh:
             for r in csv.DictReader(fh):
                 if r.get("status") == "complete":
-                    runs.setdefault(r["arm"], {})[seed] = {k: _num(r.get(k)) for k in FIGURES}
+                    runs.setdefault(r["arm"], {})[seed] = {k: number(r.get(k)) for k in FIGURES}
         with (exp / "cases.csv").open(newline="") as fh:
             for r in csv.DictReader(fh):
-                cases.setdefault(r["arm"], {})[(seed, r["id"])] = _num(r.get("dice"))
+                cases.setdefault(r["arm"], {})[(seed, r["id"])] = number(r.get("dice"))
     return runs, cases
 
-
-def _mean(values: list[float]) -> float:
-    v = [x for x in values if math.isfinite(x)]
-    return statistics.fmean(v) if v else math.nan
 
 
 def summarise(runs: dict, cases: dict, seeds: list[int]) -> dict:
     """Means per arm, the head against the mask-derived boxes, and the Dice of ``det`` against ``mtl``."""
-    arms = {arm: {k: _mean([by_seed[s][k] for s in seeds if s in by_seed]) for k in FIGURES}
+    arms = {arm: {k: finite_mean([by_seed[s][k] for s in seeds if s in by_seed]) for k in FIGURES}
             | {"seeds": sum(s in by_seed for s in seeds)} for arm, by_seed in runs.items()}
     out: dict = {"arms": arms}
     det, mtl = runs.get("det", {}), runs.get("mtl", {})

@@ -32,14 +32,13 @@ import argparse
 import csv
 import json
 import math
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.runs import finite_mean, number, seed_experiment  # noqa: E402
 from pipeline.evaluation.paired_stats import paired_comparison  # noqa: E402
 
 DEFAULT_ARMS = "seg,fixed=configs/mtl_fixed.json,stop=configs/mtl_stop.json,pcgrad=configs/mtl_pcgrad.json,uncertainty=configs/mtl_uncertainty.json"
@@ -47,33 +46,9 @@ DEFAULT_ARMS = "seg,fixed=configs/mtl_fixed.json,stop=configs/mtl_stop.json,pcgr
 
 def run_seed(seed: int, args: argparse.Namespace) -> None:
     """Build the cohort of ``seed`` (once) and run every arm on it; raise on failure."""
-    work = Path(args.work)
-    cohort = work / "cohorts" / f"atlas_n{args.cases}_s{seed}"
-    log = work / f"s{seed}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
-    cmds = []
-    if not (cohort / "datalist.json").exists():
-        cmds.append([py, "-m", "pipeline", "phantom", "--out", str(cohort), "--cases", str(args.cases), "--seed",
-                     str(seed), "--space", "atlas", "--spacing", "2"])
-    cmds.append([py, "-m", "pipeline", "experiment", "--datalist", str(cohort / "datalist.json"), "--out",
-                 str(work / f"s{seed}"), "--overlays", *args.overlays, "--ratios", *map(str, args.ratios),
-                 "--repeats", "1", "--arms", args.arms, "--seed", str(seed), "--parallel", str(args.parallel),
-                 "--set", "already_registered=True", *args.set])  # one --set: a second would replace the first
-    with log.open("a") as fh:
-        for cmd in cmds:
-            fh.write(f"\n$ {' '.join(cmd)}\n")
-            fh.flush()
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT).returncode
-            if rc != 0:
-                raise RuntimeError(f"command failed (exit {rc}), see {log}: {' '.join(cmd)}")
+    seed_experiment(Path(args.work), seed, args.cases, args.arms, args.overlays, args.ratios, args.parallel,
+                    overrides=args.set)
 
-
-def _num(v: str | None) -> float:
-    try:
-        return float(v) if v not in (None, "") else math.nan
-    except ValueError:
-        return math.nan
 
 
 def collect(folders: list[Path], seeds: list[int]) -> tuple[dict, dict]:
@@ -92,7 +67,7 @@ def collect(folders: list[Path], seeds: list[int]) -> tuple[dict, dict]:
                         runs.setdefault(r["arm"], {})[seed] = {**r, **gradient_figures(exp / "runs" / r["arm"] / "split0")}
             with (exp / "cases.csv").open(newline="") as fh:
                 for r in csv.DictReader(fh):
-                    cases.setdefault(r["arm"], {})[(seed, r["id"])] = _num(r.get("dice"))
+                    cases.setdefault(r["arm"], {})[(seed, r["id"])] = number(r.get("dice"))
     return runs, cases
 
 
@@ -116,10 +91,6 @@ def gradient_figures(run_dir: Path) -> dict[str, float]:
             "grad_cos_negative": float((cos < 0).mean())}
 
 
-def _mean(values: list[float]) -> float:
-    v = [x for x in values if math.isfinite(x)]
-    return statistics.fmean(v) if v else math.nan
-
 
 def summarise(runs: dict, cases: dict, seeds: list[int], reference: str = "seg") -> list[dict]:
     """One row per arm: the figures of the module's docstring."""
@@ -127,20 +98,20 @@ def summarise(runs: dict, cases: dict, seeds: list[int], reference: str = "seg")
     ref_runs, ref_cases = runs.get(reference, {}), cases.get(reference, {})
     for arm, by_seed in runs.items():
         done = [s for s in seeds if s in by_seed]
-        dice = [_num(by_seed[s]["test_dice"]) for s in done]
-        ba = [_num(by_seed[s]["test_balanced_accuracy"]) for s in done]
-        row = {"arm": arm, "seeds": len(done), "n_test": sum(int(_num(by_seed[s]["n_test"]) or 0) for s in done),
-               "dice": _mean(dice), "balanced_accuracy": _mean(ba),
+        dice = [number(by_seed[s]["test_dice"]) for s in done]
+        ba = [number(by_seed[s]["test_balanced_accuracy"]) for s in done]
+        row = {"arm": arm, "seeds": len(done), "n_test": sum(int(number(by_seed[s]["n_test"]) or 0) for s in done),
+               "dice": finite_mean(dice), "balanced_accuracy": finite_mean(ba),
                "balanced_accuracy_min": min((x for x in ba if math.isfinite(x)), default=math.nan),
-               "auc": _mean([_num(by_seed[s]["test_auc"]) for s in done]),
-               "ece": _mean([_num(by_seed[s]["test_ece"]) for s in done]),
-               "minutes": _mean([_num(by_seed[s]["seconds"]) / 60 for s in done]),
-               **{k: _mean([by_seed[s].get(k, math.nan) for s in done])
+               "auc": finite_mean([number(by_seed[s]["test_auc"]) for s in done]),
+               "ece": finite_mean([number(by_seed[s]["test_ece"]) for s in done]),
+               "minutes": finite_mean([number(by_seed[s]["seconds"]) / 60 for s in done]),
+               **{k: finite_mean([by_seed[s].get(k, math.nan) for s in done])
                   for k in ("grad_ratio", "grad_cos", "grad_cos_negative")}}
         if arm != reference:
             paired = [s for s in done if s in ref_runs]
-            by_seed_cmp = paired_comparison([_num(ref_runs[s]["test_dice"]) for s in paired],
-                                            [_num(by_seed[s]["test_dice"]) for s in paired])
+            by_seed_cmp = paired_comparison([number(ref_runs[s]["test_dice"]) for s in paired],
+                                            [number(by_seed[s]["test_dice"]) for s in paired])
             keys = [k for k in cases.get(arm, {}) if k in ref_cases]
             by_case = paired_comparison([ref_cases[k] for k in keys], [cases[arm][k] for k in keys])
             row.update(dice_diff=by_seed_cmp["mean_difference"], dice_diff_ci95=by_seed_cmp["ci95_t"],
@@ -181,7 +152,7 @@ def markdown(rows: list[dict], runs: dict, seeds: list[int]) -> str:
     per_seed = ["", "Per seed, test Dice / balanced accuracy:", "",
                 "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |", "| --- |" + " --- |" * len(seeds)]
     for arm, by_seed in runs.items():
-        cells = [f"{_num(by_seed[s]['test_dice']):.3f} / {_num(by_seed[s]['test_balanced_accuracy']):.3f}"
+        cells = [f"{number(by_seed[s]['test_dice']):.3f} / {number(by_seed[s]['test_balanced_accuracy']):.3f}"
                  if s in by_seed else "" for s in seeds]
         per_seed.append(f"| {arm} | " + " | ".join(c.replace("nan", "n/a") for c in cells) + " |")
     return "\n".join(lines + per_seed)
