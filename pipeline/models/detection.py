@@ -34,6 +34,8 @@ from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorSha
 from monai.networks.layers import Conv
 from torch import nn
 
+from pipeline.io.errors import InputError
+
 __all__ = ["LesionDetectionHead", "LesionDetector", "mask_box_targets"]
 
 
@@ -55,7 +57,7 @@ class LesionDetectionHead(nn.Module):
     def __init__(self, spatial_dims: int, in_channels: Sequence[int], channels: int = 32, num_anchors: int = 2) -> None:
         super().__init__()
         if channels % 8:
-            raise ValueError(f"det_channels must be a multiple of 8 (the heads' group norm), got {channels}")
+            raise InputError(None, f"det_channels must be a multiple of 8 (the heads' group norm), got {channels}")
         conv = Conv[Conv.CONV, spatial_dims]
         self.spatial_dims = spatial_dims
         self.num_anchors = num_anchors

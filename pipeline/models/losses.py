@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss, FocalLoss
 from torch import nn
 
+from pipeline.io.errors import InputError
 from pipeline.runtime import distributed
 
 __all__ = ["MultiTaskLoss", "MTL_METHODS", "SEG_LOSSES"]
@@ -96,9 +97,9 @@ class MultiTaskLoss(nn.Module):
                  detector: nn.Module | None = None, det_min_volume_mm3: float = 50.0) -> None:
         super().__init__()
         if seg_loss not in SEG_LOSSES:
-            raise ValueError(f"seg_loss must be one of {', '.join(SEG_LOSSES)}, got {seg_loss!r}")
+            raise InputError(None, f"seg_loss must be one of {', '.join(SEG_LOSSES)}, got {seg_loss!r}")
         if mtl_method not in MTL_METHODS:
-            raise ValueError(f"mtl_method must be one of {', '.join(MTL_METHODS)}, got {mtl_method!r}")
+            raise InputError(None, f"mtl_method must be one of {', '.join(MTL_METHODS)}, got {mtl_method!r}")
         self.mtl_method = mtl_method
         # binary cross-entropy is the focal loss at gamma 0 (MONAI's FocalLoss weighs by exp(0 * ...) = 1)
         gamma = 0.0 if seg_loss == "dice_ce" else focal_gamma
@@ -108,7 +109,7 @@ class MultiTaskLoss(nn.Module):
         self.recon_weight = float(recon_weight)
         self.det_weight = float(det_weight)
         if self.det_weight > 0 and detector is None:
-            raise ValueError("det_weight > 0 needs the detector (pipeline.models.detection.LesionDetector)")
+            raise InputError(None, "det_weight > 0 needs the detector (pipeline.models.detection.LesionDetector)")
         self.detector = detector if self.det_weight > 0 else None
         self.det_min_volume_mm3 = float(det_min_volume_mm3)
         self.dice = DiceLoss(sigmoid=True, squared_pred=True, batch=True, smooth_nr=0.0, smooth_dr=eps)
@@ -183,7 +184,7 @@ class MultiTaskLoss(nn.Module):
         has_class = (cls >= 0) if has_class is None else (has_class.to(dev).bool().view(-1) & (cls >= 0))
         zero = ref.float().sum() * 0.0  # keeps the graph: a valid loss with zero gradients
         if self.det_weight > 0 and det is None:
-            raise ValueError("det_weight > 0 but the network has no detection head (set detect: true)")
+            raise InputError(None, "det_weight > 0 but the network has no detection head (set detect: true)")
         use_det = self.det_weight > 0 and bool(has_mask.any())
         det_loss = self._detection(det, mask, has_mask) if use_det else zero
         if distributed.is_distributed():

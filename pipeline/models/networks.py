@@ -13,6 +13,8 @@ import torch
 from monai.networks.nets import SegResNet
 from torch import nn
 
+from pipeline.io.errors import InputError
+
 __all__ = ["MultiTaskSegResNet", "TumourHeadMixin", "SegmentationOutput", "BatchNorm1dOrRunning", "PositionAwareHead"]
 
 
@@ -27,7 +29,7 @@ class TumourHeadMixin:
                    cls_hidden: Sequence[int], cls_dropout: float, cls_pooling: str, coord_channels: int,
                    tumour_floor: float, coord_mirror_axes: Sequence[int]) -> None:
         if cls_pooling not in ("mean", "tumour"):
-            raise ValueError(f"cls_pooling must be 'mean' or 'tumour', got {cls_pooling!r}")
+            raise InputError(None, f"cls_pooling must be 'mean' or 'tumour', got {cls_pooling!r}")
         self.num_classes = int(num_classes)
         self.embedding_dim = int(embedding_dim)
         self.pool = nn.AdaptiveAvgPool3d(1) if spatial_dims == 3 else nn.AdaptiveAvgPool2d(1)
@@ -41,7 +43,7 @@ class TumourHeadMixin:
         mirror = torch.zeros(max(self.coord_channels, 1), dtype=torch.bool)
         for a in coord_mirror_axes:
             if self.coord_channels and not 0 <= int(a) < self.coord_channels:
-                raise ValueError(f"coord_mirror_axes {list(coord_mirror_axes)} outside the {coord_channels} coordinates")
+                raise InputError(None, f"coord_mirror_axes {list(coord_mirror_axes)} outside the {coord_channels} coordinates")
             if self.coord_channels:
                 mirror[int(a)] = True
         self.register_buffer("coord_mirror", mirror, persistent=False)
@@ -187,7 +189,7 @@ class MultiTaskSegResNet(TumourHeadMixin, SegResNet):
         det_anchors: int = 2,
     ) -> None:
         if not decoder and (cls_pooling != "mean" or coord_channels or num_classes <= 0):
-            raise ValueError("a network without decoder is the classifier alone: it needs num_classes > 0, "
+            raise InputError(None, "a network without decoder is the classifier alone: it needs num_classes > 0, "
                              f"cls_pooling='mean' and coord_channels=0 (got {num_classes}, {cls_pooling!r}, "
                              f"{coord_channels})")
         super().__init__(
@@ -213,8 +215,11 @@ class MultiTaskSegResNet(TumourHeadMixin, SegResNet):
         self.detect = bool(detect)
         self.det_levels = [int(i) for i in det_levels]
         if self.detect:
+            if spatial_dims != 3:
+                raise InputError(None, "detect: the detection head is 3-D (its boxes are lesions of a volume); "
+                                       "set detect false with spatial_dims 2")
             if not self.det_levels or min(self.det_levels) < 0 or max(self.det_levels) >= len(blocks_down):
-                raise ValueError(f"det_levels must name encoder levels 0..{len(blocks_down) - 1}, got {list(det_levels)}")
+                raise InputError(None, f"det_levels must name encoder levels 0..{len(blocks_down) - 1}, got {list(det_levels)}")
             from pipeline.models.detection import LesionDetectionHead
 
             self.det_head = LesionDetectionHead(spatial_dims, [init_filters * 2**i for i in self.det_levels],

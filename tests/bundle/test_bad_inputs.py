@@ -499,3 +499,19 @@ def test_score_refuses_a_report_of_other_cases(kit, tmp_path):
     (tmp_path / "pred" / "predictions.csv").write_text("id,input,status\nzz1,/x/zz1.nii.gz,ok\n")
     with pytest.raises(InputError, match="none of the 4 datalist case id"):
         score_predictions(tmp_path / "pred", kit["cohort"] / "datalist.json")
+
+
+@pytest.mark.parametrize(("option", "value", "words"), [
+    ("mtl_method", "bogus", "mtl_method must be one of fixed, uncertainty, pcgrad, stop, got 'bogus'"),
+    ("det_levels", "[5]", "det_levels must name encoder levels 0..3, got [5]"),
+])
+def test_a_bad_option_value_ends_in_one_line(kit, tmp_path, option, value, words):
+    from pipeline.data.phantom.build import make_cohort
+
+    datalist = make_cohort(tmp_path / "cohort", cases=8, seed=0, spacing=6.0, space="atlas").datalist
+    overlays = [TRAIN, DEMO, kit["overlay"], *(["configs/detect.json"] if option.startswith("det_") else [])]
+    done = run_cli(bundle_args(["run", "training"], overlays, datalist=datalist, output_dir=tmp_path / "run",
+                               **{option: value}))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and f"error: {words}" in done.stderr.splitlines()[-1]
+    assert not (tmp_path / "run" / "models").exists()
