@@ -11,10 +11,10 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from pipeline.data.boxes import lesion_boxes
 from pipeline.data.phantom.anatomy import load_anatomy
 from pipeline.data.phantom.build import main, make_cohort
 from pipeline.data.phantom.config import PhantomConfig
-from pipeline.data.boxes import lesion_boxes
 from pipeline.io.errors import InputError
 
 SPACING, CASES, SEED = 4.0, 4, 5
