@@ -25,7 +25,8 @@ import numpy as np
 from pipeline.data.datalist import Case, load_datalist
 from pipeline.io.errors import InputError
 
-__all__ = ["ratio_split", "kfold_split", "repeated_ratio_splits", "save_splits", "load_splits", "main"]
+__all__ = ["ratio_split", "kfold_split", "repeated_ratio_splits", "fewer_training_cases", "save_splits", "load_splits",
+           "main"]
 
 
 def _groups(cases: list[Case] | tuple[Case, ...]) -> dict[int, list[str]]:
@@ -113,6 +114,26 @@ def kfold_split(cases: list[Case] | tuple[Case, ...], k: int = 5, seed: int = 0,
         inner = ratio_split(rest, (1 - val_fraction, val_fraction, 0.0), seed=seed * 1000 + i) if val_fraction > 0 \
             else {"train": sorted(c.id for c in rest), "val": []}
         out.append({"name": f"fold{i}", "train": inner["train"], "val": inner["val"], "test": sorted(folds[i])})
+    return out
+
+
+def fewer_training_cases(splits: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """The same splits with only ``n`` of each split's training cases (validation and test untouched),
+    for a learning curve: the ``n`` kept are the first of a seeded shuffle of the split's training
+    ids, so for one seed and split the cases kept at a smaller ``n`` are among those kept at a larger
+    one (nested subsets, as a learning curve needs).
+
+    Raises:
+        InputError: ``n`` is below 1 or above a split's number of training cases.
+    """
+    out = []
+    for k, split in enumerate(splits):
+        train = sorted(split["train"])
+        if not 1 <= n <= len(train):
+            raise InputError(None, f"--train-cases {n}: split {k} ({split.get('name', '')}) has {len(train)} "
+                                   "training cases")
+        order = np.random.default_rng([seed, k]).permutation(len(train))
+        out.append({**split, "train": sorted(train[i] for i in order[:n])})
     return out
 
 

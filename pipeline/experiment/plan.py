@@ -35,6 +35,7 @@ class ExperimentConfig:
     kind: str = "ratio"
     repeats: int = 6
     folds: int = 5
+    train_cases: int | None = None
     ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
     arms: list[str] = field(default_factory=lambda: ["seg", "mtl"])
     seed: int = 0
@@ -103,19 +104,29 @@ def make_or_load_splits(cfg: ExperimentConfig) -> list[dict]:
         InputError: the file exists but was made with other settings or for other patients.
     """
     from pipeline.data.datalist import load_datalist
-    from pipeline.data.splits import kfold_split, load_splits, repeated_ratio_splits, save_splits
+    from pipeline.data.splits import (
+        fewer_training_cases,
+        kfold_split,
+        load_splits,
+        repeated_ratio_splits,
+        save_splits,
+    )
 
     path = cfg.out / "splits.json"
     dl = load_datalist(cfg.datalist)
     wanted = {"kind": cfg.kind, "seed": cfg.seed, "n": cfg.repeats if cfg.kind == "ratio" else cfg.folds}
     if cfg.kind == "ratio":
         wanted["ratios"] = [float(r) for r in cfg.ratios]
+    if cfg.train_cases:
+        wanted["train_cases"] = cfg.train_cases
     if path.is_file():
         splits = load_splits(path)
         info = json.loads(path.read_text(encoding="utf-8"))
         have = {"kind": info.get("kind"), "seed": info.get("seed"), "n": len(splits)}
         if cfg.kind == "ratio":
             have["ratios"] = [float(r) for r in info.get("ratios", [])]
+        if info.get("train_cases"):
+            have["train_cases"] = info["train_cases"]
         if have != wanted:
             raise InputError(path, f"made with {have}, this call asks for {wanted}: the splits of an experiment "
                                    "never change; use another --out, or delete the folder to start over")
@@ -130,6 +141,9 @@ def make_or_load_splits(cfg: ExperimentConfig) -> list[dict]:
     else:
         splits = kfold_split(dl.cases, cfg.folds, cfg.seed)
         extra = {"folds": cfg.folds}
+    if cfg.train_cases:  # validation and test as in the full experiment of the same seed
+        splits = fewer_training_cases(splits, cfg.train_cases, cfg.seed)
+        extra["train_cases"] = cfg.train_cases
     save_splits(path, splits, kind=cfg.kind, seed=cfg.seed, datalist=str(dl.path), **extra)
     return splits
 

@@ -2,13 +2,15 @@
 against multi-task, every run an ordinary bundle run, one table with paired tests.
 
     python -m pipeline experiment --datalist DL --out DIR [--overlays configs/paper.json ...]
-        [--repeats 6 | --kind kfold --folds 5] [--arms seg,mtl] [--seed S] [--epochs N]
+        [--repeats 6 | --kind kfold --folds 5] [--train-cases N] [--arms seg,mtl] [--seed S] [--epochs N]
         [--parallel K | --gpus 0,1,... [--gpus-per-run K]] [--tracking mlflow] [--set key=value ...] [--overwrite]
 
 Arms (:data:`ARMS`): ``seg`` the segmentation alone (``configs/single_task.json``), ``cls`` the
 classifier alone on the shared encoder (``configs/classify_only.json``), ``mtl`` both; a custom
 arm is ``name=overlay.json``. The splits are written once to ``DIR/splits.json`` (seeded,
-patient-level, stratified by class: :mod:`pipeline.data.splits`) and never changed by a re-run.
+patient-level, stratified by class: :mod:`pipeline.data.splits`) and never changed by a re-run;
+``--train-cases N`` keeps N of each split's training cases (nested seeded subsets, validation and
+test as without it): one point of a learning curve (``benchmarks/learning_curve.py``).
 Every split x arm is a training (``train.json`` + overlays + the arm's overlay) and an evaluation
 of its best checkpoint on the split's test cases, as subprocesses, in ``DIR/runs/<arm>/split<k>/``
 with the exact command lines in ``command.txt`` and their output in ``log.txt``. With
@@ -225,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=6, help="repeated 70/15/15 splits (kind ratio)")
     p.add_argument("--folds", type=int, default=5, help="folds (kind kfold)")
     p.add_argument("--ratios", type=float, nargs=3, default=(0.7, 0.15, 0.15))
+    p.add_argument("--train-cases", type=int, default=None,
+                   help="train on only N of each split's training cases (nested seeded subsets; validation and "
+                        "test unchanged): one point of a learning curve")
     p.add_argument("--arms", default="seg,mtl", help="comma-separated: seg, cls, mtl or name=overlay.json")
     p.add_argument("--seed", type=int, default=0, help="split seed; split k trains with seed + k")
     p.add_argument("--epochs", type=int, default=None, help="override the overlays' epochs")
@@ -244,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.gpus_per_run < 1 or (a.gpus_per_run > 1 and len(gpus) < a.gpus_per_run):
         p.error(f"--gpus-per-run {a.gpus_per_run} needs at least that many ids in --gpus (got {len(gpus)})")
     cfg = ExperimentConfig(datalist=Path(a.datalist), out=Path(a.out), overlays=list(a.overlays), kind=a.kind,
-                           repeats=a.repeats, folds=a.folds, ratios=tuple(a.ratios),
+                           repeats=a.repeats, folds=a.folds, train_cases=a.train_cases,
+                           ratios=tuple(a.ratios),
                            arms=[x.strip() for x in a.arms.split(",") if x.strip()], seed=a.seed, epochs=a.epochs,
                            parallel=a.parallel, gpus=gpus, gpus_per_run=a.gpus_per_run, tracking=a.tracking,
                            overrides=list(a.overrides), overwrite=a.overwrite)

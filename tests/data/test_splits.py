@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from pipeline.data.datalist import Case
-from pipeline.data.splits import kfold_split, load_splits, ratio_split, repeated_ratio_splits, save_splits
+from pipeline.data.splits import (
+    fewer_training_cases,
+    kfold_split,
+    load_splits,
+    ratio_split,
+    repeated_ratio_splits,
+    save_splits,
+)
 from pipeline.io.errors import InputError
 
 
@@ -76,3 +83,17 @@ def test_overlapping_split_file_is_rejected(tmp_path):
     path.write_text(json.dumps({"splits": [{"name": "x", "train": ["a", "b"], "val": ["c"], "test": ["b"]}]}))
     with pytest.raises(InputError, match=r"ids in both train and test: \['b'\]"):
         load_splits(path)
+
+
+def test_fewer_training_cases_are_nested_and_leave_val_and_test_alone():
+    folds = kfold_split(cohort(40), k=4, seed=2)
+    small, large = fewer_training_cases(folds, 3, seed=2), fewer_training_cases(folds, 10, seed=2)
+    for full, s, m in zip(folds, small, large, strict=True):
+        assert (s["val"], s["test"], m["test"]) == (full["val"], full["test"], full["test"])
+        assert len(s["train"]) == 3 and len(m["train"]) == 10
+        assert set(s["train"]) < set(m["train"]) < set(full["train"])
+    assert fewer_training_cases(folds, 3, seed=2) == small
+    assert [s["train"] for s in fewer_training_cases(folds, 3, seed=3)] != [s["train"] for s in small]
+    assert len({tuple(s["train"]) for s in small}) == 4  # each split draws its own subset
+    with pytest.raises(InputError, match="training cases"):
+        fewer_training_cases(folds, len(folds[0]["train"]) + 1)

@@ -189,6 +189,26 @@ def test_fingerprints_follow_config_contents_not_paths(tmp_path):
         plan_runs(ExperimentConfig(datalist=dl, out=tmp_path / "e3", arms=["seg", "seg"]), split)
 
 
+def test_a_learning_curve_point_keeps_the_folds_test_cases(tmp_path):
+    from pipeline.experiment.plan import ExperimentConfig, make_or_load_splits
+    from pipeline.io.errors import InputError
+
+    dl = tmp_path / "datalist.json"
+    import SimpleITK as sitk
+
+    for i in range(12):  # the splits need the files to exist, not their contents
+        sitk.WriteImage(sitk.Image(2, 2, 2, sitk.sitkUInt8), str(tmp_path / f"{i}.nii.gz"))
+    dl.write_text(json.dumps({"training": [{"id": f"c{i:02d}", "image": f"{i}.nii.gz"} for i in range(12)]}))
+    full = make_or_load_splits(ExperimentConfig(datalist=dl, out=tmp_path / "full", kind="kfold", folds=3))
+    cfg = ExperimentConfig(datalist=dl, out=tmp_path / "n2", kind="kfold", folds=3, train_cases=2)
+    fewer = make_or_load_splits(cfg)
+    assert [s["test"] for s in fewer] == [s["test"] for s in full]
+    assert all(len(s["train"]) == 2 and set(s["train"]) < set(f["train"]) for s, f in zip(fewer, full, strict=True))
+    assert make_or_load_splits(cfg) == fewer  # re-read, not redrawn
+    with pytest.raises(InputError, match="train_cases"):  # the splits of an experiment never change
+        make_or_load_splits(ExperimentConfig(datalist=dl, out=tmp_path / "n2", kind="kfold", folds=3, train_cases=3))
+
+
 def test_kfold_classifier_alone_against_multitask(setup, tmp_path):
     out = tmp_path / "cv"
     res = experiment("--datalist", str(setup["datalist"]), "--out", str(out), "--kind", "kfold", "--folds", "2",
