@@ -7,16 +7,19 @@ number of epochs (the same budget), segmentation alone (``configs/single_task.js
 
 - ``scratch``: the network trained from its random initialisation;
 - ``pretrained``: the same, started from ``--pretrained`` (``--init_from``: every tensor whose name and
-  shape match), e.g. the model ``benchmarks/synthetic_to_real.py`` trains on the synthetic cohort alone.
+  shape match), e.g. the model ``benchmarks/synthetic_to_real.py`` trains on the synthetic cohort alone;
+- ``mixed`` (with ``--synthetic DATALIST``): from scratch, the synthetic cases added to every fold's
+  training part (``--extra_train``), about half of each epoch's draws (``--extra_train_share 0.5``),
+  an epoch as long as the real-only one.
 
 Validation and test cases are those of the full cross-validation of the same seed, so every N is scored
-on the same cases. Prints, per N, each arm's test Dice (mean over the folds done) and pretrained minus
-scratch paired by fold and by test case (95 % t-interval), and writes ``WORK/summary.json``,
+on the same cases; the registrations are shared (``WORK/registration``). Prints, per N, each arm's test
+Dice (mean over the folds done) and each arm minus scratch paired by fold and by test case (95 % t-interval), and writes ``WORK/summary.json``,
 ``WORK/summary.md`` and ``WORK/learning_curve.png``. The pretraining's own cost is paid once and is
 not in the budget.
 
     python benchmarks/learning_curve.py --pretrained work/synth2real/realistic_e40/models/model.pt \\
-        [--datalist ../shared/data/real/brats2018/datalist.json] [--sizes 2 5 10 14] [--folds 5] \\
+        [--synthetic work/synth2real/cohorts/native_n60_s0_2mm_realistic/datalist.json] [--datalist ../shared/data/real/brats2018/datalist.json] [--sizes 2 5 10 14] [--folds 5] \\
         [--overlays configs/real.json] [--epochs N] [--work work/learning_curve] [--summary-only]
 
 Runs resume (the runner's): stop it at any time, re-run the same command to go on; the runner works
@@ -39,17 +42,25 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.runs import finite_mean, number, run_logged  # noqa: E402
 from pipeline.evaluation.paired_stats import paired_comparison  # noqa: E402
 
-ARM_NAMES = ("scratch", "pretrained")
+ARM_NAMES = ("scratch", "pretrained", "mixed")
 
 
-def arm_overlays(work: Path, pretrained: Path) -> str:
-    """Write the two arms' overlays into ``work`` and return the runner's ``--arms`` value."""
+def arm_overlays(work: Path, pretrained: Path | None, synthetic: Path | None) -> str:
+    """Write the arms' overlays into ``work`` and return the runner's ``--arms`` value."""
     work.mkdir(parents=True, exist_ok=True)
-    scratch, pre = work / "scratch.json", work / "pretrained.json"
-    scratch.write_text(json.dumps({"_comment": "learning curve: from the random initialisation", "init_from": None}))
-    pre.write_text(json.dumps({"_comment": "learning curve: from the synthetic model",
-                               "init_from": str(pretrained.resolve())}))
-    return f"scratch={scratch},pretrained={pre}"
+    overlays = {"scratch": {"_comment": "learning curve: from the random initialisation", "init_from": None}}
+    if pretrained:
+        overlays["pretrained"] = {"_comment": "learning curve: from the synthetic model",
+                                  "init_from": str(pretrained.resolve())}
+    if synthetic:
+        overlays["mixed"] = {"_comment": "learning curve: synthetic cases beside the real ones in every epoch",
+                             "extra_train": str(synthetic.resolve()), "extra_train_share": 0.5}
+    arms = []
+    for name, overlay in overlays.items():
+        path = work / f"{name}.json"
+        path.write_text(json.dumps(overlay, indent=1))
+        arms.append(f"{name}={path.resolve()}")
+    return ",".join(arms)
 
 
 def run_size(n: int, args: argparse.Namespace, arms: str) -> None:
@@ -57,7 +68,8 @@ def run_size(n: int, args: argparse.Namespace, arms: str) -> None:
     cmd = [sys.executable, "-m", "pipeline", "experiment", "--datalist", str(Path(args.datalist).resolve()),
            "--out", str(Path(args.work).resolve() / f"n{n}"), "--kind", "kfold", "--folds", str(args.folds),
            "--train-cases", str(n), "--arms", arms, "--seed", str(args.seed),
-           "--overlays", *args.overlays, "configs/single_task.json"]
+           "--overlays", *args.overlays, "configs/single_task.json",
+           "--set", f"registration_cache={(Path(args.work) / 'registration').resolve()}"]
     if args.epochs:
         cmd += ["--epochs", str(args.epochs)]
     run_logged([cmd], Path(args.work) / f"n{n}.log", ROOT)
@@ -82,20 +94,21 @@ def collect(work: Path, sizes: list[int]) -> tuple[dict, dict]:
 
 
 def summarise(folds: dict, cases: dict) -> dict:
-    """Per N: each arm's mean test Dice over its folds, and pretrained minus scratch paired by fold
-    (only folds both arms finished) and by test case."""
+    """Per N: each arm's mean test Dice over its folds, and each other arm minus scratch paired by
+    fold (only folds both arms finished) and by test case."""
     out: dict = {}
     for n in sorted(folds):
         by_arm = folds[n]
         row: dict = {arm: {"folds": len(by_arm.get(arm, {})), "test_dice": finite_mean(list(by_arm.get(arm, {}).values()))}
                      for arm in ARM_NAMES}
-        both = sorted(set(by_arm.get("scratch", {})) & set(by_arm.get("pretrained", {})))
-        if both:
-            row["by_fold"] = paired_comparison([by_arm["scratch"][k] for k in both],
-                                               [by_arm["pretrained"][k] for k in both])
-            scratch, pre = cases[n].get("scratch", {}), cases[n].get("pretrained", {})
-            ids = sorted(set(scratch) & set(pre))
-            row["by_case"] = paired_comparison([scratch[i] for i in ids], [pre[i] for i in ids])
+        for arm in ARM_NAMES[1:]:
+            both = sorted(set(by_arm.get("scratch", {})) & set(by_arm.get(arm, {})))
+            if both:
+                scratch, other = cases[n].get("scratch", {}), cases[n].get(arm, {})
+                ids = sorted(set(scratch) & set(other))
+                row[arm]["by_fold"] = paired_comparison([by_arm["scratch"][k] for k in both],
+                                                        [by_arm[arm][k] for k in both])
+                row[arm]["by_case"] = paired_comparison([scratch[i] for i in ids], [other[i] for i in ids])
         out[str(n)] = row
     return out
 
@@ -112,12 +125,14 @@ def _diff(c: dict | None) -> str:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| N real training cases | scratch: test Dice (folds) | pretrained: test Dice (folds) | "
-             "pretrained - scratch by fold | by test case |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| N real training cases | arm | test Dice (folds) | minus scratch, by fold | by test case |",
+             "| --- | --- | --- | --- | --- |"]
     for n, row in summary.items():
-        lines.append(f"| {n} | {_f(row['scratch']['test_dice'])} ({row['scratch']['folds']}) | "
-                     f"{_f(row['pretrained']['test_dice'])} ({row['pretrained']['folds']}) | "
-                     f"{_diff(row.get('by_fold'))} | {_diff(row.get('by_case'))} |")
+        for arm in ARM_NAMES:
+            a = row[arm]
+            if a["folds"]:
+                lines.append(f"| {n} | {arm} | {_f(a['test_dice'])} ({a['folds']}) | {_diff(a.get('by_fold'))} | "
+                             f"{_diff(a.get('by_case'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -145,6 +160,7 @@ def plot(summary: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pretrained", help="the synthetic model (model.pt) the pretrained arm starts from")
+    p.add_argument("--synthetic", help="a synthetic datalist: adds the mixed arm")
     p.add_argument("--datalist", default=str(ROOT.parent / "shared/data/real/brats2018/datalist.json"))
     p.add_argument("--sizes", nargs="+", type=int, default=[2, 5, 10, 14])
     p.add_argument("--folds", type=int, default=5)
@@ -156,9 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     work = Path(args.work)
     if not args.summary_only:
-        if not args.pretrained or not Path(args.pretrained).is_file():
-            p.error(f"--pretrained: no model file {args.pretrained!r}")
-        arms = arm_overlays(work, Path(args.pretrained))
+        if not args.pretrained and not args.synthetic:
+            p.error("give --pretrained MODEL.pt, --synthetic DATALIST or both")
+        for flag, path in (("--pretrained", args.pretrained), ("--synthetic", args.synthetic)):
+            if path and not Path(path).is_file():
+                p.error(f"{flag}: no file {path}")
+        arms = arm_overlays(work, Path(args.pretrained) if args.pretrained else None,
+                            Path(args.synthetic) if args.synthetic else None)
         for n in args.sizes:
             print(f"[learning_curve] N = {n}", flush=True)
             run_size(n, args, arms)

@@ -4,6 +4,11 @@
 together), makes or re-reads the seeded patient split (saved in the run's output folder so a
 resumed or repeated run uses the same patients), computes the training-set class weights,
 and writes the atlas brain mask next to the run's cache so the transform chain can load it.
+
+``extra_train`` names a second datalist whose every case joins the training part only (never
+validation or test), e.g. the synthetic cohort beside a few real scans: the items follow the
+split's own training items in ``Cohort.train`` and ``Cohort.info["extra_train"]`` counts them, so
+that :func:`pipeline.data.feed.training_sampler` can draw them at a chosen share.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ def load_cohort(
     class_names: list[str] | tuple[str, ...] | None = None,
     check_cache: str | Path | None = None,
     sequences: list[str] | tuple[str, ...] | None = None,
+    extra_train: str | Path | None = None,
 ) -> Cohort:
     """Validate a datalist and return the items of one train/val/test split.
 
@@ -105,6 +111,8 @@ def load_cohort(
             case is not opened again at the next start).
         sequences: the sequences the model takes, in channel order (:meth:`Datalist.select`);
             ``None``: all of the datalist's.
+        extra_train: a datalist whose cases are all added to the training part (checked like the
+            main one; its ids must differ from the main datalist's, its classes be the model's).
 
     Raises:
         InputError / InputErrors: bad datalist, files or split.
@@ -113,13 +121,13 @@ def load_cohort(
         raise InputError(None, "no datalist given: pass --datalist PATH (JSON or CSV)")
     with main_process_first():  # several processes: rank 0 checks the files and writes the split first
         return _load_cohort(datalist, output_dir, split_file, split_index, ratios, seed, validate, brain_mask,
-                            class_names, check_cache, sequences)
+                            class_names, check_cache, sequences, extra_train)
 
 
 def _load_cohort(datalist: str | Path, output_dir: str | Path, split_file: str | Path | None, split_index: int,
                  ratios: tuple[float, float, float], seed: int, validate: bool, brain_mask: str | None,
                  class_names: list[str] | tuple[str, ...] | None, check_cache: str | Path | None,
-                 sequences: list[str] | tuple[str, ...] | None) -> Cohort:
+                 sequences: list[str] | tuple[str, ...] | None, extra_train: str | Path | None = None) -> Cohort:
     dl = load_datalist(datalist, check_contents=validate, check_cache=check_cache)  # every entry and file problem at once
     dl = dl.select(sequences)
     if class_names is not None:
@@ -140,17 +148,27 @@ def _load_cohort(datalist: str | Path, output_dir: str | Path, split_file: str |
         logger.warning("%d case(s) of %s are in no part of split %s and are not used: %s", len(unassigned), dl.path,
                        source, sorted(unassigned)[:10])
     parts = {k: to_monai_dicts(dl.subset(split[k])) for k in ("train", "val", "test")}
+    train_cases = dl.subset(split["train"])
+    extra_cases: list = []
+    if extra_train:
+        extra = load_datalist(extra_train, check_contents=validate, check_cache=check_cache).select(dl.sequences)
+        extra = extra.with_classes(class_names if class_names is not None else dl.classes)
+        clash = sorted(set(extra.by_id()) & set(dl.by_id()))
+        if clash:  # one id, two patients: the split, the caches' logs and the tables would mix them up
+            raise InputError(extra.path, f"--extra_train: {len(clash)} id(s) also in {dl.path}: {clash[:5]}")
+        extra_cases = list(extra.cases)
+        parts["train"] += to_monai_dicts(extra_cases)
     if brain_mask:
         for items in parts.values():
             for item in items:
                 item["brain"] = brain_mask
-    train_cases = dl.subset(split["train"])
     return Cohort(
         classes=list(dl.classes),
         train=parts["train"],
         val=parts["val"],
         test=parts["test"],
-        class_weights=class_weights(train_cases, len(dl.classes)),
+        class_weights=class_weights(train_cases + extra_cases, len(dl.classes)),
         split_file=str(source),
-        info={"split": split.get("name"), "datalist": str(dl.path), "sequences": list(dl.sequences)},
+        info={"split": split.get("name"), "datalist": str(dl.path), "sequences": list(dl.sequences),
+              "extra_train": len(extra_cases)},
     )

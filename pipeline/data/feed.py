@@ -10,6 +10,10 @@
   processes share the cached tensors (fork, copy-on-write), so nothing is read from disk per patch;
 - ``"none"``: MONAI ``Dataset``, the whole chain per patch (debugging).
 
+Which items an epoch draws is :func:`training_sampler`'s: all of them in a random order (what the
+DataLoader's ``shuffle`` does), or, with extra training cases (``extra_train``), a share of them
+beside the split's own cases.
+
 The disk cache is :class:`CheckedPersistentDataset`: MONAI's ``PersistentDataset`` with each entry
 written atomically in its own folder (a full disk or a read-only folder is one line naming the
 entry) and ending in its SHA-256, checked on every read: an entry cut short or changed is logged as
@@ -31,9 +35,10 @@ from monai.data import PersistentDataset
 from monai.data.utils import SUPPORTED_PICKLE_MOD
 from monai.utils import convert_to_tensor, look_up_option
 
+from pipeline.io.errors import InputError
 from pipeline.io.imageio import atomic_write
 
-__all__ = ["DATASET_CACHES", "TRAILER", "CheckedPersistentDataset", "training_dataset"]
+__all__ = ["DATASET_CACHES", "TRAILER", "CheckedPersistentDataset", "training_dataset", "training_sampler"]
 
 logger = logging.getLogger(__name__)
 #: What ends every entry of the disk cache: this marker, then the SHA-256 of the bytes before it.
@@ -66,6 +71,34 @@ def training_dataset(kind: str, data: Sequence[dict[str, Any]], transform: Calla
     if kind == "none":
         return Dataset(data, transform)
     raise ValueError(f"dataset_cache must be one of {DATASET_CACHES}, got {kind!r}")
+
+
+def training_sampler(n_items: int, n_extra: int = 0, extra_share: float = 0.5) -> torch.utils.data.Sampler:
+    """What one training epoch draws from ``n_items`` items whose last ``n_extra`` are extra cases
+    (``Cohort.info["extra_train"]``).
+
+    Without extra cases: every item once, in a random order (``RandomSampler``, exactly what
+    ``DataLoader(shuffle=True)`` builds). With them: as many draws as the split has own cases (the
+    epoch, and so the budget at a given number of epochs, of training without them), without
+    replacement within the epoch, each draw an extra case with probability about ``extra_share``
+    (torch's ``WeightedRandomSampler``: weight ``extra_share / n_extra`` per extra case,
+    ``(1 - extra_share) / n_own`` per own case). Mixed batches, as in synthetic-plus-real training,
+    where a plain union would let 60 phantoms drown 2 real cases.
+
+    Raises:
+        InputError: ``extra_share`` outside [0, 1), or no own case.
+    """
+    from torch.utils.data import RandomSampler, WeightedRandomSampler
+
+    n_own = n_items - n_extra
+    if n_extra <= 0:
+        return RandomSampler(range(n_items))
+    if n_own <= 0:
+        raise InputError(None, "extra training cases need at least one case in the split's own training part")
+    if not 0.0 <= extra_share < 1.0:
+        raise InputError(None, f"extra_train_share must lie in [0, 1), got {extra_share}")
+    weights = [(1.0 - extra_share) / n_own] * n_own + [extra_share / n_extra] * n_extra
+    return WeightedRandomSampler(weights, num_samples=n_own, replacement=False)
 
 
 class CheckedPersistentDataset(PersistentDataset):

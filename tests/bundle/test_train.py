@@ -163,3 +163,34 @@ def test_second_training_on_one_output_folder_is_refused(cohort, overlay, tmp_pa
     assert proc.returncode == 2 and "Traceback" not in out
     assert f"{run}: is in use by another training (training, pid" in out
     assert not (run / "models").exists() and not (run / "tensorboard").exists()
+
+
+def test_extra_training_cases_are_drawn_beside_the_split(cohort, tmp_path, monkeypatch):
+    """``--extra_train``: a second datalist's cases in the training dataset, an epoch as long as the
+    split's own, the extra cases at about their share of the draws."""
+    import torch
+    from monai.bundle import ConfigParser
+    from torch.utils.data import WeightedRandomSampler
+
+    from pipeline.data.phantom.build import make_cohort
+
+    extra = make_cohort(tmp_path / "extra", cases=6, seed=1, spacing=6.0, space="atlas").datalist
+    doc = json.loads(Path(extra).read_text())
+    for e in doc["training"]:
+        e["id"] = "synthetic_" + e["id"]
+    Path(extra).write_text(json.dumps(doc))
+    monkeypatch.chdir(ROOT)
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / TRAIN)])
+    parser.update({**TINY, "datalist": str(cohort), "output_dir": str(tmp_path / "run"), "extra_train": str(extra),
+                   "extra_train_share": 0.5, "batch_size": 1})
+    cohort_items = parser.get_parsed_content("cohort")
+    own = len(cohort_items.train) - 6
+    loader = parser.get_parsed_content("train#dataloader")
+    assert isinstance(loader.sampler, WeightedRandomSampler) and len(loader.sampler) == own
+    assert len(loader.dataset) == own + 6
+    torch.manual_seed(0)
+    draws = [i for _ in range(200) for i in loader.sampler]
+    assert 0.3 < sum(i >= own for i in draws) / len(draws) < 0.7
+    batches = list(loader)  # the extra cases go through the same chain as the split's own
+    assert len(batches) == own and all(b["image"].shape[-3:] == (16, 16, 16) for b in batches)

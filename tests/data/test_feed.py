@@ -52,3 +52,38 @@ def test_an_entry_without_its_checksum_is_not_loaded(tmp_path, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="pipeline.data.feed"):
         ours[0]
     assert len(calls) == 2 and "no checksum at its end" in caplog.text
+
+
+def test_without_extra_cases_an_epoch_is_every_item_once_as_shuffle_makes_it() -> None:
+    from torch.utils.data import DataLoader
+
+    from pipeline.data.feed import training_sampler
+
+    torch.manual_seed(5)
+    ours = [int(i) for i in DataLoader(list(range(9)), batch_size=1, sampler=training_sampler(9))]
+    torch.manual_seed(5)
+    shuffled = [int(i) for i in DataLoader(list(range(9)), batch_size=1, shuffle=True)]
+    assert ours == shuffled and sorted(ours) == list(range(9))
+
+
+def test_extra_cases_take_their_share_of_an_epoch_as_long_as_the_own_one() -> None:
+    import pytest
+
+    from pipeline.data.feed import training_sampler
+    from pipeline.io.errors import InputError
+
+    torch.manual_seed(0)
+    n_own, n_extra = 6, 60
+    sampler = training_sampler(n_own + n_extra, n_extra, extra_share=0.5)
+    epochs = [list(sampler) for _ in range(300)]
+    assert all(len(e) == n_own and len(set(e)) == n_own for e in epochs)  # no item twice in an epoch
+    share = sum(i >= n_own for e in epochs for i in e) / (300 * n_own)
+    assert 0.4 < share < 0.6, share
+    # at share 0.1 an own case comes far more often than an extra one; at share 0 never an extra one
+    rare = [i for _ in range(300) for i in training_sampler(n_own + n_extra, n_extra, 0.1)]
+    assert sum(i >= n_own for i in rare) / len(rare) < 0.2
+    assert all(i < n_own for _ in range(20) for i in training_sampler(n_own + n_extra, n_extra, 0.0))
+    with pytest.raises(InputError, match="extra_train_share"):
+        training_sampler(10, 4, 1.0)
+    with pytest.raises(InputError, match="own training part"):
+        training_sampler(4, 4, 0.5)
