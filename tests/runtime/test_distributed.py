@@ -52,6 +52,20 @@ def test_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch(tmp_path, hea
         assert diff > 1e-4, diff
 
 
+def test_ddp_step_with_the_detection_head_keeps_the_ranks_identical(tmp_path):
+    """The detection term is each process's own (its half-batch's boxes and anchors, not the whole
+    batch's): the ranks' losses differ, DDP averages their gradients, and every rank ends the step
+    with the same parameters, detection head included."""
+    out = tmp_path / "step.pt"
+    run([*TORCHRUN, "tests/ddp_step.py", str(out), "detect", "sync"])
+    ranks = [torch.load(f"{out}.rank{r}", map_location="cpu") for r in (0, 1)]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in ranks) and ranks[0]["loss"] != ranks[1]["loss"]
+    params = [r["params"] for r in ranks]
+    assert any(k.startswith("det_head") for k in params[0])
+    for k in params[0]:
+        assert torch.equal(params[0][k], params[1][k]), k
+
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> tuple[Path, Path, Path]:
     """10 tiny atlas-space cases split 4 / 3 / 3 (an odd number of validation cases for two ranks)."""
