@@ -8,12 +8,14 @@ split (48 cases, 50/15/35: 24 training, 7 validation, 17 test), no component rul
 
 - ``mtl``: the demo's multi-task network; its lesion boxes are the predicted mask's components;
 - ``det``: the same plus the detection head (``configs/detect.json``); both its own boxes and its
-  mask's components are scored.
+  mask's components are scored;
+- ``detached``: the head on detached encoder maps (``configs/detect_detached.json``): its loss never
+  moves the encoder, so the mask should be ``mtl``'s.
 
 Per arm and seed: test Dice, the mask components' AP at IoU 0.25 and lesion sensitivity at one false
 positive per case (``test_box_*``), the head's (``test_head_box_*``), and the run's minutes; over
-the seeds, the head minus the mask-derived boxes (same runs) and the Dice of ``det`` minus ``mtl``,
-paired by seed (95 % t-interval) and by test case.
+the seeds, for each arm with the head, the head minus the mask-derived boxes (same runs) and its Dice
+minus ``mtl``'s, paired by seed (95 % t-interval) and by test case.
 
     python benchmarks/detection.py --work work/detection [--seeds 1 2 3] [--parallel 1] [--epochs N] [--summary-only]
 
@@ -36,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.runs import finite_mean, number, seed_experiment  # noqa: E402
 from pipeline.evaluation.paired_stats import paired_comparison  # noqa: E402
 
-ARMS = "mtl,det=configs/detect.json"
+ARMS = "mtl,det=configs/detect.json,detached=configs/detect_detached.json"
+HEAD_ARMS = ("det", "detached")
 FIGURES = ("test_dice", "test_box_ap25", "test_box_sensitivity_fp1", "test_head_box_ap25",
            "test_head_box_sensitivity_fp1", "seconds")
 
@@ -70,24 +73,30 @@ def collect(work: Path, seeds: list[int]) -> tuple[dict, dict]:
 
 
 def summarise(runs: dict, cases: dict, seeds: list[int]) -> dict:
-    """Means per arm, the head against the mask-derived boxes, and the Dice of ``det`` against ``mtl``."""
+    """Means per arm; per arm with the head, its boxes against its mask-derived boxes and its Dice
+    against ``mtl``'s (``out[arm]``)."""
     arms = {arm: {k: finite_mean([by_seed[s][k] for s in seeds if s in by_seed]) for k in FIGURES}
             | {"seeds": sum(s in by_seed for s in seeds)} for arm, by_seed in runs.items()}
     out: dict = {"arms": arms}
-    det, mtl = runs.get("det", {}), runs.get("mtl", {})
-    done = [s for s in seeds if s in det]
-    if done:
-        out["head_minus_mask_ap25"] = paired_comparison([det[s]["test_box_ap25"] for s in done],
-                                                        [det[s]["test_head_box_ap25"] for s in done])
-        out["head_minus_mask_sensitivity_fp1"] = paired_comparison(
-            [det[s]["test_box_sensitivity_fp1"] for s in done], [det[s]["test_head_box_sensitivity_fp1"] for s in done])
-    both = [s for s in done if s in mtl]
-    if both:
-        out["dice_det_minus_mtl_by_seed"] = paired_comparison([mtl[s]["test_dice"] for s in both],
-                                                               [det[s]["test_dice"] for s in both])
-        keys = [k for k in cases.get("det", {}) if k in cases.get("mtl", {})]
-        out["dice_det_minus_mtl_by_case"] = paired_comparison([cases["mtl"][k] for k in keys],
-                                                              [cases["det"][k] for k in keys])
+    mtl = runs.get("mtl", {})
+    for arm in HEAD_ARMS:
+        det = runs.get(arm, {})
+        done = [s for s in seeds if s in det]
+        if not done:
+            continue
+        row = out[arm] = {
+            "head_minus_mask_ap25": paired_comparison([det[s]["test_box_ap25"] for s in done],
+                                                      [det[s]["test_head_box_ap25"] for s in done]),
+            "head_minus_mask_sensitivity_fp1": paired_comparison(
+                [det[s]["test_box_sensitivity_fp1"] for s in done],
+                [det[s]["test_head_box_sensitivity_fp1"] for s in done])}
+        both = [s for s in done if s in mtl]
+        if both:
+            row["dice_minus_mtl_by_seed"] = paired_comparison([mtl[s]["test_dice"] for s in both],
+                                                              [det[s]["test_dice"] for s in both])
+            keys = [k for k in cases.get(arm, {}) if k in cases.get("mtl", {})]
+            row["dice_minus_mtl_by_case"] = paired_comparison([cases["mtl"][k] for k in keys],
+                                                              [cases[arm][k] for k in keys])
     return out
 
 
@@ -109,11 +118,15 @@ def markdown(summary: dict, runs: dict, seeds: list[int]) -> str:
         lines.append(f"| {arm} | {a['seeds']} | {_f(a['test_dice'])} | {_f(a['test_box_ap25'])} | "
                      f"{_f(a['test_box_sensitivity_fp1'])} | {_f(a['test_head_box_ap25'])} | "
                      f"{_f(a['test_head_box_sensitivity_fp1'])} | {_f(a['seconds'] / 60, 1)} |")
-    lines += ["", f"Head minus mask-derived boxes (det runs), AP25: {_diff(summary.get('head_minus_mask_ap25'))}; "
-              f"sensitivity at 1 FP: {_diff(summary.get('head_minus_mask_sensitivity_fp1'))}.",
-              f"Dice det minus mtl, by seed: {_diff(summary.get('dice_det_minus_mtl_by_seed'))}; by case: "
-              f"{_diff(summary.get('dice_det_minus_mtl_by_case'))}.", "",
-              "Per seed (test Dice, mask AP25, head AP25):", ""]
+    lines.append("")
+    for arm in HEAD_ARMS:
+        row = summary.get(arm)
+        if row:
+            lines += [f"{arm}: head minus mask-derived boxes (same runs), AP25: {_diff(row['head_minus_mask_ap25'])}; "
+                      f"sensitivity at 1 FP: {_diff(row['head_minus_mask_sensitivity_fp1'])}. Dice minus mtl, by "
+                      f"seed: {_diff(row.get('dice_minus_mtl_by_seed'))}; by case: "
+                      f"{_diff(row.get('dice_minus_mtl_by_case'))}."]
+    lines += ["", "Per seed (test Dice, mask AP25, head AP25):", ""]
     for arm, by_seed in runs.items():
         cells = [f"s{s}: {_f(by_seed[s]['test_dice'])}, {_f(by_seed[s]['test_box_ap25'])}, "
                  f"{_f(by_seed[s]['test_head_box_ap25'])}" for s in seeds if s in by_seed]

@@ -149,6 +149,9 @@ class MultiTaskSegResNet(TumourHeadMixin, SegResNet):
             MONAI's RetinaNet heads) on the encoder levels ``det_levels`` (0 = full resolution;
             level ``i`` has stride ``2**i``), projected to ``det_channels``, ``det_anchors`` anchors
             per location.
+        det_detach: the detection head reads detached encoder maps: the detection loss trains the
+            head and never the shared encoder, so the segmentation learns what it would without
+            the head (the lesion boxes at no cost to the mask, like ``mtl_method: stop`` for the class).
 
     Forward:
         ``x``: ``(B, in_channels + coord_channels, H, W, D)``, each spatial size divisible by
@@ -187,6 +190,7 @@ class MultiTaskSegResNet(TumourHeadMixin, SegResNet):
         det_levels: Sequence[int] = (2, 3),
         det_channels: int = 32,
         det_anchors: int = 2,
+        det_detach: bool = False,
     ) -> None:
         if not decoder and (cls_pooling != "mean" or coord_channels or num_classes <= 0):
             raise InputError(None, "a network without decoder is the classifier alone: it needs num_classes > 0, "
@@ -213,6 +217,7 @@ class MultiTaskSegResNet(TumourHeadMixin, SegResNet):
             self.recon_up_layers, self.recon_up_samples = self._make_up_layers()
             self.recon_final = self._make_final_conv(self.image_channels)
         self.detect = bool(detect)
+        self.det_detach = bool(det_detach)
         self.det_levels = [int(i) for i in det_levels]
         if self.detect:
             if spatial_dims != 3:
@@ -236,7 +241,7 @@ class MultiTaskSegResNet(TumourHeadMixin, SegResNet):
     def forward(self, x: torch.Tensor):  # type: ignore[override]
         bottleneck, down_x = self.encode(x[:, : self.image_channels])
         if self.detect:  # a TorchScript constant, as reconstruct
-            det = self.det_head([down_x[i] for i in self.det_levels])
+            det = self.det_head([down_x[i].detach() if self.det_detach else down_x[i] for i in self.det_levels])
             seg, logits, embedding = self._heads(x, bottleneck, down_x)
             if self.reconstruct:
                 return seg, logits, embedding, self._reconstruct(bottleneck), det

@@ -12,9 +12,9 @@ from pipeline.models.losses import MultiTaskLoss
 from pipeline.models.networks import MultiTaskSegResNet
 
 
-def tiny(detect: bool = True) -> MultiTaskSegResNet:
+def tiny(detect: bool = True, det_detach: bool = False) -> MultiTaskSegResNet:
     return MultiTaskSegResNet(init_filters=8, blocks_down=(1, 1, 1, 1), blocks_up=(1, 1, 1), num_classes=0,
-                              detect=detect, det_levels=(2, 3), det_channels=16, det_anchors=2)
+                              detect=detect, det_levels=(2, 3), det_channels=16, det_anchors=2, det_detach=det_detach)
 
 
 def lesions(rng: np.random.Generator, n: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,3 +173,25 @@ def test_detection_overlay_trains_evaluates_and_infers_through_the_bundle(tmp_pa
     assert [b["score"] for b in boxes] == sorted((b["score"] for b in boxes), reverse=True)
     header = (out / "predictions.csv").read_text().splitlines()[0].split(",")
     assert "lesions_detected" in header and "boxes" not in header
+
+
+def test_a_detached_head_trains_itself_and_leaves_the_encoder_to_the_segmentation():
+    rng = np.random.default_rng(3)
+    pairs = [lesions(rng, 2) for _ in range(2)]
+    x, mask = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    det = LesionDetector(levels=(2, 3), spacing_mm=2.0, anchor_sizes_mm=(12.0, 20.0))
+
+    def grads(det_detach: bool, det_weight: float) -> dict[str, torch.Tensor | None]:
+        torch.manual_seed(0)
+        net = tiny(det_detach=det_detach)
+        loss = MultiTaskLoss(cls_weight=0.0, det_weight=det_weight, detector=det)
+        out = net(x)
+        torch.manual_seed(5)
+        loss.compute(out[0], None, mask, torch.full((2,), -1), has_label=torch.ones(2), det=out[-1])["loss"].backward()
+        return {n: p.grad for n, p in net.named_parameters()}
+
+    seg_only, detached, attached = grads(True, 0.0), grads(True, 1.0), grads(False, 1.0)
+    encoder = [n for n in seg_only if not n.startswith(("det_head", "up_", "conv_final"))]
+    assert encoder and all(torch.equal(seg_only[n], detached[n]) for n in encoder)  # no detection gradient there
+    assert any(not torch.allclose(seg_only[n], attached[n]) for n in encoder)  # attached, it reaches the encoder
+    assert all(detached[n] is not None and detached[n].abs().sum() > 0 for n in detached if n.startswith("det_head"))
