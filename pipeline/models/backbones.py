@@ -304,7 +304,8 @@ def multitask_network(backbone: str = "segresnet", backbone_kwargs: dict[str, An
         if kwargs.pop(branch, False):
             raise ValueError(f"backbone {backbone!r}: the {branch} branch is built on SegResNet only; use "
                              "backbone 'segresnet'")
-    for key in ("blocks_down", "blocks_up", "dropout_prob", "norm", "det_levels", "det_channels", "det_anchors"):
+    for key in ("blocks_down", "blocks_up", "dropout_prob", "norm", "det_levels", "det_channels", "det_anchors",
+                "det_detach"):
         kwargs.pop(key, None)
     return MultiTaskBackboneNet(backbone=backbone, backbone_kwargs=backbone_kwargs, **kwargs)
 
