@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.runs import finite_mean, number, seed_experiment  # noqa: E402
+from benchmarks.runs import finite_mean, fixed, number, paired_text, seed_experiment  # noqa: E402
 from pipeline.evaluation.paired_stats import paired_comparison  # noqa: E402
 
 ARMS = "mtl,det=configs/detect.json,detached=configs/detect_detached.json"
@@ -100,36 +99,25 @@ def summarise(runs: dict, cases: dict, seeds: list[int]) -> dict:
     return out
 
 
-def _f(v: float, digits: int = 3) -> str:
-    return "n/a" if not isinstance(v, float) or not math.isfinite(v) else f"{v:.{digits}f}"
-
-
-def _diff(c: dict | None) -> str:
-    if not c or not c.get("n"):
-        return "n/a"
-    lo, hi = c["ci95_t"]
-    return f"{c['mean_difference']:+.3f} [{_f(lo)}, {_f(hi)}] (n {c['n']})"
-
-
 def markdown(summary: dict, runs: dict, seeds: list[int]) -> str:
     lines = ["| arm | seeds | test Dice | mask boxes AP25 | mask boxes sens. at 1 FP | head AP25 | head sens. at 1 FP "
              "| min/run |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arm, a in summary["arms"].items():
-        lines.append(f"| {arm} | {a['seeds']} | {_f(a['test_dice'])} | {_f(a['test_box_ap25'])} | "
-                     f"{_f(a['test_box_sensitivity_fp1'])} | {_f(a['test_head_box_ap25'])} | "
-                     f"{_f(a['test_head_box_sensitivity_fp1'])} | {_f(a['seconds'] / 60, 1)} |")
+        lines.append(f"| {arm} | {a['seeds']} | {fixed(a['test_dice'])} | {fixed(a['test_box_ap25'])} | "
+                     f"{fixed(a['test_box_sensitivity_fp1'])} | {fixed(a['test_head_box_ap25'])} | "
+                     f"{fixed(a['test_head_box_sensitivity_fp1'])} | {fixed(a['seconds'] / 60, 1)} |")
     lines.append("")
     for arm in HEAD_ARMS:
         row = summary.get(arm)
         if row:
-            lines += [f"{arm}: head minus mask-derived boxes (same runs), AP25: {_diff(row['head_minus_mask_ap25'])}; "
-                      f"sensitivity at 1 FP: {_diff(row['head_minus_mask_sensitivity_fp1'])}. Dice minus mtl, by "
-                      f"seed: {_diff(row.get('dice_minus_mtl_by_seed'))}; by case: "
-                      f"{_diff(row.get('dice_minus_mtl_by_case'))}."]
+            lines += [f"{arm}: head minus mask-derived boxes (same runs), AP25: {paired_text(row['head_minus_mask_ap25'])}; "
+                      f"sensitivity at 1 FP: {paired_text(row['head_minus_mask_sensitivity_fp1'])}. Dice minus mtl, by "
+                      f"seed: {paired_text(row.get('dice_minus_mtl_by_seed'))}; by case: "
+                      f"{paired_text(row.get('dice_minus_mtl_by_case'))}."]
     lines += ["", "Per seed (test Dice, mask AP25, head AP25):", ""]
     for arm, by_seed in runs.items():
-        cells = [f"s{s}: {_f(by_seed[s]['test_dice'])}, {_f(by_seed[s]['test_box_ap25'])}, "
-                 f"{_f(by_seed[s]['test_head_box_ap25'])}" for s in seeds if s in by_seed]
+        cells = [f"s{s}: {fixed(by_seed[s]['test_dice'])}, {fixed(by_seed[s]['test_box_ap25'])}, "
+                 f"{fixed(by_seed[s]['test_head_box_ap25'])}" for s in seeds if s in by_seed]
         lines.append(f"- {arm}: " + "; ".join(cells))
     return "\n".join(lines) + "\n"
 

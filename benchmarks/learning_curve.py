@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.runs import finite_mean, number, run_logged  # noqa: E402
+from benchmarks.runs import finite_mean, fixed, number, paired_text, run_logged  # noqa: E402
 from pipeline.evaluation.paired_stats import paired_comparison  # noqa: E402
 
 ARM_NAMES = ("scratch", "pretrained", "mixed")
@@ -113,17 +113,6 @@ def summarise(folds: dict, cases: dict) -> dict:
     return out
 
 
-def _f(v: float, digits: int = 3) -> str:
-    return "n/a" if not isinstance(v, float) or not math.isfinite(v) else f"{v:.{digits}f}"
-
-
-def _diff(c: dict | None) -> str:
-    if not c or not c.get("n"):
-        return "n/a"
-    lo, hi = c["ci95_t"]
-    return f"{c['mean_difference']:+.3f} [{_f(lo)}, {_f(hi)}] (n {c['n']}, {c['n_positive']} better)"
-
-
 def markdown(summary: dict) -> str:
     lines = ["| N real training cases | arm | test Dice (folds) | minus scratch, by fold | by test case |",
              "| --- | --- | --- | --- | --- |"]
@@ -131,8 +120,8 @@ def markdown(summary: dict) -> str:
         for arm in ARM_NAMES:
             a = row[arm]
             if a["folds"]:
-                lines.append(f"| {n} | {arm} | {_f(a['test_dice'])} ({a['folds']}) | {_diff(a.get('by_fold'))} | "
-                             f"{_diff(a.get('by_case'))} |")
+                lines.append(f"| {n} | {arm} | {fixed(a['test_dice'])} ({a['folds']}) | {paired_text(a.get('by_fold'), count_better=True)} | "
+                             f"{paired_text(a.get('by_case'), count_better=True)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["finite_mean", "number", "run_logged", "seed_experiment"]
+__all__ = ["finite_mean", "fixed", "number", "paired_text", "run_logged", "seed_experiment"]
 
 
 def run_logged(cmds: list[list[str]], log: Path, cwd: Path) -> None:
@@ -32,6 +32,21 @@ def number(v: str | None) -> float:
         return float(v) if v not in (None, "") else math.nan
     except ValueError:
         return math.nan
+
+
+def fixed(v: float, digits: int = 3) -> str:
+    """A figure for a table: ``n/a`` when missing or not finite."""
+    return "n/a" if not isinstance(v, float) or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def paired_text(c: dict | None, count_better: bool = False) -> str:
+    """A :func:`pipeline.evaluation.paired_stats.paired_comparison` as ``+0.012 [lo, hi] (n N)``
+    (95 % t-interval), with how many pairs improved when ``count_better``."""
+    if not c or not c.get("n"):
+        return "n/a"
+    lo, hi = c["ci95_t"]
+    better = f", {c['n_positive']} better" if count_better else ""
+    return f"{c['mean_difference']:+.3f} [{fixed(lo)}, {fixed(hi)}] (n {c['n']}{better})"
 
 
 def finite_mean(values: list[float]) -> float:
