@@ -38,7 +38,8 @@ from monai.utils import convert_to_tensor, look_up_option
 from pipeline.io.errors import InputError
 from pipeline.io.imageio import atomic_write
 
-__all__ = ["DATASET_CACHES", "TRAILER", "CheckedPersistentDataset", "training_dataset", "training_sampler"]
+__all__ = ["DATASET_CACHES", "TRAILER", "CheckedPersistentDataset", "cohort_sampler", "training_dataset",
+           "training_sampler"]
 
 logger = logging.getLogger(__name__)
 #: What ends every entry of the disk cache: this marker, then the SHA-256 of the bytes before it.
@@ -99,6 +100,12 @@ def training_sampler(n_items: int, n_extra: int = 0, extra_share: float = 0.5) -
         raise InputError(None, f"extra_train_share must lie in [0, 1), got {extra_share}")
     weights = [(1.0 - extra_share) / n_own] * n_own + [extra_share / n_extra] * n_extra
     return WeightedRandomSampler(weights, num_samples=n_own, replacement=False)
+
+
+def cohort_sampler(cohort: Any, extra_share: float = 0.5) -> torch.utils.data.Sampler:
+    """:func:`training_sampler` for a :class:`pipeline.data.cohort.Cohort`'s training items (the
+    config's ``train#sampler``): its extra cases are the last ``cohort.info["extra_train"]``."""
+    return training_sampler(len(cohort.train), int(cohort.info.get("extra_train", 0)), extra_share)
 
 
 class CheckedPersistentDataset(PersistentDataset):
