@@ -57,6 +57,11 @@ def peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def input_channels(net: torch.nn.Module) -> int:
+    """Channels a network reads: its image channels plus the tumour head's atlas coordinates."""
+    return int(getattr(net, "image_channels", 1)) + int(getattr(net, "coord_channels", 0))
+
+
 class Stepper:
     """One network's training step (forward, loss, backward, Adam step) on fixed random data."""
 
@@ -67,7 +72,7 @@ class Stepper:
         self.opt = torch.optim.Adam(self.net.parameters(), 1e-4)
         self.loss = MultiTaskLoss(cls_weight=0.3 if multitask else 0.0)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.x = torch.randn(batch, 1, *patch, device=device)
+        self.x = torch.randn(batch, input_channels(self.net), *patch, device=device)
         self.y = (torch.rand(batch, 1, *patch, device=device) > 0.9).float()
         self.cls = torch.randint(0, 3, (batch,), device=device)
 
@@ -110,7 +115,7 @@ def training_flops(net: torch.nn.Module, patch: list[int]) -> float:
 
     net = copy.deepcopy(net).to("meta")
     with FlopCounterMode(display=False) as counter:
-        out = net(torch.randn(1, 1, *patch, device="meta"))
+        out = net(torch.randn(1, input_channels(net), *patch, device="meta"))
         outs = out if isinstance(out, tuple) else (out,)
         sum(o.sum() for o in outs if o is not None).backward()
     return float(counter.get_total_flops())
@@ -196,8 +201,6 @@ class PrecisionStepper(Stepper):
 
     def __init__(self, net: torch.nn.Module, variant: str, batch: int, patch: list[int], device: torch.device) -> None:
         super().__init__(net, True, batch, patch, device, amp=False)
-        channels = 1 + int(getattr(net, "coord_channels", 0))  # the tumour head's atlas coordinates
-        self.x = torch.randn(batch, channels, *patch, device=device)
         self.variant = variant
         self.dtype = {"fp16": torch.float16}.get(variant, torch.bfloat16)
         self.autocast = variant != "fp32"
