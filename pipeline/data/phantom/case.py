@@ -25,6 +25,7 @@ from pipeline.data.phantom.anatomy import RAS_FROM_LPS, Anatomy, voxel_lps
 from pipeline.data.phantom.config import APPEARANCES, CLASSES, REGIONS, PhantomConfig
 from pipeline.data.phantom.realism import (
     Realism,
+    draw_core_appearance,
     draw_realism,
     grow_oedema,
     push_from_tumour,
@@ -83,6 +84,8 @@ def render_case(spec: CaseSpec, anat: Anatomy, space: str, config: PhantomConfig
     if config.renders_realism:  # a stream of its own: the study's cohort never draws from it
         real_rng = _stream(spec, 2000)
         realism = draw_realism(config, real_rng)
+        if config.iso_core_fraction > 0:  # a stream of its own: the other realistic draws stay
+            realism = draw_core_appearance(config, realism, _stream(spec, 4000))
         anat = warp_anatomy(anat, config.deform_mm, real_rng)
     tumour = make_tumour(anat, REGIONS[spec.region], APPEARANCES[spec.appearance] == "cystic", anat_rng, config)
     if realism is not None and real_rng is not None:

@@ -50,6 +50,10 @@ class PhantomConfig:
         margin_mm: margin of the native field of view around the head.
         oedema_fraction: fraction of cases whose core has an oedema (part of the whole-tumour mask).
         oedema_mm: range of the oedema's reach beyond the core along white matter, mm.
+        iso_core_fraction: fraction of the cases with oedema whose core is drawn as a high-grade
+            glioma's looks on FLAIR: near the parenchyma's level and heterogeneous, often with a
+            necrotic centre, so that the oedema around it is the brightest part of the tumour
+            (:func:`pipeline.data.phantom.realism.draw_core_appearance`).
         random_contrast_fraction: fraction of cases whose grey, white matter and CSF levels are
             drawn at random instead of FLAIR's ordering.
         wmh_fraction: fraction of cases with white-matter hyperintensities (not tumour).
@@ -86,6 +90,7 @@ class PhantomConfig:
     margin_mm: float = 10.0
     oedema_fraction: float = 0.0
     oedema_mm: tuple[float, float] = (3.0, 20.0)
+    iso_core_fraction: float = 0.0
     random_contrast_fraction: float = 0.0
     wmh_fraction: float = 0.0
     deform_mm: float = 0.0
@@ -99,7 +104,9 @@ class PhantomConfig:
         """The profile that renders what real gliomas and real brains show (``--profile realistic``).
 
         Tumour cores from 3 to 100 mL; oedema around 70 % of them, reaching 3-25 mm along white
-        matter, so whole tumours run from a few mL to over 200 mL; random tissue contrast for half
+        matter, so whole tumours run from a few mL to over 200 mL; 40 % of the cores with oedema
+        drawn as high-grade cores (not FLAIR-bright: enhancing rim and necrosis are near the
+        parenchyma's level, the oedema carries the hyperintensity); random tissue contrast for half
         the cases; white-matter hyperintensities in 40 %; every brain deformed (3 mm std) and every
         core pushing its surroundings by up to 40 % of its radius. The proportions are design
         choices from the literature's descriptions of gliomas (oedema is the rule in high-grade
@@ -107,7 +114,8 @@ class PhantomConfig:
         age), not fitted to any scan. The class cues (region and appearance priors) are the
         study's, so the Bayes ceiling is unchanged.
         """
-        base = cls(volume_ml=(3.0, 100.0), oedema_fraction=0.7, oedema_mm=(3.0, 25.0), random_contrast_fraction=0.5,
+        base = cls(volume_ml=(3.0, 100.0), oedema_fraction=0.7, oedema_mm=(3.0, 25.0), iso_core_fraction=0.4,
+                   random_contrast_fraction=0.5,
                    wmh_fraction=0.4, deform_mm=3.0, mass_effect=(0.0, 0.4))
         return replace(base, **overrides)  # type: ignore[arg-type]
 
@@ -122,7 +130,8 @@ class PhantomConfig:
         _check_prior(self.appearance_prior, len(APPEARANCES), "appearance_prior")
         check_fraction(self.skull_fraction, "skull fraction")
         check_fraction(self.oblique_fraction, "oblique fraction")
-        for name in ("oedema_fraction", "random_contrast_fraction", "wmh_fraction", "satellite_fraction"):
+        for name in ("oedema_fraction", "iso_core_fraction", "random_contrast_fraction", "wmh_fraction",
+                     "satellite_fraction"):
             check_fraction(getattr(self, name), name.replace("_", " "))
         for name in ("volume_ml", "scale_range", "thickness_mm", "intensity_scale", "noise_sigma", "oedema_mm",
                      "satellite_ml", "satellite_distance_mm"):

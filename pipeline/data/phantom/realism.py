@@ -30,7 +30,7 @@ from scipy import ndimage
 from pipeline.data.phantom.anatomy import Anatomy
 from pipeline.data.phantom.config import PhantomConfig
 
-__all__ = ["Realism", "draw_realism", "warp_anatomy", "push_from_tumour", "grow_oedema", "wmh_weight"]
+__all__ = ["Realism", "draw_realism", "draw_core_appearance", "warp_anatomy", "push_from_tumour", "grow_oedema", "wmh_weight"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class Realism:
         mass: mass-effect displacement at the tumour centre, as a fraction of the core's radius.
         wmh: whether the case has white-matter hyperintensities.
         wmh_level: their intensity relative to the brightest parenchyma.
+        core_level: a high-grade core's mean FLAIR level relative to the brightest parenchyma, or
+            ``None`` for the study's bright core (:func:`draw_core_appearance`).
+        necrosis: the share of the core's depth that is necrotic (0: none), at ``necrosis_level``.
     """
 
     levels: tuple[float, float, float] | None
@@ -53,6 +56,9 @@ class Realism:
     mass: float
     wmh: bool
     wmh_level: float
+    core_level: float | None = None
+    necrosis: float = 0.0
+    necrosis_level: float = 0.0
 
 
 def draw_realism(config: PhantomConfig, rng: np.random.Generator) -> Realism:
@@ -66,6 +72,25 @@ def draw_realism(config: PhantomConfig, rng: np.random.Generator) -> Realism:
     return Realism(levels=levels if u[0] < config.random_contrast_fraction else None,
                    oedema_mm=oedema_mm if u[1] < config.oedema_fraction else 0.0, oedema_level=oedema_level,
                    mass=mass, wmh=bool(u[2] < config.wmh_fraction), wmh_level=wmh_level)
+
+
+def draw_core_appearance(config: PhantomConfig, realism: Realism, rng: np.random.Generator) -> Realism:
+    """Whether a core with oedema is drawn as a high-grade glioma's core on FLAIR, from a stream of
+    its own (a fixed number of draws; the other realistic draws are unchanged).
+
+    On FLAIR the hyperintensity of a glioblastoma is mostly its oedema and infiltrated margin; the
+    enhancing rim is near the parenchyma's level and the necrotic centre anywhere from fluid-dark to
+    mildly bright. The study's phantom paints every solid core brighter than anything else, so a
+    network trained on it learns "the bright blob" and leaves such cores, and the oedema whose
+    contrast is no higher than theirs, unsegmented. Ranges are design choices from radiological
+    descriptions of high-grade gliomas, not fitted to any scan.
+    """
+    u = rng.random(2)
+    level, necrosis, necrosis_level = rng.uniform(0.8, 1.15), rng.uniform(0.3, 0.8), rng.uniform(0.35, 1.1)
+    if realism.oedema_mm <= 0 or u[0] >= config.iso_core_fraction:
+        return realism
+    return replace(realism, core_level=float(level), necrosis=float(necrosis) if u[1] < 0.7 else 0.0,
+                   necrosis_level=float(necrosis_level))
 
 
 def _warp(arr: np.ndarray, coords: np.ndarray, order: int = 1) -> np.ndarray:

@@ -225,8 +225,23 @@ def render_flair(anat: Anatomy, tumour: Tumour, skull: bool, rng: np.random.Gene
         return img.astype(np.float32), head_mm
     # oedema fades towards its infiltrative margin (half the contrast at the edge), then the core
     img[b] = _blend(img[b], tumour.oedema, realism.oedema_level * ref, 1.0 - 0.5 * tumour.oedema_depth**2)
-    img[b] = _blend(img[b], tumour.mask & ~tumour.oedema, ref * level)
+    core = tumour.mask & ~tumour.oedema
+    if realism.core_level is not None:
+        level = _high_grade_core(core, tumour.cyst, realism, anat.spacing, rng)
+    img[b] = _blend(img[b], core, ref * level)
     return img.astype(np.float32), head_mm
+
+
+def _high_grade_core(core: np.ndarray, cyst: np.ndarray, realism: Realism, spacing: float,
+                     rng: np.random.Generator) -> np.ndarray:
+    """A high-grade core's FLAIR levels (relative to the brightest parenchyma) in its box: near
+    ``realism.core_level`` with a coarse texture (15 % std), the deepest ``realism.necrosis`` of it
+    at the necrotic level, a cyst as the study's."""
+    level = realism.core_level * (1.0 + 0.15 * _unit_noise(core.shape, max(0.5, 3.0 / spacing), rng))
+    if realism.necrosis > 0 and core.any():
+        depth = ndimage.distance_transform_edt(core)
+        level = np.where(depth > (1.0 - realism.necrosis) * depth.max(), realism.necrosis_level, level)
+    return np.where(cyst, rng.uniform(0.15, 0.35), level).astype(np.float32)
 
 
 def render_t2(anat: Anatomy, tumour: Tumour, head_mm: float, rng: np.random.Generator,

@@ -60,6 +60,35 @@ def test_oedema_grows_the_mask_around_the_same_core(study: Path, tmp_path: Path)
         assert np.median(image[oedema]) > 1.1 * np.median(image[normal]), "oedema is hyperintense"
 
 
+def test_high_grade_cores_are_not_the_bright_part_and_change_nothing_else(study: Path, tmp_path: Path) -> None:
+    knobs = {"oedema_fraction": 1.0, "oedema_mm": (8.0, 12.0)}
+    bright = _cohort(tmp_path / "bright", **knobs)
+    iso = _cohort(tmp_path / "iso", iso_core_fraction=1.0, **knobs)
+    anat = load_anatomy(SPACING)
+    checked = 0
+    for k in range(CASES):
+        cid = f"c{k:03d}"
+        image, mask, truth = _arrays(iso, cid)
+        bright_image, bright_mask, bright_truth = _arrays(bright, cid)
+        core = _arrays(study, cid)[1]
+        assert np.array_equal(mask, bright_mask), "the same tumour, only painted differently"
+        assert truth["realism"]["core_level"] is not None and bright_truth["realism"]["core_level"] is None
+        same = {key for key in truth["realism"] if key not in ("core_level", "necrosis", "necrosis_level")}
+        assert {key: truth["realism"][key] for key in same} == {key: bright_truth["realism"][key] for key in same}
+        far = ~ndimage.binary_dilation(mask, np.ones((3, 3, 3)), iterations=2)  # past the blend's soft edge
+        assert np.array_equal(image[far], bright_image[far]), "outside the tumour, the same scan"
+        parenchyma = np.median(bright_image[anat.brain & far & (anat.gm > 0.8)])
+        solid = ndimage.binary_erosion(core) & (bright_image > 0.8 * parenchyma)  # the cyst left out
+        if solid.sum() < 5:
+            continue
+        checked += 1
+        assert np.median(bright_image[solid]) > 1.25 * parenchyma, "the study's core is the bright part"
+        # 0.8-1.15 drawn; at 4 mm the core is mostly edge, where the blend keeps up to 30 % of the oedema
+        assert 0.6 * parenchyma < np.median(image[solid]) < 1.3 * parenchyma, "near the parenchyma's level"
+        assert np.median(image[solid]) < np.median(bright_image[solid]) - 0.15 * parenchyma
+    assert checked >= 2
+
+
 def test_white_matter_hyperintensities_are_bright_and_not_in_the_mask(study: Path, tmp_path: Path) -> None:
     out = _cohort(tmp_path, wmh_fraction=1.0)
     anat = load_anatomy(SPACING)
