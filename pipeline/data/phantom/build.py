@@ -269,6 +269,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=PROFILES, default="study",
                    help="study: the study's phantom (one FLAIR contrast, 10-60 mL tumours; the default); "
                         "realistic: oedema along white matter, 3-100 mL cores (whole tumours up to over 200 mL), "
+                        "high-grade cores (not FLAIR-bright, necrotic centre), "
                         "random tissue contrast, white-matter hyperintensities, deformed anatomy, mass effect")
     return p
 

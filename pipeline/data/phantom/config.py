@@ -67,8 +67,8 @@ class PhantomConfig:
         satellite_ml: volume range of a satellite lesion in mL, drawn log-uniformly.
         satellite_distance_mm: range of a satellite's centre distance to the tumour's centre.
 
-    The six realistic pieces from oedema to mass effect (:mod:`pipeline.data.phantom.realism`) and
-    the satellites are off by default, which is the study's phantom; :meth:`realistic` turns the six
+    The seven realistic pieces from oedema to mass effect (:mod:`pipeline.data.phantom.realism`) and
+    the satellites are off by default, which is the study's phantom; :meth:`realistic` turns the seven
     on, ``--satellites`` the satellites (each from a random stream of its own: with them off, a
     cohort is bit-identical to one built without the knob).
     """

@@ -12,6 +12,8 @@ case's own that the default cohort never touches, so the default cohort stays bi
   FLAIR's fixed ordering (the tumour stays brighter than the parenchyma, as in FLAIR and T2).
 - **Oedema**: a hyperintense rim around the core that spreads along white matter, spares CSF,
   and fades towards an infiltrative margin; it belongs to the whole-tumour mask (BraTS's label).
+- **High-grade cores**: some cores with oedema near the parenchyma's FLAIR level, with a necrotic
+  centre, the oedema then the brightest part of the tumour.
 - **White-matter hyperintensities** that are *not* tumour: periventricular caps and punctate
   deep white-matter foci at oedema-like levels, outside the mask.
 
