@@ -3,7 +3,7 @@ run by folder inference on real expert-labelled FLAIRs and scored in each scan's
 
     python benchmarks/synthetic_to_real.py [--real ../shared/data/real/brats2018/datalist.json]
         [--overlays configs/demo.json] [--seed 0] [--cases 60] [--space native] [--profile study|realistic] [--epochs N]
-        [--ckpt MODEL.pt] [--work work/synth2real] [--set key=value ...]
+        [--ckpt MODEL.pt] [--work work/synth2real] [--baseline WORK/TAG] [--set key=value ...]
 
 Steps (each resumes or is reused when its output exists): build the phantom cohort
 (``python -m pipeline phantom``), train ``train.json`` + the overlays on it (or take ``--ckpt``),
@@ -11,7 +11,9 @@ run ``inference.json`` + the same overlays on the real datalist (``--datalist``:
 FLAIR, masks only for scoring), then ``python -m pipeline score``. Prints the native-space Dice,
 HD95 and lesion-wise Dice per case with predicted and true volumes (mL) and their mean; writes
 ``WORK/<tag>/summary.json``. Re-run it after every change to the generator: the figure to beat is
-the one before the change, on the same real cases.
+the one before the change, on the same real cases; ``--baseline`` names that run's folder and
+prints the difference paired by case (95 % t-interval, cases better / worse, Wilcoxon p), also
+written to the summary under ``against``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.runs import paired_text  # noqa: E402
+from pipeline.evaluation.paired_stats import paired_comparison  # noqa: E402
+
 TRAIN = "bundles/plgg_mtl/configs/train.json"
 INFER = "bundles/plgg_mtl/configs/inference.json"
 
@@ -57,6 +64,19 @@ def _true_volumes(datalist: Path) -> dict[str, float]:
     return out
 
 
+def _against(baseline: Path, dice: dict[str, float]) -> dict:
+    """This run's Dice minus ``baseline``'s (its ``real/score.json``), paired by case id."""
+    score = baseline / "real" / "score.json"
+    if not score.is_file():
+        sys.exit(f"{score}: no scores of the baseline run (run it first, or name its folder WORK/TAG)")
+    before = {c["id"]: c["dice"] for c in json.loads(score.read_text(encoding="utf-8"))["cases"]
+              if c.get("status") == "ok"}
+    ids = sorted(set(before) & set(dice))
+    out = paired_comparison([before[i] for i in ids], [dice[i] for i in ids])
+    return {"baseline": str(baseline), **{k: v for k, v in out.items() if k != "differences"},
+            "by_case": {i: round(dice[i] - before[i], 4) for i in ids}}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--real", default="../shared/data/real/brats2018/datalist.json")
@@ -70,6 +90,7 @@ def main() -> int:
     p.add_argument("--ckpt", default=None, help="a trained model.pt instead of training one")
     p.add_argument("--tag", default="demo")
     p.add_argument("--work", default="work/synth2real")
+    p.add_argument("--baseline", default=None, help="an earlier run's folder (WORK/TAG): the Dice paired by case")
     p.add_argument("--set", nargs="*", default=[], help="extra bundle overrides key=value (training and inference)")
     a = p.parse_args()
     work = (ROOT / a.work).resolve()
@@ -116,11 +137,17 @@ def main() -> int:
                "dice_min": min(dice) if dice else None, "lesion_dice": score.get("lesion_dice"),
                "hd95_mm": score.get("hd95_mm"), "seconds_training": round(train_s, 1),
                "seconds_total": round(time.perf_counter() - t0, 1)}
+    if a.baseline:
+        summary["against"] = _against(Path(a.baseline), {c["id"]: c["dice"] for c in rows})
     (run / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     if dice:
         print(f"synthetic -> real ({len(dice)} cases, native space): Dice {summary['dice_mean']:.3f} "
               f"(sd {summary['dice_sd'] or 0:.3f}, min {summary['dice_min']:.3f}), lesion-wise "
               f"{summary['lesion_dice']:.3f}; {summary['seconds_total'] / 60:.1f} min")
+    if a.baseline:
+        c = summary["against"]
+        print(f"minus {a.baseline}, paired by case: {paired_text(c, count_better=True)}, {c['n_negative']} worse, "
+              f"Wilcoxon p {c['wilcoxon_p']:.3f}")
     return 0
 
 
