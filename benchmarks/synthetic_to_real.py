@@ -2,7 +2,7 @@
 run by folder inference on real expert-labelled FLAIRs and scored in each scan's native space.
 
     python benchmarks/synthetic_to_real.py [--real ../shared/data/real/brats2018/datalist.json]
-        [--overlays configs/demo.json] [--seed 0] [--cases 60] [--space native] [--profile study|realistic] [--epochs N]
+        [--overlays configs/demo.json] [--seed 0] [--cases 60] [--space native] [--profile study|realistic] [--iso-cores F] [--epochs N]
         [--ckpt MODEL.pt] [--work work/synth2real] [--baseline WORK/TAG] [--set key=value ...]
 
 Steps (each resumes or is reused when its output exists): build the phantom cohort
@@ -85,6 +85,7 @@ def main() -> int:
     p.add_argument("--cases", type=int, default=60)
     p.add_argument("--space", default="native")
     p.add_argument("--profile", default="study", help="the phantom's profile: study or realistic")
+    p.add_argument("--iso-cores", type=float, default=0.0, help="the phantom's --iso-cores (realistic profile)")
     p.add_argument("--spacing", type=float, default=2.0)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--ckpt", default=None, help="a trained model.pt instead of training one")
@@ -99,11 +100,12 @@ def main() -> int:
     t0 = time.perf_counter()
     ckpt = Path(a.ckpt).resolve() if a.ckpt else run / "train" / "models" / "model.pt"
     if not a.ckpt and not ckpt.exists():
-        profile = "" if a.profile == "study" else f"_{a.profile}"
+        profile = ("" if a.profile == "study" else f"_{a.profile}") + (f"_iso{a.iso_cores:g}" if a.iso_cores else "")
         cohort = work / "cohorts" / f"{a.space}_n{a.cases}_s{a.seed}_{a.spacing:g}mm{profile}"
         if not (cohort / "datalist.json").exists():
             _run([sys.executable, "-m", "pipeline", "phantom", "--out", str(cohort), "--cases", str(a.cases),
-                  "--seed", str(a.seed), "--space", a.space, "--spacing", str(a.spacing), "--profile", a.profile],
+                  "--seed", str(a.seed), "--space", a.space, "--spacing", str(a.spacing), "--profile", a.profile,
+                  "--iso-cores", str(a.iso_cores)],
                  run / "log.txt")
         _run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", _configs([TRAIN, *a.overlays]),
               "--datalist", str(cohort / "datalist.json"), "--output_dir", str(run / "train"), "--seed", str(a.seed),

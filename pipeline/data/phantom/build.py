@@ -266,19 +266,24 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"fraction of cases with a skull/scalp shell (default {PhantomConfig.skull_fraction})")
     p.add_argument("--satellites", type=float, default=0.0,
                    help="fraction of cases with one or two small lesions apart from the tumour (default 0)")
+    p.add_argument("--iso-cores", type=float, default=0.0,
+                   help="fraction of the cores with oedema drawn as high-grade cores, not FLAIR-bright "
+                        "(realistic profile only; default 0)")
     p.add_argument("--profile", choices=PROFILES, default="study",
                    help="study: the study's phantom (one FLAIR contrast, 10-60 mL tumours; the default); "
                         "realistic: oedema along white matter, 3-100 mL cores (whole tumours up to over 200 mL), "
-                        "high-grade cores (not FLAIR-bright, necrotic centre), "
                         "random tissue contrast, white-matter hyperintensities, deformed anatomy, mass effect")
     return p
 
 
 def main(argv: list[str]) -> int:
     """CLI entry: ``python -m pipeline phantom --out DIR --cases N --seed S [...]``."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.iso_cores and args.profile != "realistic":
+        parser.error("--iso-cores needs --profile realistic (the study's phantom has no oedema)")
     config = (PhantomConfig.realistic if args.profile == "realistic" else PhantomConfig)(
-        skull_fraction=args.skull_fraction, satellite_fraction=args.satellites)
+        skull_fraction=args.skull_fraction, satellite_fraction=args.satellites, iso_core_fraction=args.iso_cores)
     summary = make_cohort(args.out, cases=args.cases, seed=args.seed, spacing=args.spacing, space=args.space,
                           missing_mask=args.missing_mask, missing_class=args.missing_class, config=config,
                           progress=print, sequences=tuple(s.strip() for s in args.sequences.split(",") if s.strip()))

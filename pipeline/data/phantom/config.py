@@ -67,9 +67,11 @@ class PhantomConfig:
         satellite_ml: volume range of a satellite lesion in mL, drawn log-uniformly.
         satellite_distance_mm: range of a satellite's centre distance to the tumour's centre.
 
-    The seven realistic pieces from oedema to mass effect (:mod:`pipeline.data.phantom.realism`) and
-    the satellites are off by default, which is the study's phantom; :meth:`realistic` turns the seven
-    on, ``--satellites`` the satellites (each from a random stream of its own: with them off, a
+    The realistic pieces from oedema to mass effect (:mod:`pipeline.data.phantom.realism`), the
+    high-grade cores and the satellites are off by default, which is the study's phantom;
+    :meth:`realistic` turns on the six from oedema to mass effect, ``--iso-cores`` the high-grade
+    cores (measured no better on real scans yet: docs/explanation/synthetic-cohort.md),
+    ``--satellites`` the satellites (each from a random stream of its own: with them off, a
     cohort is bit-identical to one built without the knob).
     """
 
@@ -104,9 +106,7 @@ class PhantomConfig:
         """The profile that renders what real gliomas and real brains show (``--profile realistic``).
 
         Tumour cores from 3 to 100 mL; oedema around 70 % of them, reaching 3-25 mm along white
-        matter, so whole tumours run from a few mL to over 200 mL; 40 % of the cores with oedema
-        drawn as high-grade cores (not FLAIR-bright: enhancing rim and necrosis are near the
-        parenchyma's level, the oedema carries the hyperintensity); random tissue contrast for half
+        matter, so whole tumours run from a few mL to over 200 mL; random tissue contrast for half
         the cases; white-matter hyperintensities in 40 %; every brain deformed (3 mm std) and every
         core pushing its surroundings by up to 40 % of its radius. The proportions are design
         choices from the literature's descriptions of gliomas (oedema is the rule in high-grade
@@ -114,8 +114,7 @@ class PhantomConfig:
         age), not fitted to any scan. The class cues (region and appearance priors) are the
         study's, so the Bayes ceiling is unchanged.
         """
-        base = cls(volume_ml=(3.0, 100.0), oedema_fraction=0.7, oedema_mm=(3.0, 25.0), iso_core_fraction=0.4,
-                   random_contrast_fraction=0.5,
+        base = cls(volume_ml=(3.0, 100.0), oedema_fraction=0.7, oedema_mm=(3.0, 25.0), random_contrast_fraction=0.5,
                    wmh_fraction=0.4, deform_mm=3.0, mass_effect=(0.0, 0.4))
         return replace(base, **overrides)  # type: ignore[arg-type]
 

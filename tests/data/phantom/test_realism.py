@@ -149,15 +149,21 @@ def test_deformed_anatomy_differs_but_keeps_its_size() -> None:
 
 def test_realistic_profile_cli_records_its_draws(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["--out", str(tmp_path), "--cases", "3", "--seed", "1", "--spacing", "4", "--space", "atlas",
-                 "--profile", "realistic"]) == 0
+                 "--profile", "realistic", "--iso-cores", "1"]) == 0
     data = json.loads((tmp_path / "datalist.json").read_text())
     assert data["phantom"]["config"]["oedema_fraction"] == PhantomConfig.realistic().oedema_fraction
+    assert data["phantom"]["config"]["iso_core_fraction"] == 1.0 and PhantomConfig.realistic().iso_core_fraction == 0
     for entry in data["training"]:
         truth = json.loads((tmp_path / entry["id"] / "truth.json").read_text())
-        assert set(truth["realism"]) >= {"levels", "oedema_mm", "mass", "wmh", "oedema_volume_ml_atlas"}
+        assert set(truth["realism"]) >= {"levels", "oedema_mm", "mass", "wmh", "oedema_volume_ml_atlas", "core_level"}
+        assert (truth["realism"]["core_level"] is not None) == (truth["realism"]["oedema_mm"] > 0)
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x"), "--profile", "photoreal"])
     assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "y"), "--iso-cores", "0.5"])
+    assert "--iso-cores needs --profile realistic" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 @pytest.mark.parametrize("knobs", [{"oedema_fraction": 1.5}, {"oedema_mm": (5.0, 2.0)}, {"mass_effect": (0.0, 2.0)},
