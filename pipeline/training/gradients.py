@@ -150,9 +150,11 @@ class EncoderGradientRule:
             net.cls_detach = True  # the head's input detached: no class gradient reaches the encoder
             self.params = []
             return
-        named = [(p, encoder_level(n)) for n, p in unwrap(engine.network).named_parameters()
-                 if p.requires_grad and branch_of(n) == "encoder"]
+        encoder = [(n, p) for n, p in net.named_parameters() if branch_of(n) == "encoder"]
+        named = [(p, encoder_level(n)) for n, p in encoder if p.requires_grad]
         self.params = [(p, lvl) for p, lvl in named if lvl is not None]
+        if encoder and not named:
+            return  # a frozen encoder (freeze: ["encoder"]): no class gradient reaches it to act on
         if not self.params:
             raise ValueError(f"mtl_method {self.method!r} needs the SegResNet backbone (its encoder is what the rule "
                              "acts on); use 'fixed' or 'uncertainty' with other backbones")

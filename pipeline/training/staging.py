@@ -10,14 +10,20 @@ weights (``configs/stage1_cls_recon.json``, then ``configs/stage2_seg_recon.json
   leave them alone): the segmentation decoder when ``seg_weight = 0``, the classifier when
   ``cls_weight = 0``, the reconstruction decoder when ``recon_weight = 0``, the detection head when
   ``det_weight = 0``. The shared encoder
-  always trains. A frozen classifier's batch norm still updates its running statistics in training
-  mode (it follows the encoder's features); its weights do not move.
+  always trains, unless ``freeze`` names it.
+- ``freeze``: branches frozen whatever their loss weight, e.g. ``["encoder"]`` in stage 2 of the staged
+  recipe, so that the features stage 1's classifier reads stay those it was trained on (the
+  segmentation decoder then learns on a fixed encoder). SegResNet's encoder has group norm and no
+  dropout, so a frozen encoder gives the same features in training and evaluation mode.
+
+A frozen classifier's batch norm still updates its running statistics in training mode (it follows
+the encoder's features); its weights do not move.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,7 @@ import torch
 from pipeline.io.errors import InputError
 from pipeline.models.losses import MultiTaskLoss
 
-__all__ = ["BRANCHES", "branch_of", "load_matching", "freeze_untrained", "prepare_for_training", "active_loss_weights",
+__all__ = ["BRANCHES", "branch_of", "load_matching", "freeze_untrained", "freeze_named", "prepare_for_training", "active_loss_weights",
            "effective_mtl_method", "multitask_loss"]
 
 #: Top-level module names of each branch of :class:`pipeline.models.networks.MultiTaskSegResNet`.
@@ -88,10 +94,32 @@ def freeze_untrained(network: torch.nn.Module, seg_weight: float, cls_weight: fl
     return [b for b in frozen if b in present]
 
 
+def freeze_named(network: torch.nn.Module, branches: Sequence[str]) -> list[str]:
+    """Set ``requires_grad = False`` on every parameter of the named branches (:data:`BRANCHES`);
+    returns those of them the network has.
+
+    Raises:
+        InputError: a name that is not a branch, or nothing left to train.
+    """
+    unknown = [b for b in branches if b not in BRANCHES]
+    if unknown:
+        raise InputError(None, f"freeze: {', '.join(map(repr, unknown))} is not a branch; "
+                               f"the branches are {', '.join(BRANCHES)}")
+    for name, p in network.named_parameters():
+        if branch_of(name) in branches:
+            p.requires_grad_(False)
+    if not any(p.requires_grad for p in network.parameters()):
+        raise InputError(None, f"freeze {list(branches)} leaves no parameter to train")
+    present = {branch_of(n) for n, _ in network.named_parameters()}
+    return [b for b in BRANCHES if b in branches and b in present]
+
+
 def prepare_for_training(network: torch.nn.Module, init_from: str | None = None,
-                         loss_weights: Mapping[str, float] | None = None) -> torch.nn.Module:
-    """``init_from`` (optional) then :func:`freeze_untrained` with ``loss_weights`` (those of
-    :func:`active_loss_weights`; by default the study's 1.0 / 0.3 / 0.0); prints both. Returns ``network``."""
+                         loss_weights: Mapping[str, float] | None = None,
+                         freeze: Sequence[str] = ()) -> torch.nn.Module:
+    """``init_from`` (optional), then :func:`freeze_untrained` with ``loss_weights`` (those of
+    :func:`active_loss_weights`; by default the study's 1.0 / 0.3 / 0.0) and :func:`freeze_named`
+    with ``freeze``; prints what it did. Returns ``network``."""
     weights = {"seg_weight": 1.0, "cls_weight": 0.3, "recon_weight": 0.0, "det_weight": 0.0, **(loss_weights or {})}
     if init_from:
         r = load_matching(network, init_from)
@@ -108,6 +136,11 @@ def prepare_for_training(network: torch.nn.Module, init_from: str | None = None,
         n = sum(p.numel() for p in network.parameters() if not p.requires_grad)
         print(f"[staging] frozen (loss weight 0): {', '.join(frozen)} ({n} parameters); training "
               f"{sum(p.numel() for p in network.parameters() if p.requires_grad)} parameters", flush=True)
+    if freeze:
+        named = freeze_named(network, list(freeze))
+        n = sum(p.numel() for p in network.parameters() if not p.requires_grad)
+        print(f"[staging] frozen (freeze): {', '.join(named) or 'none of them in this network'}; {n} parameters "
+              f"frozen in all, training {sum(p.numel() for p in network.parameters() if p.requires_grad)}", flush=True)
     return network
 
 

@@ -49,3 +49,66 @@ def test_bundle_resolves_the_method_each_arm_uses():
         parser.read_config([str(train), str(root / "configs/demo.json"), str(root / "configs/mtl_stop.json"),
                             *(str(root / o) for o in overlay)])
         assert parser.get_parsed_content("mtl_method_used") == expected, overlay
+
+
+def test_a_frozen_encoder_gives_the_same_features_before_and_after_a_segmentation_step():
+    """``freeze: ["encoder"]`` (stage 2 keeping stage 1's class): the decoder learns, the encoder and so
+    the bottleneck the classifier reads do not move, in training mode as in evaluation mode."""
+    import torch
+
+    from pipeline.models.losses import MultiTaskLoss
+    from pipeline.training.engines import param_groups
+
+    torch.manual_seed(0)
+    net = MultiTaskSegResNet(init_filters=8, blocks_down=(1, 1, 1), blocks_up=(1, 1), num_classes=3, cls_hidden=(4,),
+                             cls_pooling="mean", coord_channels=0)
+    prepare_for_training(net, None, active_loss_weights(1.0, 0.0, 0.0), freeze=["encoder"])
+    assert not any(p.requires_grad for n, p in net.named_parameters() if n.startswith(("convInit", "down_layers")))
+    assert not any(p.requires_grad for p in net.classifier.parameters())
+    x = torch.randn(2, 1, 16, 16, 16)
+    net.train()
+    before = [f.detach().clone() for f in net.encoder_features(x)]
+    decoder = net.conv_final[-1].conv.weight.detach().clone()
+    opt = torch.optim.Adam(param_groups(net, 1e-2))
+    target = {"label": (x > 1).float(), "class": torch.tensor([0, 1]), "has_label": torch.ones(2),
+              "has_class": torch.zeros(2), "image": x}
+    MultiTaskLoss(cls_weight=0.0)(net(x), target).backward()
+    opt.step()
+    after = net.encoder_features(x)
+    net.eval()
+    with torch.no_grad():
+        in_eval = net.encoder_features(x)
+    for b, a, e in zip(before, after, in_eval, strict=True):
+        assert torch.equal(b, a) and torch.allclose(b, e)
+    moved = [n for n, p in net.named_parameters() if p.requires_grad]
+    assert moved and all(n.startswith(("up_", "conv_final")) for n in moved)
+    assert not torch.equal(net.conv_final[-1].conv.weight, decoder)
+
+
+def test_freeze_refuses_an_unknown_branch_and_a_network_left_with_nothing_to_train():
+    import pytest
+
+    from pipeline.io.errors import InputError
+
+    net = MultiTaskSegResNet(init_filters=8, blocks_down=(1, 1), blocks_up=(1,), num_classes=3, cls_hidden=(4,),
+                             coord_channels=0)
+    with pytest.raises(InputError, match="'encodr' is not a branch; the branches are encoder, seg, cls"):
+        prepare_for_training(net, None, None, freeze=["encodr"])
+    with pytest.raises(InputError, match="leaves no parameter to train"):
+        prepare_for_training(net, None, None, freeze=["encoder", "seg", "cls"])
+
+
+def test_bundle_freezes_the_branches_freeze_names():
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    root = Path(__file__).resolve().parents[2]
+    parser = ConfigParser()
+    parser.read_config([str(root / "bundles/plgg_mtl/configs/train.json"), str(root / "configs/demo.json"),
+                        str(root / "configs/stage2_seg_recon.json")])
+    parser["freeze"] = ["encoder"]
+    parser["init_filters"] = 8
+    net = parser.get_parsed_content("network_init")
+    frozen = {n.split(".")[0] for n, p in net.named_parameters() if not p.requires_grad}
+    assert frozen == {"convInit", "down_layers", "classifier"}
