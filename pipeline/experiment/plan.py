@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.io.errors import InputError
 
 __all__ = ["ROOT", "TRAIN", "EVALUATE", "ARMS", "ExperimentConfig", "RunSpec", "arm_name", "make_or_load_splits",
-           "plan_runs", "check_settings", "read_json"]
+           "plan_runs", "check_chain", "parse_chain", "check_settings", "read_json"]
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = "bundles/plgg_mtl/configs/train.json"
@@ -47,6 +47,8 @@ class ExperimentConfig:
     overrides: list[str] = field(default_factory=list)
     overwrite: bool = False
     python: str = sys.executable
+    #: ``{arm: earlier arm}``: the arm's training starts from the earlier arm's model of the same split
+    chain: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,6 +64,7 @@ class RunSpec:
     epochs: int | None
     fingerprint: str
     train_fingerprint: str = ""
+    after: str | None = None  # the arm whose model of this split the training starts from (--chain)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -177,8 +180,10 @@ def plan_runs(cfg: ExperimentConfig, splits: list[dict]) -> list[RunSpec]:
         if value and not value.startswith(("$", "@", "%")) and Path(value).exists():
             value = str(Path(value).resolve())  # the runs start in the repository root, not here
         overrides += [f"--{key}", value]
+    check_chain(cfg.chain, names)
     specs = []
     for k, split in enumerate(splits):
+        train_fps: dict[str, str] = {}
         for name, arm_file in arms:
             configs = [TRAIN, *overlays] + ([_config_path(arm_file)] if arm_file else [])
             run_dir = (cfg.out / "runs" / name / f"split{k}").resolve()
@@ -196,12 +201,15 @@ def plan_runs(cfg: ExperimentConfig, splits: list[dict]) -> list[RunSpec]:
                 if interval and interval > cfg.epochs:  # else no validation would ever run: no model.pt
                     common += ["--val_interval", str(cfg.epochs)]
             common += overrides
+            source = cfg.chain.get(name)
+            start = ["--init_from", str((cfg.out / "runs" / source / f"split{k}" / "models" / "model.pt").resolve())
+                     ] if source else []
             bundle = [cfg.python, "-m", "monai.bundle", "run"]
-            train_cmd = [*bundle, "training", "--config_file", _config_list(configs), *common]
+            train_cmd = [*bundle, "training", "--config_file", _config_list(configs), *common, *start]
             if cfg.gpus_per_run > 1:  # one process per GPU of the run's slot (CUDA_VISIBLE_DEVICES)
                 train_cmd = [cfg.python, "-m", "torch.distributed.run", "--standalone",
                              f"--nproc_per_node={cfg.gpus_per_run}", *bundle[1:], "training", "--config_file",
-                             _config_list([*configs, MULTI_GPU]), *common]
+                             _config_list([*configs, MULTI_GPU]), *common, *start]
             eval_configs = [TRAIN, EVALUATE, *configs[1:]]
             eval_cmd = [*bundle, "--config_file", _config_list(eval_configs), *common]
             if cfg.tracking:  # every run in one MLflow experiment, named <arm>/split<k> (not in the fingerprint)
@@ -217,12 +225,38 @@ def plan_runs(cfg: ExperimentConfig, splits: list[dict]) -> list[RunSpec]:
                           "split": {p: split[p] for p in ("train", "val", "test")}}
             if cfg.gpus_per_run > 1:  # batch_size is per process: the global batch is batch_size x processes
                 train_part["processes"] = cfg.gpus_per_run
-            train_fp = _digest(train_part)
+            if source:  # a changed earlier stage retrains this one
+                train_part["from"] = train_fps[source]
+            train_fp = train_fps[name] = _digest(train_part)
             fingerprint = _digest({"train": train_fp, "evaluate": config_contents(eval_configs)})
             epochs = cfg.epochs or _config_value(configs, "epochs")
             specs.append(RunSpec(name, k, split.get("name", f"split{k}"), run_dir, train_cmd, eval_cmd, epochs,
-                                 fingerprint, train_fp))
+                                 fingerprint, train_fp, after=source))
     return specs
+
+
+def check_chain(chain: dict[str, str], names: list[str]) -> None:
+    """Each ``arm: source`` of ``--chain`` names two arms of ``--arms``, the source earlier (it trains
+    first within a split); raises :class:`InputError` otherwise."""
+    for target, source in chain.items():
+        for arm in (target, source):
+            if arm not in names:
+                raise InputError(None, f"--chain {target}={source}: {arm!r} is not an arm of --arms "
+                                       f"({', '.join(names)})")
+        if names.index(source) >= names.index(target):
+            raise InputError(None, f"--chain {target}={source}: {source!r} must come before {target!r} in --arms "
+                                   "(it trains first in each split)")
+
+
+def parse_chain(items: list[str]) -> dict[str, str]:
+    """``["stage2=stage1", ...]`` -> ``{"stage2": "stage1"}``; raises :class:`InputError` on a malformed item."""
+    chain: dict[str, str] = {}
+    for item in items:
+        target, sep, source = item.partition("=")
+        if not sep or not target or not source or target in chain:
+            raise InputError(None, f"--chain takes ARM=EARLIER_ARM once per arm, got {item!r}")
+        chain[target] = source
+    return chain
 
 
 _REFERENCE = re.compile(r"%([^%#'\"\s]+\.json)#")

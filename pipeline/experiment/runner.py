@@ -3,7 +3,8 @@ against multi-task, every run an ordinary bundle run, one table with paired test
 
     python -m pipeline experiment --datalist DL --out DIR [--overlays configs/paper.json ...]
         [--repeats 6 | --kind kfold --folds 5] [--train-cases N] [--arms seg,mtl] [--seed S] [--epochs N]
-        [--parallel K | --gpus 0,1,... [--gpus-per-run K]] [--tracking mlflow] [--set key=value ...] [--overwrite]
+        [--chain ARM=EARLIER_ARM ...] [--parallel K | --gpus 0,1,... [--gpus-per-run K]] [--tracking mlflow]
+        [--set key=value ...] [--overwrite]
 
 Arms (:data:`ARMS`): ``seg`` the segmentation alone (``configs/single_task.json``), ``cls`` the
 classifier alone on the shared encoder (``configs/classify_only.json``), ``mtl`` both; a custom
@@ -17,6 +18,9 @@ with the exact command lines in ``command.txt`` and their output in ``log.txt``.
 ``--gpus-per-run K`` each training runs on K GPUs of the list (``torchrun`` with
 ``multi_gpu_train.json``; evaluation stays one process). Both arms of a
 split share the split and the seed (``seed + k``), so they differ only in the branch.
+``--chain stage2=stage1`` trains in stages: arm ``stage2`` of split k starts from arm ``stage1``'s
+model of split k (``--init_from``; it waits for that run, fails without it, and is redone when
+``stage1``'s settings change), as ``benchmarks/staged.py`` does for the staged recipe.
 
 Re-running the command skips finished runs whose settings (config files' contents, overrides,
 split) are unchanged, resumes interrupted ones from their last checkpoint, and refuses runs whose
@@ -49,6 +53,7 @@ from pipeline.experiment.plan import (
     check_settings,
     gpu_slots,
     make_or_load_splits,
+    parse_chain,
     plan_runs,
     read_json,
 )
@@ -132,9 +137,32 @@ def run_experiment(cfg: ExperimentConfig) -> int:
                    dynamic_ncols=True, disable=None)  # no bar when stderr is not a terminal (logs)
         failed: list[str] = []
         machine: list[MachineError] = []  # the fault that stopped the experiment
+        # --chain: a run waits for the earlier arm's run of its split (submitted before it, so never a
+        # deadlock: the pool takes jobs in order, and the awaited one has started or ended)
+        ended = {(s.arm, s.split): threading.Event() for s in specs}
+        for s in specs:
+            if s not in todo:
+                ended[(s.arm, s.split)].set()
+        by_key = {(s.arm, s.split): s for s in specs}
 
         def job(spec: RunSpec) -> None:
+            try:
+                run(spec)
+            finally:
+                ended[(spec.arm, spec.split)].set()
+
+        def run(spec: RunSpec) -> None:
+            if spec.after is not None:
+                ended[(spec.after, spec.split)].wait()
             if children.stopping.is_set():  # the experiment is being stopped: start nothing new
+                return
+            if spec.after is not None and not is_complete(by_key[(spec.after, spec.split)]):
+                finish(spec, "failed", 0.0, f"{spec.after}/split{spec.split} did not complete: no model to start from")
+                failed.append(f"{spec.arm}/split{spec.split}")
+                tqdm.write(f"[experiment] FAILED {spec.arm}/split{spec.split}: {spec.after}/split{spec.split} "
+                           "did not complete", file=sys.stdout)
+                with report_lock:
+                    bar.update(1)
                 return
             with slot_lock:
                 slot = free.pop(0)
@@ -231,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="train on only N of each split's training cases (nested seeded subsets; validation and "
                         "test unchanged): one point of a learning curve")
     p.add_argument("--arms", default="seg,mtl", help="comma-separated: seg, cls, mtl or name=overlay.json")
+    p.add_argument("--chain", nargs="*", default=[], metavar="ARM=EARLIER_ARM",
+                   help="staged training: ARM's training starts from EARLIER_ARM's model of the same split "
+                        "(--init_from); EARLIER_ARM comes before ARM in --arms")
     p.add_argument("--seed", type=int, default=0, help="split seed; split k trains with seed + k")
     p.add_argument("--epochs", type=int, default=None, help="override the overlays' epochs")
     group = p.add_mutually_exclusive_group()
@@ -253,5 +284,5 @@ def main(argv: list[str] | None = None) -> int:
                            ratios=tuple(a.ratios),
                            arms=[x.strip() for x in a.arms.split(",") if x.strip()], seed=a.seed, epochs=a.epochs,
                            parallel=a.parallel, gpus=gpus, gpus_per_run=a.gpus_per_run, tracking=a.tracking,
-                           overrides=list(a.overrides), overwrite=a.overwrite)
+                           overrides=list(a.overrides), overwrite=a.overwrite, chain=parse_chain(a.chain))
     return run_experiment(cfg)

@@ -252,3 +252,37 @@ def test_each_run_on_two_processes(setup, tmp_path):
     assert len(list((out / "runs" / "mtl" / "split0").glob("events.out.tfevents.*"))) == 1  # rank 0's only
     bad = experiment("--datalist", str(setup["datalist"]), "--out", str(out), "--gpus", "0", "--gpus-per-run", "2")
     assert bad.returncode != 0 and "--gpus-per-run 2 needs at least" in bad.stderr
+
+
+def test_chained_arms_train_in_stages(setup, tmp_path):
+    """``--chain s2=s1`` (two runs at a time): stage 2 waits for stage 1 of its split and starts from its
+    model; with ``freeze: ["encoder"]`` its encoder and classifier stay stage 1's."""
+    import torch
+
+    from pipeline.models.weights import read_weights
+
+    stage2 = json.loads((ROOT / "configs/stage2_seg_recon.json").read_text())
+    frozen = tmp_path / "stage2_frozen.json"
+    frozen.write_text(json.dumps({**stage2, "freeze": ["encoder"]}))
+    out = tmp_path / "staged"
+    args = ["--datalist", str(setup["datalist"]), "--out", str(out), "--repeats", "1", "--epochs", "1",
+            "--overlays", "configs/demo.json", str(setup["overlay"]), "--parallel", "2",
+            "--arms", f"s1={ROOT / 'configs/stage1_cls_recon.json'},s2={frozen}", "--chain", "s2=s1"]
+    res = experiment(*args)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    s1_model = out / "runs" / "s1" / "split0" / "models" / "model.pt"
+    assert f"--init_from {s1_model.resolve()}" in (out / "runs" / "s2" / "split0" / "command.txt").read_text()
+    log = (out / "runs" / "s2" / "split0" / "log.txt").read_text()
+    assert "[init_from]" in log and "frozen (freeze): encoder" in log
+    s1, s2 = read_weights(s1_model), read_weights(out / "runs" / "s2" / "split0" / "models" / "model.pt")
+    kept = [k for k in s1 if k.startswith(("convInit", "down_layers", "classifier")) and "running" not in k
+            and "num_batches" not in k]
+    assert kept and all(torch.equal(s2[k], s1[k]) for k in kept)
+    assert any(k.startswith("up_layers") for k in s2) and not any(k.startswith("up_layers") for k in s1)
+    rows = {r["arm"]: r for r in read_csv(out / "results.csv")}
+    assert rows["s2"]["status"] == "complete" and rows["s2"]["test_dice"] != ""
+    assert rows["s1"]["test_balanced_accuracy"] != ""
+    again = experiment(*args)
+    assert again.returncode == 0 and "2 already complete, 0 to run" in again.stdout, again.stdout[-2000:]
+    wrong = experiment(*args[:-2], "--chain", "s1=s2")
+    assert wrong.returncode == 2 and "'s2' must come before 's1'" in wrong.stderr, wrong.stderr[-2000:]
