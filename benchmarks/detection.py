@@ -140,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     runs, cases = collect(work, args.seeds)
     summary = summarise(runs, cases, args.seeds)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
     text = markdown(summary, runs, args.seeds)
-    (work / "summary.md").write_text(text)
+    (work / "summary.md").write_text(text, encoding="utf-8")
     print(text)
     return 0
 

@@ -58,7 +58,7 @@ def run(cmd: list[str], timeout: float = 300) -> tuple[int, str]:
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, env=ENV)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w", encoding="utf-8"), stderr=subprocess.STDOUT, env=ENV)
 
 
 def said(output: str) -> str:
@@ -122,7 +122,7 @@ def _whole_file(p: Path) -> bool:
             Image.open(p).verify()
         elif name.endswith(".sha256"):
             target = p.with_name(name[: -len(".sha256")])
-            return p.read_text().strip() == hashlib.sha256(target.read_bytes()).hexdigest()
+            return p.read_text(encoding="utf-8").strip() == hashlib.sha256(target.read_bytes()).hexdigest()
         elif name.endswith(".tfm"):
             import SimpleITK as sitk
 
@@ -164,13 +164,13 @@ def catalogue(work: Path) -> None:
 
     cohort = make_cohort(work / "cohort", cases=8, seed=0, spacing=6.0, space="atlas").datalist
     tiny = work / "tiny.json"
-    tiny.write_text(json.dumps(TINY))
-    doc = json.loads(Path(cohort).read_text())
+    tiny.write_text(json.dumps(TINY), encoding="utf-8")
+    doc = json.loads(Path(cohort).read_text(encoding="utf-8"))
     three = work / "cohort" / "three.json"  # prepare registers: 3 cases keep it short
-    three.write_text(json.dumps({**doc, "training": doc["training"][:3]}))
+    three.write_text(json.dumps({**doc, "training": doc["training"][:3]}), encoding="utf-8")
     many = work / "cohort" / "many.json"  # a folder inference long enough for a second one to meet it
     many.write_text(json.dumps({**doc, "training": [{**e, "id": f"{e['id']}_{k}"} for k in range(4)
-                                                    for e in doc["training"]]}))
+                                                    for e in doc["training"]]}), encoding="utf-8")
     inputs = [work / "cohort"]
 
     def train(out: Path, epochs: int = 2) -> list[str]:
@@ -229,8 +229,8 @@ def catalogue(work: Path) -> None:
                 if fault == "full disk" and name == "training":  # space freed: the same command resumes
                     (disk / "filler").unlink()
                     rc, out = run(make(target))
-                    ref = json.loads((out_dir / "validation.json").read_text())
-                    got = json.loads((target / "validation.json").read_text())
+                    ref = json.loads((out_dir / "validation.json").read_text(encoding="utf-8"))
+                    got = json.loads((target / "validation.json").read_text(encoding="utf-8"))
                     same = "same validation metrics as an uninterrupted run" if ref == got else \
                         f"validation differs: {got} vs {ref}"
                     record("full disk, space freed, run again", name, rc, out, ins,
@@ -277,8 +277,8 @@ def catalogue(work: Path) -> None:
             same = "the damaged entries rewritten whole"
         else:
             rc, out = run(evaluate(run_dir))
-            ref = json.loads((work / "base" / "metrics.json").read_text())
-            got = json.loads((run_dir / "metrics.json").read_text())
+            ref = json.loads((work / "base" / "metrics.json").read_text(encoding="utf-8"))
+            got = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
             same = "metrics identical to the undamaged run" if _strip(ref) == _strip(got) else "metrics differ"
         record(fault, command, rc, out, ins, checksums(*inputs), whole(run_dir), note=same)
 
@@ -293,7 +293,7 @@ def catalogue(work: Path) -> None:
         proc = start(first_cmd, log)
         deadline = time.time() + 120
         while time.time() < deadline and not (
-                (folder / ".lock").is_file() and (folder / ".lock").read_text().strip()
+                (folder / ".lock").is_file() and (folder / ".lock").read_text(encoding="utf-8").strip()
                 and (marker is None or marker in log.read_text(errors="replace"))):
             time.sleep(0.2)
         rc, out = run(second_cmd)

@@ -18,7 +18,7 @@ Dice (mean over the folds done) and each arm minus scratch paired by fold and by
 ``WORK/summary.md`` and ``WORK/learning_curve.png``. The pretraining's own cost is paid once and is
 not in the budget.
 
-    python benchmarks/learning_curve.py --pretrained work/synth2real/realistic_e40/models/model.pt \\
+    python benchmarks/learning_curve.py --pretrained work/synth2real/realistic_e40/train/models/model.pt \\
         [--synthetic work/synth2real/cohorts/native_n60_s0_2mm_realistic/datalist.json] [--datalist ../shared/data/real/brats2018/datalist.json] [--sizes 2 5 10 14] [--folds 5] \\
         [--overlays configs/real.json] [--epochs N] [--work work/learning_curve] [--summary-only]
 
@@ -58,7 +58,7 @@ def arm_overlays(work: Path, pretrained: Path | None, synthetic: Path | None) ->
     arms = []
     for name, overlay in overlays.items():
         path = work / f"{name}.json"
-        path.write_text(json.dumps(overlay, indent=1))
+        path.write_text(json.dumps(overlay, indent=1), encoding="utf-8")
         arms.append(f"{name}={path.resolve()}")
     return ",".join(arms)
 
@@ -174,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     folds, cases = collect(work, args.sizes)
     summary = summarise(folds, cases)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (work / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
     text = markdown(summary)
-    (work / "summary.md").write_text(text)
+    (work / "summary.md").write_text(text, encoding="utf-8")
     if summary:
         plot(summary, work / "learning_curve.png")
     print(text)

@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(rows, runs, args.seeds)
     work.mkdir(parents=True, exist_ok=True)
     (work / "summary.json").write_text(json.dumps({"seeds": args.seeds, "arms": args.arms, "rows": rows}, indent=1,
-                                                  default=str))
-    (work / "summary.md").write_text(md + "\n")
+                                                  default=str), encoding="utf-8")
+    (work / "summary.md").write_text(md + "\n", encoding="utf-8")
     print(md)
     return 1 if failed else 0
 

@@ -92,7 +92,7 @@ def ants_registrar(threads: int) -> Registrar | None:
 
 def synthetic(cohort: Path, atlas: Atlas, registrar: Registrar) -> dict[str, float]:
     """TRE / Dice / seconds over every case of a phantom cohort."""
-    data = json.loads((cohort / "datalist.json").read_text())
+    data = json.loads((cohort / "datalist.json").read_text(encoding="utf-8"))
     points = brain_points(atlas)
     errors, dices, seconds, medians = [], [], [], []
     for entry in data["training"]:

@@ -17,7 +17,7 @@ __all__ = ["finite_mean", "fixed", "number", "paired_text", "run_logged", "seed_
 def run_logged(cmds: list[list[str]], log: Path, cwd: Path) -> None:
     """Run ``cmds`` one after the other in ``cwd``, their output appended to ``log``; raise on the first failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as fh:
+    with log.open("a", encoding="utf-8") as fh:
         for cmd in cmds:
             fh.write(f"\n$ {' '.join(cmd)}\n")
             fh.flush()

@@ -48,7 +48,7 @@ def _config_list(files: list[str]) -> str:
 def _run(cmd: list[str], log: Path) -> None:
     """Run ``cmd`` from the repository root, appending its output to ``log``; raise on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as fh:
+    with log.open("a", encoding="utf-8") as fh:
         fh.write(f"\n$ {' '.join(cmd)}\n")
         fh.flush()
         rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT).returncode
@@ -92,12 +92,12 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
 
 def summarise_seed(seed: int, run: Path, cohort: Path, spacing: float, minutes: float) -> dict:
     """The figures of one seed from ``run/metrics.json``, ``run/cases.csv`` and the cohort's datalist."""
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     with (run / "cases.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     ml_per_voxel = spacing ** 3 / 1000.0
     dices = [(float(r["dice"]), float(r["true_volume_vox"]) * ml_per_voxel) for r in rows if r.get("dice")]
-    bayes = json.loads((cohort / "datalist.json").read_text()).get("phantom", {}).get("bayes_accuracy")
+    bayes = json.loads((cohort / "datalist.json").read_text(encoding="utf-8")).get("phantom", {}).get("bayes_accuracy")
     out = {
         "seed": seed,
         "n_test": len(rows),
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     md = table(rows)
     out = Path(args.work) / args.tag
     (out / "summary.json").write_text(json.dumps({"overlays": args.overlays, "set": args.set, "rows": rows},
-                                                 indent=1, default=str))
-    (out / "summary.md").write_text(md + "\n")
+                                                 indent=1, default=str), encoding="utf-8")
+    (out / "summary.md").write_text(md + "\n", encoding="utf-8")
     print(md)
     return 0 if len(rows) == len(args.seeds) else 1
 

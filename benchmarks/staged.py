@@ -49,11 +49,11 @@ STAGE2_ARMS = {
 def arms(work: Path) -> str:
     """Write the stage-2 overlays into ``work`` (stage 2's settings and the arm's) and return ``--arms``."""
     work.mkdir(parents=True, exist_ok=True)
-    base = json.loads(STAGE2.read_text())
+    base = json.loads(STAGE2.read_text(encoding="utf-8"))
     out = ["mtl", f"stage1={ROOT / 'configs' / 'stage1_cls_recon.json'}"]
     for name, extra in STAGE2_ARMS.items():
         path = work / f"{name}.json"
-        path.write_text(json.dumps({**base, **extra}, indent=1))
+        path.write_text(json.dumps({**base, **extra}, indent=1), encoding="utf-8")
         out.append(f"{name}={path.resolve()}")
     return ",".join(out)
 
@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     kept = class_kept(runs, args.seeds)
     md = markdown(rows, kept, runs, args.seeds)
     (work / "summary.json").write_text(json.dumps({"seeds": args.seeds, "rows": rows, "class_kept": kept}, indent=1,
-                                                  default=str))
-    (work / "summary.md").write_text(md + "\n")
+                                                  default=str), encoding="utf-8")
+    (work / "summary.md").write_text(md + "\n", encoding="utf-8")
     print(md)
     return 1 if failed else 0
 

@@ -3,14 +3,16 @@ run by folder inference on real expert-labelled FLAIRs and scored in each scan's
 
     python benchmarks/synthetic_to_real.py [--real ../shared/data/real/brats2018/datalist.json]
         [--overlays configs/demo.json] [--seed 0] [--cases 60] [--space native] [--profile study|realistic] [--iso-cores F] [--epochs N]
-        [--ckpt MODEL.pt] [--work work/synth2real] [--baseline WORK/TAG] [--set key=value ...]
+        [--ckpt MODEL.pt] [--work work/synth2real] [--tag TAG] [--baseline WORK/TAG] [--set key=value ...]
 
 Steps (each resumes or is reused when its output exists): build the phantom cohort
 (``python -m pipeline phantom``), train ``train.json`` + the overlays on it (or take ``--ckpt``),
 run ``inference.json`` + the same overlays on the real datalist (``--datalist``: every case's
 FLAIR, masks only for scoring), then ``python -m pipeline score``. Prints the native-space Dice,
 HD95 and lesion-wise Dice per case with predicted and true volumes (mL) and their mean; writes
-``WORK/<tag>/summary.json``. Re-run it after every change to the generator: the figure to beat is
+``WORK/<tag>/summary.json``. The tag names the run's folder: by default the settings that make the
+model (profile, high-grade cores, cohort seed, epochs, ``--set``), so a run with other settings never
+reuses another's model; give ``--tag`` when the overlays differ. Re-run it after every change to the generator: the figure to beat is
 the one before the change, on the same real cases; ``--baseline`` names that run's folder and
 prints the difference paired by case (95 % t-interval, cases better / worse, Wilcoxon p), also
 written to the summary under ``against``.
@@ -77,6 +79,14 @@ def _against(baseline: Path, dice: dict[str, float]) -> dict:
             "by_case": {i: round(dice[i] - before[i], 4) for i in ids}}
 
 
+def default_tag(a: argparse.Namespace) -> str:
+    """The run folder's name from the settings that make the model (``--tag`` overrides it)."""
+    parts = [a.profile, f"iso{a.iso_cores:g}" if a.iso_cores else "", f"s{a.seed}", f"n{a.cases}", a.space,
+             f"{a.spacing:g}mm", f"e{a.epochs}" if a.epochs else "",
+             *(kv.replace("=", "-").replace("/", "_") for kv in a.set)]
+    return "_".join(x for x in parts if x)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--real", default="../shared/data/real/brats2018/datalist.json")
@@ -89,13 +99,13 @@ def main() -> int:
     p.add_argument("--spacing", type=float, default=2.0)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--ckpt", default=None, help="a trained model.pt instead of training one")
-    p.add_argument("--tag", default="demo")
+    p.add_argument("--tag", default=None, help="the run folder's name (default: from the settings)")
     p.add_argument("--work", default="work/synth2real")
     p.add_argument("--baseline", default=None, help="an earlier run's folder (WORK/TAG): the Dice paired by case")
     p.add_argument("--set", nargs="*", default=[], help="extra bundle overrides key=value (training and inference)")
     a = p.parse_args()
     work = (ROOT / a.work).resolve()
-    run = work / a.tag
+    run = work / (a.tag or default_tag(a))
     extra = [x for kv in a.set for x in (f"--{kv.split('=', 1)[0]}", kv.split("=", 1)[1])]
     t0 = time.perf_counter()
     ckpt = Path(a.ckpt).resolve() if a.ckpt else run / "train" / "models" / "model.pt"

@@ -51,7 +51,7 @@ def peak_mb(device: torch.device) -> float:
     # starts from its parent's peak, which hides the child's own when the parent is larger.
     status = Path("/proc/self/status")
     if status.exists():
-        for line in status.read_text().splitlines():
+        for line in status.read_text(encoding="utf-8").splitlines():
             if line.startswith("VmHWM:"):
                 return float(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

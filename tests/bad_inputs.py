@@ -76,7 +76,7 @@ def empty(dest: Path, good: Path) -> Path:
 
 
 def text_file(dest: Path, good: Path) -> Path:
-    dest.write_text("patient notes, not an image\n")
+    dest.write_text("patient notes, not an image\n", encoding="utf-8")
     return dest
 
 
@@ -183,7 +183,7 @@ def uncompressed_named_gz(dest: Path, good: Path) -> Path:
 
 def folder_named_nifti(dest: Path, good: Path) -> Path:
     dest.mkdir()
-    (dest / "notes.txt").write_text("not a DICOM series")
+    (dest / "notes.txt").write_text("not a DICOM series", encoding="utf-8")
     return dest
 
 

@@ -64,7 +64,7 @@ def tiny_cohort(tmp_path: Path) -> Path:
         entries.append({"id": cid, "image": f"{cid}/image.nii.gz", "label": f"{cid}/mask.nii.gz", "class": i % 3})
     dl = {"classes": ["BRAF V600E", "BRAF fusion", "other"], "training": entries}
     path = tmp_path / "datalist.json"
-    path.write_text(json.dumps(dl, indent=1))
+    path.write_text(json.dumps(dl, indent=1), encoding="utf-8")
     return path
 
 

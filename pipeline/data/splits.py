@@ -142,7 +142,7 @@ def save_splits(path: str | Path, splits: list[dict], **info) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump({**info, "splits": splits}, f, indent=1)
     os.replace(tmp, p)
     return p

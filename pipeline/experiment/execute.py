@@ -116,7 +116,7 @@ def shell_line(cmd: list[str]) -> str:
 
 
 def _run_step(cmd: list[str], log: Path, env: dict[str, str], children: Children) -> int:
-    with log.open("a") as fh:
+    with log.open("a", encoding="utf-8") as fh:
         fh.write(f"\n$ {shell_line(cmd)}\n")
         fh.flush()
         if children.stopping.is_set():
@@ -137,7 +137,7 @@ def execute(spec: RunSpec, slot: str | None, cfg: ExperimentConfig, children: Ch
     (spec.run_dir / "command.txt").write_text(
         f"# {spec.arm}, split {spec.split} ({spec.split_name}); run from the repository root:\ncd {shlex.quote(str(ROOT))}\n"
         f"# training (resumes from models/checkpoint_epoch=N.pt when present)\n{shell_line(spec.train_cmd)}\n"
-        f"# evaluation of models/model.pt on the split's test cases -> metrics.json, cases.csv\n{shell_line(spec.eval_cmd)}\n")
+        f"# evaluation of models/model.pt on the split's test cases -> metrics.json, cases.csv\n{shell_line(spec.eval_cmd)}\n", encoding="utf-8")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if cfg.gpus:
         env["CUDA_VISIBLE_DEVICES"] = str(slot)

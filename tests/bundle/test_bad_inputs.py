@@ -59,7 +59,7 @@ def kit(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad_inputs")
     cohort = make_cohort(root / "cohort", cases=4, seed=0, spacing=6.0, space="atlas").datalist
     overlay = root / "tiny.json"
-    overlay.write_text(json.dumps(TINY))
+    overlay.write_text(json.dumps(TINY), encoding="utf-8")
     cwd = os.getcwd()
     os.chdir(ROOT)  # the configs' %file macros are relative to the repository root
     try:
@@ -96,7 +96,7 @@ def assert_complete(out: Path, cid: str, source: Path) -> None:
     seg, src = nib.load(out / cid / "seg.nii.gz"), nib.load(source)
     assert seg.shape == src.shape[:3] and np.allclose(seg.affine, src.affine)
     assert np.asarray(seg.dataobj).dtype == np.uint8
-    assert json.loads((out / cid / "result.json").read_text())["status"] == "ok"
+    assert json.loads((out / cid / "result.json").read_text(encoding="utf-8"))["status"] == "ok"
     assert (out / cid / "qc.png").stat().st_size > 0
 
 
@@ -112,7 +112,7 @@ def test_validate_names_file_and_reason(kit, tmp_path, capsys, kind):
     bad, words = make_bad(kit, tmp_path / "bad", kind)
     entries = [{"id": "good", "image": "good/image.nii.gz", "label": "good/mask.nii.gz", "class": 0},
                {"id": "bad", "image": str(bad.relative_to(tmp_path)), "class": 1}]
-    (tmp_path / "datalist.json").write_text(json.dumps({"training": entries}))
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": entries}), encoding="utf-8")
     before = snapshot(tmp_path)
     rc = main(["validate", str(tmp_path / "datalist.json")])
     err = capsys.readouterr().err
@@ -175,14 +175,14 @@ def test_validate_datalist_catalogue(kit, tmp_path, capsys, kind):
         culprit = tmp_path / "nowhere" / "flair.nii.gz"
     datalist = tmp_path / ("datalist.csv" if kind == "csv_without_image" else "datalist.json")
     if kind == "invalid_json":
-        datalist.write_text('{"training": [{"id": "good", "image": "good/image.nii.gz"},]}')
+        datalist.write_text('{"training": [{"id": "good", "image": "good/image.nii.gz"},]}', encoding="utf-8")
     elif kind == "empty_datalist":
-        datalist.write_text(json.dumps({"training": []}))
+        datalist.write_text(json.dumps({"training": []}), encoding="utf-8")
     elif kind == "csv_without_image":
-        datalist.write_text("id,class\ngood,0\n")
+        datalist.write_text("id,class\ngood,0\n", encoding="utf-8")
         culprit = datalist
     else:
-        datalist.write_text(json.dumps({"training": [*entries, bad_entry]}))
+        datalist.write_text(json.dumps({"training": [*entries, bad_entry]}), encoding="utf-8")
     before = snapshot(tmp_path)
     rc = main(["validate", str(datalist)])
     err = capsys.readouterr().err
@@ -227,9 +227,9 @@ def test_folder_level_problems(kit, tmp_path, monkeypatch):
     write_dicom_series(image, inputs / "two_series", number=1)
     write_dicom_series(image, inputs / "two_series", number=2)
     (inputs / "nothing here").mkdir()
-    (inputs / "nothing here" / "notes.txt").write_text("no scan")
+    (inputs / "nothing here" / "notes.txt").write_text("no scan", encoding="utf-8")
     os.symlink("gone_folder", inputs / "gone")
-    (inputs / "README.txt").write_text("scans of the week")
+    (inputs / "README.txt").write_text("scans of the week", encoding="utf-8")
     before = snapshot(inputs)
     run, cases = runner(kit, monkeypatch, input_dir=str(inputs), output_dir=str(out))
     rows = run.run(cases)
@@ -337,7 +337,7 @@ def test_cli_runs_the_whole_catalogue(kit, tmp_path):
     for cid, words in expected.items():
         line = next(ln for ln in log.splitlines() if f"] {cid}: failed: " in ln)
         assert words in line, line
-    report = json.loads((out / "predictions.json").read_text())["cases"]
+    report = json.loads((out / "predictions.json").read_text(encoding="utf-8"))["cases"]
     assert {r["id"] for r in report} == {"good", *expected}
     assert sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")) == ["good"]
     assert snapshot(inputs) == before
@@ -356,7 +356,7 @@ def test_training_refuses_a_bad_datalist_before_it_starts(kit, tmp_path):
         bad[kind] = (path, words)
     os.symlink("nowhere.nii.gz", tmp_path / "bad" / "mask_link.nii.gz")
     entries[0]["label"] = str(tmp_path / "bad" / "mask_link.nii.gz")
-    (tmp_path / "datalist.json").write_text(json.dumps({"training": entries}))
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": entries}), encoding="utf-8")
     done = run_cli(bundle_args(["run", "training"], [TRAIN, DEMO, kit["overlay"]],
                                datalist=tmp_path / "datalist.json", output_dir=tmp_path / "run"))
     assert done.returncode == 2, done.stderr[-3000:]
@@ -378,7 +378,7 @@ def test_unreadable_file_is_permission_denied(kit, tmp_path):
         good = good_copy(kit, work / "a" / "image.nii.gz")
         locked = good_copy(kit, work / "b" / "image.nii.gz", cid="c001")
         entries = [{"id": "a", "image": str(good), "class": 0}, {"id": "b", "image": str(locked), "class": 1}]
-        (work / "datalist.json").write_text(json.dumps({"training": entries}))
+        (work / "datalist.json").write_text(json.dumps({"training": entries}), encoding="utf-8")
         for p in (work / "a", work / "b"):
             p.chmod(0o755)
         good.chmod(0o644)
@@ -403,7 +403,7 @@ def _checkpoint_kinds(kit: dict[str, Path], folder: Path) -> dict[str, Path]:
     real = kit["ckpt"].read_bytes()
     out = {"text": folder / "notes.pt", "truncated": folder / "truncated.pt", "foreign_pickle": folder / "foreign.pt",
            "other_model": folder / "other.pt", "tensor_alone": folder / "tensor.pt", "no_weights": folder / "meta.pt"}
-    out["text"].write_text("not a checkpoint")
+    out["text"].write_text("not a checkpoint", encoding="utf-8")
     out["truncated"].write_bytes(real[: len(real) // 2])
     torch.save({"network": torch.nn.Linear(2, 2)}, out["foreign_pickle"])  # a pickled module, not weights
     torch.save(torch.nn.Linear(3, 4).state_dict(), out["other_model"])
@@ -439,7 +439,7 @@ def test_cli_foreign_checkpoint_in_one_line(kit, tmp_path):
     assert f"{ckpts['foreign_pickle']}: is not a checkpoint of this bundle" in done.stderr
     split = tmp_path / "split.json"
     ids = ["c000", "c001", "c002", "c003"]
-    split.write_text(json.dumps({"splits": [{"name": "r0", "train": ids[:2], "val": ids[2:3], "test": ids[3:]}]}))
+    split.write_text(json.dumps({"splits": [{"name": "r0", "train": ids[:2], "val": ids[2:3], "test": ids[3:]}]}), encoding="utf-8")
     done = run_cli(bundle_args(["run"], [TRAIN, EVALUATE, DEMO, kit["overlay"]], datalist=kit["cohort"] / "datalist.json",
                                split_file=split, output_dir=tmp_path / "eval", ckpt=ckpts["truncated"]))
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
@@ -474,7 +474,7 @@ def test_kill_while_writing_then_rerun_completes(kit, tmp_path):
         assert np.asarray(nib.load(seg).dataobj).shape == nib.load(inputs / f"{seg.parent.name}.nii.gz").shape
     done = run_cli(args)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = {r["id"]: r for r in json.loads((out / "predictions.json").read_text())["cases"]}
+    rows = {r["id"]: r for r in json.loads((out / "predictions.json").read_text(encoding="utf-8"))["cases"]}
     assert set(rows) == {f"case{k}" for k in range(4)} and all(r["status"] == "ok" for r in rows.values())
     assert {cid for cid, r in rows.items() if r["reused"]} == finished
     for k in range(4):
@@ -484,7 +484,7 @@ def test_kill_while_writing_then_rerun_completes(kit, tmp_path):
 
 
 def test_debug_adds_the_traceback(tmp_path):
-    (tmp_path / "datalist.json").write_text("{not json")
+    (tmp_path / "datalist.json").write_text("{not json", encoding="utf-8")
     quiet = run_cli(["-m", "pipeline", "validate", str(tmp_path / "datalist.json")])
     loud = run_cli(["-m", "pipeline", "--debug", "validate", str(tmp_path / "datalist.json")])
     for done in (quiet, loud):
@@ -496,7 +496,7 @@ def test_score_refuses_a_report_of_other_cases(kit, tmp_path):
     from pipeline.evaluation.score import score_predictions
 
     (tmp_path / "pred").mkdir()
-    (tmp_path / "pred" / "predictions.csv").write_text("id,input,status\nzz1,/x/zz1.nii.gz,ok\n")
+    (tmp_path / "pred" / "predictions.csv").write_text("id,input,status\nzz1,/x/zz1.nii.gz,ok\n", encoding="utf-8")
     with pytest.raises(InputError, match="none of the 4 datalist case id"):
         score_predictions(tmp_path / "pred", kit["cohort"] / "datalist.json")
 

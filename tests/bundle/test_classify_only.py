@@ -71,7 +71,7 @@ def test_validation_history_keeps_the_best_epoch_across_a_resume(tmp_path):
     assert (best["epoch"], best["val_mean_dice"], best["n_validations"]) == (4, 0.8, 3)
     # a run resumed from the epoch-4 checkpoint validates epoch 6 again: the old entry is replaced
     _validate(ValidationHistory(path, "val_mean_dice"), 6, 0.9)
-    doc = json.loads(path.read_text())
+    doc = json.loads(path.read_text(encoding="utf-8"))
     assert [h["epoch"] for h in doc["history"]] == [2, 4, 6]
     assert best_validation(path)["epoch"] == 6
     assert doc["history"][0]["val_auc"] is None or "val_auc" not in doc["history"][0]

@@ -44,7 +44,7 @@ def copy(tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("*.pt", "*.ts"))
     datalist = Path(make_cohort(base / "cohort", cases=8, seed=2, spacing=6.0, space="atlas").datalist)
     overlay = base / "tiny.json"
-    overlay.write_text(json.dumps(TINY))
+    overlay.write_text(json.dumps(TINY), encoding="utf-8")
     run = base / "run"
     out = cli(["run", "training", "--config_file", repr(["configs/train.json", str(overlay)]), "--datalist",
                str(datalist), "--output_dir", str(run), "--epochs", "1"], cwd=bundle)

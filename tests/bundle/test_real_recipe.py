@@ -37,16 +37,16 @@ def test_real_recipe_trains_evaluates_and_infers_on_real_scans(real_data: Path, 
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"training": [
         {"id": c, "image": str(brats / c / "flair.nii.gz"), "label": str(brats / c / "seg.nii.gz")}
-        for c in TRAINING_CASES]}))
+        for c in TRAINING_CASES]}), encoding="utf-8")
     overlay = tmp_path / "tiny_real.json"
-    overlay.write_text(json.dumps(TINY_REAL))
+    overlay.write_text(json.dumps(TINY_REAL), encoding="utf-8")
     run = tmp_path / "run"
     common = {"datalist": datalist, "output_dir": run, "registration_cache": tmp_path / "registration"}
     done = bundle(["run", "training"], [TRAIN, REAL, overlay], **common)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     done = bundle(["run"], [TRAIN, f"{CONFIGS}/evaluate.json", REAL, overlay], **common)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["n_with_mask"] >= 1
     for key in ("dice", "hd95_mm", "lesion_dice", "lesion_hd95_mm"):
         assert key in metrics
@@ -67,9 +67,9 @@ def test_real_recipe_trains_evaluates_and_infers_on_real_scans(real_data: Path, 
 
     truth = tmp_path / "truth.json"
     truth.write_text(json.dumps({"training": [{"id": NEW_CASE, "image": str(brats / NEW_CASE / "flair.nii.gz"),
-                                               "label": str(brats / NEW_CASE / "seg.nii.gz")}]}))
+                                               "label": str(brats / NEW_CASE / "seg.nii.gz")}]}), encoding="utf-8")
     scored = subprocess.run([sys.executable, "-m", "pipeline", "score", "--predictions", str(out), "--datalist",
                              str(truth)], cwd=ROOT, capture_output=True, text=True)
     assert scored.returncode == 0, scored.stderr[-2000:]
-    case = json.loads((out / "score.json").read_text())["cases"][0]
+    case = json.loads((out / "score.json").read_text(encoding="utf-8"))["cases"][0]
     assert {"dice", "hd95_mm", "lesion_dice", "lesions_fp"} <= set(case)

@@ -35,13 +35,13 @@ def _rows(folder):
 
 def test_trains_on_two_channels_and_records_them(two_channel):
     models = two_channel["run"] / "models"
-    assert json.loads((models / "inputs.json").read_text())["sequences"] == ["flair", "t2"]
-    image = json.loads((models / "metadata.json").read_text())["network_data_format"]["inputs"]["image"]
+    assert json.loads((models / "inputs.json").read_text(encoding="utf-8"))["sequences"] == ["flair", "t2"]
+    image = json.loads((models / "metadata.json").read_text(encoding="utf-8"))["network_data_format"]["inputs"]["image"]
     assert image["num_channels"] == 5 and image["sequences"] == ["flair", "t2"]  # + 3 coordinate channels
     weights = torch.load(models / "model.pt", weights_only=True)
     first_conv = next(v for k, v in weights.items() if k.endswith("conv.weight") and v.ndim == 5)
     assert first_conv.shape[1] == 2
-    assert json.loads((two_channel["run"] / "metrics.json").read_text())["n_cases"] >= 1
+    assert json.loads((two_channel["run"] / "metrics.json").read_text(encoding="utf-8"))["n_cases"] >= 1
 
 
 def test_folder_inference_and_exports(two_channel, tmp_path):
@@ -94,7 +94,7 @@ def test_folder_inference_and_exports(two_channel, tmp_path):
 
 def test_config_asking_for_other_sequences_is_refused(two_channel, tmp_path):
     overlay = tmp_path / "other.json"
-    overlay.write_text(json.dumps({**json.loads(two_channel["overlay"].read_text()), "sequences": ["t2", "flair"]}))
+    overlay.write_text(json.dumps({**json.loads(two_channel["overlay"].read_text(encoding="utf-8")), "sequences": ["t2", "flair"]}))
     done = bundle(["run"], [INFER, overlay], input_dir=tmp_path, output_dir=tmp_path / "out",
                   ckpt=two_channel["run"] / "models" / "model.pt")
     assert done.returncode == 2

@@ -50,7 +50,7 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 @pytest.fixture
 def overlay(tmp_path) -> Path:
     p = tmp_path / "tiny.json"
-    p.write_text(json.dumps(TINY))
+    p.write_text(json.dumps(TINY), encoding="utf-8")
     return p
 
 
@@ -80,24 +80,24 @@ def test_train_two_iterations_then_evaluate(cohort, overlay, tmp_path):
     tags = scalar_tags(run / "tensorboard")
     assert {"loss", "loss_seg", "loss_cls", "lr", "val_mean_dice", "val_balanced_accuracy", "val_auc"} <= tags, tags
     assert any(t.startswith("image:") for t in tags)
-    assert json.loads((run / "split.json").read_text())["splits"][0]["test"]
+    assert json.loads((run / "split.json").read_text(encoding="utf-8"))["splits"][0]["test"]
     # after training, model.pt's post-processing rule and temperature were decided on validation
-    decision = json.loads((run / "models" / "postprocessing.json").read_text())
+    decision = json.loads((run / "models" / "postprocessing.json").read_text(encoding="utf-8"))
     assert decision["postprocess"] in ("none", "largest", "confident") and decision["temperature"] > 0
     assert "[decide] on" in out
 
     out = finish(bundle([], [TRAIN, EVALUATE, "configs/demo.json"], overlay, datalist=cohort, output_dir=run))
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert {"dice", "accuracy", "balanced_accuracy", "auc"} <= set(metrics)
     assert 0.0 <= metrics["dice"] <= 1.0 and metrics["n_cases"] == 1
     assert metrics["accuracy"] in (0.0, 1.0) and metrics["balanced_accuracy"] == metrics["accuracy"]  # one case
-    assert (run / "cases.csv").read_text().startswith("id,dice")
+    assert (run / "cases.csv").read_text(encoding="utf-8").startswith("id,dice")
     assert metrics["postprocessing"] == decision["postprocess"]  # "auto" read the decision back
     assert metrics["temperature"] == pytest.approx(decision["temperature"])
     assert metrics["surface_tolerance_mm"] == 1.0 and "hd95_mm" in metrics and "n_hd95_undefined" in metrics
     if metrics["n_with_mask"]:
         assert 0.0 <= metrics["surface_dice"] <= 1.0
-        header = (run / "cases.csv").read_text().splitlines()[0].split(",")
+        header = (run / "cases.csv").read_text(encoding="utf-8").splitlines()[0].split(",")
         assert {"hd95_mm", "surface_dice", "boxes_true", "boxes_pred"} <= set(header)
         assert metrics["det_cases"] == metrics["n_with_mask"] and metrics["det_lesions"] >= 1  # a phantom has a tumour
         assert 0.0 <= metrics["det_ap_iou0.25"] <= 1.0 and 0.0 <= metrics["det_sensitivity_fp1"] <= 1.0
@@ -135,7 +135,7 @@ def test_killed_training_resumes_at_saved_epoch(cohort, overlay, tmp_path):
 
 
 def test_bad_input_stops_before_training_with_clear_message(cohort, overlay, tmp_path):
-    data = json.loads(cohort.read_text())
+    data = json.loads(cohort.read_text(encoding="utf-8"))
     data["training"][0]["class"] = "BRAF V601X"
     data["training"][1]["image"] = "nowhere/flair.nii.gz"
     for e in data["training"]:
@@ -143,7 +143,7 @@ def test_bad_input_stops_before_training_with_clear_message(cohort, overlay, tmp
         if "label" in e:
             e["label"] = str(cohort.parent / e["label"])
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps(data))
+    bad.write_text(json.dumps(data), encoding="utf-8")
     run = tmp_path / "run"
     proc = bundle(["training"], [TRAIN, "configs/demo.json"], overlay, datalist=bad, output_dir=run, epochs=1)
     out, _ = proc.communicate(timeout=120)
@@ -175,10 +175,10 @@ def test_extra_training_cases_are_drawn_beside_the_split(cohort, tmp_path, monke
     from pipeline.data.phantom.build import make_cohort
 
     extra = make_cohort(tmp_path / "extra", cases=6, seed=1, spacing=6.0, space="atlas").datalist
-    doc = json.loads(Path(extra).read_text())
+    doc = json.loads(Path(extra).read_text(encoding="utf-8"))
     for e in doc["training"]:
         e["id"] = "synthetic_" + e["id"]
-    Path(extra).write_text(json.dumps(doc))
+    Path(extra).write_text(json.dumps(doc), encoding="utf-8")
     monkeypatch.chdir(ROOT)
     parser = ConfigParser()
     parser.read_config([str(ROOT / TRAIN)])

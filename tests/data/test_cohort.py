@@ -13,7 +13,7 @@ from pipeline.io.errors import InputError
 
 def _second_datalist(first: Path, prefix: str, classes: list[str] | None, n: int = 5) -> Path:
     """A datalist of the first one's files under other ids (``classes`` None: no class column)."""
-    doc = json.loads(first.read_text())
+    doc = json.loads(first.read_text(encoding="utf-8"))
     entries = []
     for e in doc["training"][:n]:
         e = {**e, "id": prefix + e["id"], "image": str(first.parent / e["image"]),
@@ -22,7 +22,7 @@ def _second_datalist(first: Path, prefix: str, classes: list[str] | None, n: int
             e.pop("class")
         entries.append(e)
     path = first.parent / f"{prefix}datalist.json"
-    path.write_text(json.dumps({"classes": classes or [], "training": entries}))
+    path.write_text(json.dumps({"classes": classes or [], "training": entries}), encoding="utf-8")
     return path
 
 
@@ -36,7 +36,7 @@ def test_extra_cases_join_the_training_part_only(tiny_cohort, tmp_path):
     assert (mixed.val, mixed.test) == (alone.val, alone.test)  # the split is the main datalist's
     added = mixed.train[len(alone.train):]
     assert mixed.info["extra_train"] == len(added) == 5 and alone.info["extra_train"] == 0
-    first = json.loads(tiny_cohort.read_text())["training"][:5]
+    first = json.loads(tiny_cohort.read_text(encoding="utf-8"))["training"][:5]
     assert [a["class"] for a in added] == [2 - e["class"] for e in first]  # 0 <-> 2 swapped by name
 
 

@@ -17,16 +17,16 @@ from tests.conftest import blob_case, write_volume
 
 def _write(tmp_path: Path, entries: list, classes=("BRAF V600E", "BRAF fusion", "other")) -> Path:
     p = tmp_path / "datalist.json"
-    p.write_text(json.dumps({"classes": list(classes), "training": entries}))
+    p.write_text(json.dumps({"classes": list(classes), "training": entries}), encoding="utf-8")
     return p
 
 
 def test_reads_json_with_optional_label_and_class(tiny_cohort):
-    data = json.loads(tiny_cohort.read_text())
+    data = json.loads(tiny_cohort.read_text(encoding="utf-8"))
     data["training"][0].pop("label")
     data["training"][1].pop("class")
     data["training"][2]["class"] = "braf FUSION"  # names are case-insensitive
-    tiny_cohort.write_text(json.dumps(data))
+    tiny_cohort.write_text(json.dumps(data), encoding="utf-8")
     dl = load_datalist(tiny_cohort)
     assert len(dl.cases) == 12
     assert dl.cases[0].label is None and dl.cases[1].cls is None and dl.cases[2].cls == 1
@@ -38,19 +38,19 @@ def test_reads_json_with_optional_label_and_class(tiny_cohort):
 
 def test_reads_csv(tiny_cohort):
     csv = tiny_cohort.parent / "datalist.csv"
-    csv.write_text("id,image,label,class\nc000,c000/image.nii.gz,c000/mask.nii.gz,other\nc001,c001/image.nii.gz,,\n")
+    csv.write_text("id,image,label,class\nc000,c000/image.nii.gz,c000/mask.nii.gz,other\nc001,c001/image.nii.gz,,\n", encoding="utf-8")
     dl = load_datalist(csv)
     assert [c.id for c in dl.cases] == ["c000", "c001"]
     assert dl.cases[0].cls == 2 and dl.cases[1].label is None and dl.cases[1].cls is None
 
 
 def test_all_entry_problems_reported_together(tiny_cohort):
-    data = json.loads(tiny_cohort.read_text())
+    data = json.loads(tiny_cohort.read_text(encoding="utf-8"))
     data["training"][0]["image"] = "nope/missing.nii.gz"
     data["training"][1]["class"] = "BRAF V601X"
     data["training"][2]["class"] = 7
     data["training"][3]["id"] = "c004"  # duplicate of the next case
-    tiny_cohort.write_text(json.dumps(data))
+    tiny_cohort.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(InputErrors) as err:
         load_datalist(tiny_cohort)
     msg = str(err.value)
@@ -125,9 +125,9 @@ def test_class_weights_inverse_frequency(tiny_cohort):
 
 def test_float_class_indices_and_unsafe_ids(tiny_cohort):
     csv = tiny_cohort.parent / "datalist.csv"
-    csv.write_text("id,image,class\nc000,c000/image.nii.gz,1.0\nc001,c001/image.nii.gz,\n")  # as pandas writes
+    csv.write_text("id,image,class\nc000,c000/image.nii.gz,1.0\nc001,c001/image.nii.gz,\n", encoding="utf-8")  # as pandas writes
     assert [c.cls for c in load_datalist(csv).cases] == [1, None]
-    csv.write_text("id,image,class\nc000,c000/image.nii.gz,1.5\n../evil,c001/image.nii.gz,0\n")
+    csv.write_text("id,image,class\nc000,c000/image.nii.gz,1.5\n../evil,c001/image.nii.gz,0\n", encoding="utf-8")
     with pytest.raises(InputErrors) as err:
         load_datalist(csv)
     msg = str(err.value)
@@ -135,11 +135,11 @@ def test_float_class_indices_and_unsafe_ids(tiny_cohort):
 
 
 def test_classes_matched_to_the_model_by_name(tiny_cohort):
-    data = json.loads(tiny_cohort.read_text())
+    data = json.loads(tiny_cohort.read_text(encoding="utf-8"))
     data["classes"] = ["other", "BRAF V600E", "BRAF fusion"]  # another order
     data["training"][0]["class"] = "other"
     data["training"][1]["class"] = 2
-    tiny_cohort.write_text(json.dumps(data))
+    tiny_cohort.write_text(json.dumps(data), encoding="utf-8")
     dl = load_datalist(tiny_cohort).with_classes(["BRAF V600E", "BRAF fusion", "other"])
     assert dl.classes == ("BRAF V600E", "BRAF fusion", "other")
     assert dl.cases[0].cls == 2 and dl.cases[1].cls == 1  # 'other' and 'BRAF fusion' in the model's order
@@ -170,7 +170,7 @@ def test_check_cache_skips_only_unchanged_cases(tiny_cohort, tmp_path):
     renamed = other.image.with_name("image.nii")
     renamed.write_bytes(other.image.read_bytes())
     entries = [{"id": "x", "image": str(renamed)}]
-    (tmp_path / "renamed.json").write_text(json.dumps({"training": entries}))
+    (tmp_path / "renamed.json").write_text(json.dumps({"training": entries}), encoding="utf-8")
     with pytest.raises(InputErrors, match="gzip-compressed data named .nii"):
         load_datalist(tmp_path / "renamed.json", check_contents=True, check_cache=cache)
 
@@ -222,13 +222,13 @@ def test_three_forms_of_several_sequences(tmp_path, form):
     if form == "csv":
         path = tmp_path / "datalist.csv"
         path.write_text("id,flair,t2,label,class\n" + "".join(
-            f"{c},{c}/flair.nii.gz,{c}/t2.nii.gz,{c}/mask.nii.gz,1\n" for c in ("a", "b")))
+            f"{c},{c}/flair.nii.gz,{c}/t2.nii.gz,{c}/mask.nii.gz,1\n" for c in ("a", "b")), encoding="utf-8")
     else:
         rows = [{"id": c, **({"image": [f"{c}/flair.nii.gz", f"{c}/t2.nii.gz"]} if form == "list" else
                             {"flair": f"{c}/flair.nii.gz", "t2": f"{c}/t2.nii.gz"}),
                  "label": f"{c}/mask.nii.gz", "class": 1} for c in ("a", "b")]
         path = tmp_path / "datalist.json"
-        path.write_text(json.dumps({"sequences": ["flair", "t2"], "training": rows}))
+        path.write_text(json.dumps({"sequences": ["flair", "t2"], "training": rows}), encoding="utf-8")
     dl = load_datalist(path, check_contents=True)
     assert dl.sequences == ("flair", "t2")
     assert [p.name for p in dl.cases[1].paths] == ["flair.nii.gz", "t2.nii.gz"]
@@ -266,7 +266,7 @@ def test_sequence_problems_are_named_with_case_and_file(tmp_path):
             {"id": "c", "image": ["c/flair.nii.gz"]},  # one image, two sequences declared
             {"id": "d", "flair": "d/flair.nii.gz", "t2": "d/t2.nii.gz", "label": "d/mask.nii.gz"}]  # other grid
     path = tmp_path / "datalist.json"
-    path.write_text(json.dumps({"sequences": ["flair", "t2"], "training": rows}))
+    path.write_text(json.dumps({"sequences": ["flair", "t2"], "training": rows}), encoding="utf-8")
     with pytest.raises(InputErrors) as err:
         load_datalist(path, check_contents=True)
     text = str(err.value)
@@ -292,7 +292,7 @@ def test_every_case_needs_the_same_number_of_sequences(tmp_path):
 @pytest.mark.parametrize("bad", [[], "flair", ["flair", "FLAIR"], ["flair", "label"]])
 def test_bad_sequences_declaration(tmp_path, bad):
     path = tmp_path / "datalist.json"
-    path.write_text(json.dumps({"sequences": bad, "training": [{"id": "a", "image": "a.nii.gz"}]}))
+    path.write_text(json.dumps({"sequences": bad, "training": [{"id": "a", "image": "a.nii.gz"}]}), encoding="utf-8")
     with pytest.raises(InputError, match="'sequences'"):
         load_datalist(path, check_files=False)
 
@@ -304,7 +304,7 @@ def test_model_sequences_and_reference(tmp_path):
     _two_sequence_case(tmp_path / "a", rng)
     path = tmp_path / "datalist.json"
     path.write_text(json.dumps({"sequences": ["t2", "flair"], "training": [{"id": "a", "image": [
-        "a/t2.nii.gz", "a/flair.nii.gz"]}]}))
+        "a/t2.nii.gz", "a/flair.nii.gz"]}]}), encoding="utf-8")
     assert model_sequences(path) == ["t2", "flair"]
     assert model_sequences(path, ["flair"]) == ["flair"]
     assert model_sequences(None) == ["image"]

@@ -45,7 +45,7 @@ def make_datalist(root: Path) -> Path:
                {"id": "c2", "image": "c2/flair.nii.gz"},
                {"id": "c3", "image": "c3/flair.nii.gz", "class": 0}]
     path = root / "datalist.json"
-    path.write_text(json.dumps({"classes": ["BRAF V600E", "BRAF fusion", "other"], "training": entries}))
+    path.write_text(json.dumps({"classes": ["BRAF V600E", "BRAF fusion", "other"], "training": entries}), encoding="utf-8")
     return path
 
 
@@ -69,7 +69,7 @@ def test_prepare_end_to_end_with_a_bad_case_and_resume(tmp_path: Path, capsys) -
     assert mask.GetPixelID() == sitk.sitkUInt8 and set(np.unique(sitk.GetArrayViewFromImage(mask))) <= {0, 1}
     assert not (out / "c2" / "mask.nii.gz").exists()
 
-    dl = json.loads((out / "datalist.json").read_text())
+    dl = json.loads((out / "datalist.json").read_text(encoding="utf-8"))
     assert dl["classes"] == ["BRAF V600E", "BRAF fusion", "other"]
     by_id = {e["id"]: e for e in dl["training"]}
     assert set(by_id) == {"c1", "c2"}
@@ -98,11 +98,11 @@ def test_prepare_end_to_end_with_a_bad_case_and_resume(tmp_path: Path, capsys) -
 
 def test_prepare_csv_datalist(tmp_path: Path, capsys) -> None:
     write_scan(tmp_path / "x" / "flair.nii.gz", 0.0)
-    (tmp_path / "list.csv").write_text("id,image,label,class\nx,x/flair.nii.gz,,\n")
+    (tmp_path / "list.csv").write_text("id,image,label,class\nx,x/flair.nii.gz,,\n", encoding="utf-8")
     out = tmp_path / "prep"
     assert cli(["prepare", "--datalist", str(tmp_path / "list.csv"), "--out", str(out), "--spacing", str(SPACING),
                 "--skull-strip", "morphology"]) == 0
-    assert json.loads((out / "datalist.json").read_text())["training"][0]["image"] == "x/image.nii.gz"
+    assert json.loads((out / "datalist.json").read_text(encoding="utf-8"))["training"][0]["image"] == "x/image.nii.gz"
 
 
 @pytest.mark.slow
@@ -112,7 +112,7 @@ def test_real_pair_passes_the_shared_agreement_check(real_data: Path, tmp_path: 
     entries = [{"id": "native", "image": str(case / "native" / "flair.nii.gz")},
                {"id": "sri", "image": str(case / "sri24" / "flair_brain.nii.gz"),
                 "label": str(case / "sri24" / "seg_consensus.nii.gz")}]
-    (tmp_path / "datalist.json").write_text(json.dumps({"training": entries}))
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": entries}), encoding="utf-8")
     out = tmp_path / "prep"
     assert cli(["prepare", "--datalist", str(tmp_path / "datalist.json"), "--out", str(out), "--workers", "2"]) == 0
     checker = real_data.parents[1] / "tools" / "registration_agreement.py"  # ../shared/tools
@@ -128,11 +128,11 @@ def test_prepare_several_sequences_registers_the_flair_once_for_all(tmp_path: Pa
     sitk.WriteImage(flair * 3.0 + 5.0, str(tmp_path / "in" / "c1" / "t2.nii.gz"))
     datalist = tmp_path / "in" / "datalist.json"
     datalist.write_text(json.dumps({"sequences": ["t2", "flair"], "training": [
-        {"id": "c1", "image": ["c1/t2.nii.gz", "c1/flair.nii.gz"]}]}))
+        {"id": "c1", "image": ["c1/t2.nii.gz", "c1/flair.nii.gz"]}]}), encoding="utf-8")
     out = tmp_path / "prep"
     assert cli(["prepare", "--datalist", str(datalist), "--out", str(out), "--spacing", str(SPACING),
                 "--skull-strip", "morphology"]) == 0
-    prepared = json.loads((out / "datalist.json").read_text())
+    prepared = json.loads((out / "datalist.json").read_text(encoding="utf-8"))
     assert prepared["sequences"] == ["t2", "flair"]
     assert prepared["training"][0]["image"] == ["c1/t2.nii.gz", "c1/flair.nii.gz"]
     f = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "c1" / "flair.nii.gz")))

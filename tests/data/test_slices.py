@@ -151,7 +151,7 @@ def test_slice_sampling_and_the_2d_overlay_through_the_bundle(tmp_path):
 
     datalist = make_cohort(tmp_path / "cohort", cases=8, seed=5, spacing=6.0, space="atlas").datalist
     overlay = tmp_path / "tiny.json"
-    overlay.write_text(json.dumps({**TINY, "slice_size": [48, 48], "batch_size": 4, "num_samples": 2}))
+    overlay.write_text(json.dumps({**TINY, "slice_size": [48, 48], "batch_size": 4, "num_samples": 2}), encoding="utf-8")
     configs = [DEMO, "configs/mtl2d.json", overlay]
     # the training chain: 2-D slices, through the tumour with the stated fraction
     parser = ConfigParser()

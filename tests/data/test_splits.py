@@ -80,7 +80,7 @@ def test_overlapping_split_file_is_rejected(tmp_path):
     import json
 
     path = tmp_path / "split.json"
-    path.write_text(json.dumps({"splits": [{"name": "x", "train": ["a", "b"], "val": ["c"], "test": ["b"]}]}))
+    path.write_text(json.dumps({"splits": [{"name": "x", "train": ["a", "b"], "val": ["c"], "test": ["b"]}]}), encoding="utf-8")
     with pytest.raises(InputError, match=r"ids in both train and test: \['b'\]"):
         load_splits(path)
 

@@ -264,8 +264,8 @@ def test_corrupt_cache_entries_are_reported_and_recomputed(tmp_path: Path, caplo
     assert image.read_bytes() == whole and again.cache.registrations_performed == 0
     assert f"registration cache entry {image} is corrupt" in caplog.text
     # a transform whose bytes changed but still parse: not used, registered again
-    text = tfm.read_text()
-    tfm.write_text(text.replace("Parameters: ", "Parameters: 9", 1))
+    text = tfm.read_text(encoding="utf-8")
+    tfm.write_text(text.replace("Parameters: ", "Parameters: 9", 1), encoding="utf-8")
     caplog.clear()
     third = RegisterToAtlasd(atlas_spacing=SPACING, cache_dir=tmp_path / "cache", settings=FAST)
     with caplog.at_level(logging.WARNING):

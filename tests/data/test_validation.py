@@ -17,9 +17,9 @@ def test_damaged_memo_entries_are_reported_and_the_cases_checked_again(tmp_path,
     memo = tmp_path / "checked"
     assert content_errors(cases, memo) == []
     entries = sorted(memo.iterdir())
-    assert len(entries) == 3 and all(p.read_text() == f"passed {p.name}\n" for p in entries)
-    entries[0].write_text(entries[0].read_text()[:5])  # cut short
-    entries[1].write_text("passed 0000\n")  # changed
+    assert len(entries) == 3 and all(p.read_text(encoding="utf-8") == f"passed {p.name}\n" for p in entries)
+    entries[0].write_text(entries[0].read_text(encoding="utf-8")[:5])  # cut short
+    entries[1].write_text("passed 0000\n", encoding="utf-8")  # changed
     checked: list[str] = []
     real = validation.case_errors
     monkeypatch.setattr(validation, "case_errors", lambda case, seq=None: checked.append(case.id) or real(case, seq))
@@ -28,4 +28,4 @@ def test_damaged_memo_entries_are_reported_and_the_cases_checked_again(tmp_path,
     assert len(checked) == 2  # the damaged two, not the whole one
     warned = [r.getMessage() for r in caplog.records if "is corrupt" in r.getMessage()]
     assert len(warned) == 2 and all("checked again" in w for w in warned)
-    assert all(p.read_text() == f"passed {p.name}\n" for p in entries)  # rewritten
+    assert all(p.read_text(encoding="utf-8") == f"passed {p.name}\n" for p in entries)  # rewritten

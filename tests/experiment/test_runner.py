@@ -34,13 +34,13 @@ def setup(tmp_path_factory) -> dict:
     # the masks of a test case of split 0 and of a training case are taken away (splits are stratified
     # by class, so they stay those the experiment makes): that test case cannot be scored for Dice
     split0 = repeated_ratio_splits(load_datalist(datalist).cases, 2, seed=0)[0]
-    doc = json.loads(Path(datalist).read_text())
+    doc = json.loads(Path(datalist).read_text(encoding="utf-8"))
     for e in doc["training"]:
         if e["id"] in (split0["test"][0], split0["train"][0]):
             del e["label"]
-    Path(datalist).write_text(json.dumps(doc))
+    Path(datalist).write_text(json.dumps(doc), encoding="utf-8")
     overlay = base / "tiny.json"
-    overlay.write_text(json.dumps(TINY))
+    overlay.write_text(json.dumps(TINY), encoding="utf-8")
     out = base / "exp"
     args = ["--datalist", str(datalist), "--out", str(out), "--repeats", "2", "--epochs", "1",
             "--overlays", "configs/demo.json", str(overlay)]
@@ -61,14 +61,14 @@ def test_tables_have_a_row_per_arm_and_split(setup):
     for col in ("val_dice", "test_dice", "test_balanced_accuracy", "best_epoch", "epochs", "seconds"):
         assert col in rows[0]
     assert all(r["status"] == "complete" and r["best_epoch"] == "1" for r in rows)
-    dl = json.loads(Path(setup["datalist"]).read_text())
+    dl = json.loads(Path(setup["datalist"]).read_text(encoding="utf-8"))
     with_mask = {e["id"] for e in dl["training"] if "label" in e}
-    splits = json.loads((out / "splits.json").read_text())["splits"]
+    splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))["splits"]
     for r in rows:  # validation Dice exists exactly when a validation case has a mask
         assert (r["val_dice"] != "") == bool(set(splits[int(r["split"])]["val"]) & with_mask)
     assert all(r["test_balanced_accuracy"] == "" for r in rows if r["arm"] == "seg")  # no classifier
     assert all(r["test_balanced_accuracy"] != "" for r in rows if r["arm"] == "mtl")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     for arm in ("seg", "mtl"):
         dice = [float(r["test_dice"]) for r in rows if r["arm"] == arm]
         assert summary["arms"][arm]["test_dice_mean"] == pytest.approx(sum(dice) / 2, abs=1e-5)
@@ -77,7 +77,7 @@ def test_tables_have_a_row_per_arm_and_split(setup):
     assert paired["single_task_arm"] == "seg" and paired["splits"]["n"] == 2
     assert "wilcoxon_p" in paired["splits"] and "wilcoxon_p" in paired["cases"] and "mean_difference" in paired
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Wilcoxon" in (out / "summary.md").read_text()
+    assert "Wilcoxon" in (out / "summary.md").read_text(encoding="utf-8")
     # the boundary and lesion-wise figures per split, and the pooled test cases (each once per split)
     for r in rows:
         for col in ("test_hd95_mm", "test_surface_dice", "test_lesion_dice", "test_lesion_hd95_mm", "test_box_ap25",
@@ -91,18 +91,18 @@ def test_tables_have_a_row_per_arm_and_split(setup):
         scored = [float(c["lesion_dice"]) for c in cases if c["arm"] == arm and c["dice"] != ""]
         pooled = summary["arms"][arm]["pooled_cases"]
         assert pooled["n"] == len(scored) and pooled["lesion_dice"]["mean"] == pytest.approx(sum(scored) / len(scored), abs=1e-5)  # csv rounds
-    assert "lesion Dice" in (out / "summary.md").read_text() and "mask boxes AP" in (out / "summary.md").read_text()
+    assert "lesion Dice" in (out / "summary.md").read_text(encoding="utf-8") and "mask boxes AP" in (out / "summary.md").read_text(encoding="utf-8")
     for arm in ("seg", "mtl"):
         run = out / "runs" / arm / "split1"
-        assert "--split_index 1" in (run / "command.txt").read_text()
+        assert "--split_index 1" in (run / "command.txt").read_text(encoding="utf-8")
         assert list(run.glob("events.out.tfevents.*")), "TensorBoard events named <arm>/split<k> under runs/"
 
 
 def test_cases_without_a_mask_are_not_scored(setup):
     out = setup["out"]
-    dl = json.loads(Path(setup["datalist"]).read_text())
+    dl = json.loads(Path(setup["datalist"]).read_text(encoding="utf-8"))
     no_mask = {e["id"] for e in dl["training"] if "label" not in e}
-    splits = json.loads((out / "splits.json").read_text())["splits"]
+    splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))["splits"]
     cases = read_csv(out / "cases.csv")
     rows = read_csv(out / "results.csv")
     assert no_mask, "the cohort must have cases without a mask"
@@ -130,7 +130,7 @@ def test_rerun_reuses_the_splits_and_skips_finished_runs(setup):
 
 def test_a_failed_run_is_reported_and_the_others_finish(setup, tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"init_filters": "$this_name_does_not_exist"}))
+    bad.write_text(json.dumps({"init_filters": "$this_name_does_not_exist"}), encoding="utf-8")
     out = tmp_path / "exp"
     res = experiment("--datalist", str(setup["datalist"]), "--out", str(out), "--repeats", "1", "--epochs", "1",
                      "--overlays", "configs/demo.json", str(setup["overlay"]), "--arms", f"broken={bad},seg")
@@ -160,16 +160,16 @@ def test_fingerprints_follow_config_contents_not_paths(tmp_path):
     from pipeline.io.errors import InputError
 
     shared = tmp_path / "shared.json"
-    shared.write_text('{"lr": 0.01}')
+    shared.write_text('{"lr": 0.01}', encoding="utf-8")
     referring = tmp_path / "referring.json"
-    referring.write_text(json.dumps({"lr": f"%{shared}#lr"}))
+    referring.write_text(json.dumps({"lr": f"%{shared}#lr"}), encoding="utf-8")
     names = [n for n, _ in config_contents(["bundles/plgg_mtl/configs/train.json", str(referring)])]
     assert names == ["bundle:train.json", "referring.json", "shared.json"]  # reached through its %path#id macro
     dl = tmp_path / "a" / "datalist.json"
     dl.parent.mkdir()
-    dl.write_text('{"classes": ["x"], "training": []}')
+    dl.write_text('{"classes": ["x"], "training": []}', encoding="utf-8")
     overlay = tmp_path / "a" / "o.json"
-    overlay.write_text(json.dumps({"epochs": 3}))
+    overlay.write_text(json.dumps({"epochs": 3}), encoding="utf-8")
     split = [{"name": "r0", "train": ["a"], "val": ["b"], "test": ["c"]}]
 
     def fingerprints(datalist: Path, ov: Path, out: Path) -> list[str]:
@@ -180,10 +180,10 @@ def test_fingerprints_follow_config_contents_not_paths(tmp_path):
     assert len(set(first)) == 2  # the arms differ
     moved = tmp_path / "b"
     moved.mkdir()
-    (moved / "datalist.json").write_text(dl.read_text())
-    (moved / "o.json").write_text(overlay.read_text())
+    (moved / "datalist.json").write_text(dl.read_text(encoding="utf-8"))
+    (moved / "o.json").write_text(overlay.read_text(encoding="utf-8"))
     assert fingerprints(moved / "datalist.json", moved / "o.json", tmp_path / "e2") == first
-    (moved / "o.json").write_text(json.dumps({"epochs": 4}))
+    (moved / "o.json").write_text(json.dumps({"epochs": 4}), encoding="utf-8")
     assert set(fingerprints(moved / "datalist.json", moved / "o.json", tmp_path / "e2")).isdisjoint(first)
     with pytest.raises(InputError, match="twice"):
         plan_runs(ExperimentConfig(datalist=dl, out=tmp_path / "e3", arms=["seg", "seg"]), split)
@@ -198,7 +198,7 @@ def test_a_learning_curve_point_keeps_the_folds_test_cases(tmp_path):
 
     for i in range(12):  # the splits need the files to exist, not their contents
         sitk.WriteImage(sitk.Image(2, 2, 2, sitk.sitkUInt8), str(tmp_path / f"{i}.nii.gz"))
-    dl.write_text(json.dumps({"training": [{"id": f"c{i:02d}", "image": f"{i}.nii.gz"} for i in range(12)]}))
+    dl.write_text(json.dumps({"training": [{"id": f"c{i:02d}", "image": f"{i}.nii.gz"} for i in range(12)]}), encoding="utf-8")
     full = make_or_load_splits(ExperimentConfig(datalist=dl, out=tmp_path / "full", kind="kfold", folds=3))
     cfg = ExperimentConfig(datalist=dl, out=tmp_path / "n2", kind="kfold", folds=3, train_cases=2)
     fewer = make_or_load_splits(cfg)
@@ -214,7 +214,7 @@ def test_kfold_classifier_alone_against_multitask(setup, tmp_path):
     res = experiment("--datalist", str(setup["datalist"]), "--out", str(out), "--kind", "kfold", "--folds", "2",
                      "--arms", "cls,mtl", "--epochs", "1", "--overlays", "configs/demo.json", str(setup["overlay"]))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    folds = json.loads((out / "splits.json").read_text())
+    folds = json.loads((out / "splits.json").read_text(encoding="utf-8"))
     assert folds["kind"] == "kfold"
     tests = [set(s["test"]) for s in folds["splits"]]
     assert not tests[0] & tests[1] and len(tests[0] | tests[1]) == 14  # every patient tested once
@@ -228,7 +228,7 @@ def test_kfold_classifier_alone_against_multitask(setup, tmp_path):
     weights = weights.get("model", weights)
     assert any(k.startswith("classifier.") for k in weights)
     assert not any(k.startswith(("up_layers.", "up_samples.", "conv_final.")) for k in weights)  # no decoder
-    paired = json.loads((out / "summary.json").read_text())["paired"]
+    paired = json.loads((out / "summary.json").read_text(encoding="utf-8"))["paired"]
     assert paired["single_task_arm"] == "cls" and paired["metric"] == "test_balanced_accuracy"
     assert paired["cases"]["n"] == 14  # the probability of the true class, per case
 
@@ -244,7 +244,7 @@ def test_each_run_on_two_processes(setup, tmp_path):
                      "--epochs", "1", "--gpus", "0,1", "--gpus-per-run", "2", "--overlays", "configs/demo.json",
                      str(setup["overlay"]))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    command = (out / "runs" / "mtl" / "split0" / "command.txt").read_text()
+    command = (out / "runs" / "mtl" / "split0" / "command.txt").read_text(encoding="utf-8")
     assert "torch.distributed.run --standalone --nproc_per_node=2" in command and "multi_gpu_train.json" in command
     assert "on GPU 0,1" in res.stdout
     rows = read_csv(out / "results.csv")
@@ -261,9 +261,9 @@ def test_chained_arms_train_in_stages(setup, tmp_path):
 
     from pipeline.models.weights import read_weights
 
-    stage2 = json.loads((ROOT / "configs/stage2_seg_recon.json").read_text())
+    stage2 = json.loads((ROOT / "configs/stage2_seg_recon.json").read_text(encoding="utf-8"))
     frozen = tmp_path / "stage2_frozen.json"
-    frozen.write_text(json.dumps({**stage2, "freeze": ["encoder"]}))
+    frozen.write_text(json.dumps({**stage2, "freeze": ["encoder"]}), encoding="utf-8")
     out = tmp_path / "staged"
     args = ["--datalist", str(setup["datalist"]), "--out", str(out), "--repeats", "1", "--epochs", "1",
             "--overlays", "configs/demo.json", str(setup["overlay"]), "--parallel", "2",
@@ -271,8 +271,8 @@ def test_chained_arms_train_in_stages(setup, tmp_path):
     res = experiment(*args)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     s1_model = out / "runs" / "s1" / "split0" / "models" / "model.pt"
-    assert f"--init_from {s1_model.resolve()}" in (out / "runs" / "s2" / "split0" / "command.txt").read_text()
-    log = (out / "runs" / "s2" / "split0" / "log.txt").read_text()
+    assert f"--init_from {s1_model.resolve()}" in (out / "runs" / "s2" / "split0" / "command.txt").read_text(encoding="utf-8")
+    log = (out / "runs" / "s2" / "split0" / "log.txt").read_text(encoding="utf-8")
     assert "[init_from]" in log and "frozen (freeze): encoder" in log
     s1, s2 = read_weights(s1_model), read_weights(out / "runs" / "s2" / "split0" / "models" / "model.pt")
     kept = [k for k in s1 if k.startswith(("convInit", "down_layers", "classifier")) and "running" not in k

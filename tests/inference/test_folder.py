@@ -28,7 +28,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inference")
     cohort = make_cohort(root / "cohort", cases=8, seed=0, spacing=6.0, space="atlas").datalist
     overlay = root / "tiny.json"
-    overlay.write_text(json.dumps(TINY))
+    overlay.write_text(json.dumps(TINY), encoding="utf-8")
     run = root / "run"
     done = bundle(["run", "training"], [TRAIN, DEMO, overlay], datalist=cohort, output_dir=run, epochs=1)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -142,7 +142,7 @@ def test_datalist_input_takes_the_model_sequences(tmp_path):
         (tmp_path / "a" / f"{n}.nii.gz").touch()
     path = tmp_path / "datalist.json"
     path.write_text(json.dumps({"sequences": ["flair", "t1", "t2"], "training": [
-        {"id": "a", "image": ["a/flair.nii.gz", "a/t1.nii.gz", "a/t2.nii.gz"]}]}))
+        {"id": "a", "image": ["a/flair.nii.gz", "a/t1.nii.gz", "a/t2.nii.gz"]}]}), encoding="utf-8")
     (case,) = find_cases(datalist=path, sequences=["t2", "flair"])
     assert [p.name for p in case.sequences] == ["t2.nii.gz", "flair.nii.gz"] and case.path.name == "flair.nii.gz"
 
@@ -198,7 +198,7 @@ def test_bundle_run_corrupt_case_then_rerun(trained, tmp_path):
         seg, src = nib.load(out / cid / "seg.nii.gz"), nib.load(inputs / f"{cid}.nii.gz")
         assert seg.shape == src.shape and np.array_equal(seg.affine, src.affine) and seg.get_data_dtype() == np.uint8
         assert (out / cid / "qc.png").stat().st_size > 0
-    assert len(json.loads((out / "predictions.json").read_text())["cases"]) == 3
+    assert len(json.loads((out / "predictions.json").read_text(encoding="utf-8"))["cases"]) == 3
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("c00*/*")}
 
     second = bundle(["run"], configs, input_dir=inputs, output_dir=out, ckpt=trained["ckpt"])
@@ -385,7 +385,7 @@ REAL_FLAIRS = {"tcga_native": "TCGA-FG-6692/native/flair.nii.gz", "tcga_sri24": 
 @pytest.mark.real
 def test_real_flairs_in_one_run(trained, real_data, tmp_path, monkeypatch):
     datalist = tmp_path / "real.json"
-    datalist.write_text(json.dumps({"training": [{"id": k, "image": str(real_data / v)} for k, v in REAL_FLAIRS.items()]}))
+    datalist.write_text(json.dumps({"training": [{"id": k, "image": str(real_data / v)} for k, v in REAL_FLAIRS.items()]}), encoding="utf-8")
     out = tmp_path / "out"
     runner, cases = build(trained, monkeypatch, datalist=str(datalist), output_dir=str(out), already_registered=False)
     rows = runner.run(cases)

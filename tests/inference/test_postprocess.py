@@ -124,7 +124,7 @@ def test_decide_on_validation_writes_the_decision_and_auto_reads_it(tmp_path, ca
     cfg = PredictConfig(roi_size=SHAPE, classify="whole")
     doc = decide_on_validation(net, ckpt, batches, cfg, "cpu", MultiTaskPrepareBatch())
     assert doc["postprocess"] == "confident" and doc["n_val_with_mask"] == 2
-    stored = json.loads((ckpt.parent / "postprocessing.json").read_text())
+    stored = json.loads((ckpt.parent / "postprocessing.json").read_text(encoding="utf-8"))
     assert stored["postprocess"] == "confident" and stored["val_dice_by_rule"]["largest"] < stored["val_dice_by_rule"]["none"]
     # one case right at p=0.84, one wrong at p=0.84: the fitted temperature softens the classifier
     assert stored["temperature"] > 1.0 and stored["val_nll"]["after"] < stored["val_nll"]["before"]

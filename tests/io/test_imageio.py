@@ -20,7 +20,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 
     with pytest.raises(RuntimeError, match="writer crashed"):
         atomic_write(target, half_then_fail)
-    assert target.read_text() == "whole\n"
+    assert target.read_text(encoding="utf-8") == "whole\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.txt"]
 
 
@@ -29,7 +29,7 @@ def test_checksum_detects_changed_bytes(tmp_path):
     entry.write_bytes(b"\x00\x01" * 1000)
     assert checksum_matches(entry) is None  # no sidecar yet
     write_checksum(entry)
-    assert (tmp_path / "entry.bin.sha256").read_text().strip() == hashlib.sha256(entry.read_bytes()).hexdigest()
+    assert (tmp_path / "entry.bin.sha256").read_text(encoding="utf-8").strip() == hashlib.sha256(entry.read_bytes()).hexdigest()
     assert checksum_matches(entry) is True
     entry.write_bytes(entry.read_bytes()[:-7])  # cut short
     assert checksum_matches(entry) is False

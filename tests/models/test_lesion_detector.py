@@ -152,7 +152,7 @@ def test_detection_overlay_trains_evaluates_and_infers_through_the_bundle(tmp_pa
     _, run, overlay, trained = train_and_evaluate(tmp_path, [DEMO, "TINY", "configs/detect.json"], seed=3,
                                                   extra=extra, datalist=datalist)
     assert "loss_det" in trained
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["det_head_cases"] == metrics["det_cases"] > 0 and metrics["det_head_lesions"] == metrics["det_lesions"]
     assert 0.0 <= metrics["det_head_ap_iou0.25"] <= 1.0
     rows = list(csv.DictReader((run / "cases.csv").open()))
@@ -167,11 +167,11 @@ def test_detection_overlay_trains_evaluates_and_infers_through_the_bundle(tmp_pa
                                        output_dir=str(out))
     (row,) = runner.run(cases)
     assert row["status"] == "ok", row
-    doc = json.loads((out / "predictions.json").read_text())
+    doc = json.loads((out / "predictions.json").read_text(encoding="utf-8"))
     boxes = doc["cases"][0]["boxes"]
     assert boxes and all(set(b) == {"score", "voxel_min", "voxel_max", "ras_min_mm", "ras_max_mm"} for b in boxes)
     assert [b["score"] for b in boxes] == sorted((b["score"] for b in boxes), reverse=True)
-    header = (out / "predictions.csv").read_text().splitlines()[0].split(",")
+    header = (out / "predictions.csv").read_text(encoding="utf-8").splitlines()[0].split(",")
     assert "lesions_detected" in header and "boxes" not in header
 
 

@@ -72,7 +72,7 @@ def test_torchscript_export_matches():
 
 
 def test_metadata_declares_network_format():
-    meta = json.loads((ROOT / "bundles/plgg_mtl/configs/metadata.json").read_text())
+    meta = json.loads((ROOT / "bundles/plgg_mtl/configs/metadata.json").read_text(encoding="utf-8"))
     parser = ConfigParser()
     parser.read_config([str(ROOT / "bundles/plgg_mtl/configs/train.json")])
     net = parser.get_parsed_content("network_def")

@@ -42,7 +42,7 @@ def exported(tmp_path_factory) -> dict[str, Path]:
 
     base = tmp_path_factory.mktemp("onnx")
     overlay = base / "tiny.json"
-    overlay.write_text(json.dumps(TINY))
+    overlay.write_text(json.dumps(TINY), encoding="utf-8")
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "inference.json"), str(overlay)])
     torch.manual_seed(0)

@@ -114,9 +114,9 @@ def test_two_stage_recipe_through_the_bundle(tmp_path):
     datalist = make_cohort(tmp_path / "cohort", cases=8, seed=2, spacing=6.0, space="atlas", missing_mask=0.25).datalist
     tiny = tmp_path / "tiny.json"
     tiny.write_text(json.dumps({"already_registered": True, "atlas_spacing": 6.0, "init_filters": 8, "cls_hidden": [8],
-                                "batch_size": 3, "num_workers": 0, "val_interval": 1, "sw_batch_size": 4}))
+                                "batch_size": 3, "num_workers": 0, "val_interval": 1, "sw_batch_size": 4}), encoding="utf-8")
     patch = tmp_path / "patch.json"
-    patch.write_text(json.dumps({"patch_size": [16, 16, 16]}))
+    patch.write_text(json.dumps({"patch_size": [16, 16, 16]}), encoding="utf-8")
 
     def train(stage: str, out: Path, *extra: str, overlays: tuple = ()) -> str:
         files = [str(root / "bundles/plgg_mtl/configs/train.json"), str(root / "configs/demo.json"), str(tiny),

@@ -13,9 +13,9 @@ from pipeline.models.weights import describe_inputs, record_inputs, trained_sequ
 def test_record_and_read_back(tmp_path):
     base = {"network_data_format": {"inputs": {"image": {"num_channels": 4, "channel_def": {"0": "FLAIR"}}}}}
     record_inputs(tmp_path / "models", ["flair", "t1ce"], None, coord_channels=3, metadata=base)
-    saved = json.loads((tmp_path / "models" / "inputs.json").read_text())
+    saved = json.loads((tmp_path / "models" / "inputs.json").read_text(encoding="utf-8"))
     assert saved == {"sequences": ["flair", "t1ce"], "reference_sequence": "flair", "coord_channels": 3}
-    image = json.loads((tmp_path / "models" / "metadata.json").read_text())["network_data_format"]["inputs"]["image"]
+    image = json.loads((tmp_path / "models" / "metadata.json").read_text(encoding="utf-8"))["network_data_format"]["inputs"]["image"]
     assert image["num_channels"] == 5 and image["sequences"] == ["flair", "t1ce"]
     assert image["channel_def"]["1"].startswith("t1ce") and "coordinate" in image["channel_def"]["4"]
     assert base["network_data_format"]["inputs"]["image"]["num_channels"] == 4  # the bundle's own left alone
@@ -33,7 +33,7 @@ def test_models_without_a_record_and_one_image(tmp_path):
     assert trained_sequences(tmp_path / "one" / "model.pt") == ["image"]
     assert trained_sequences(tmp_path / "one" / "model.pt", ["flair"]) == ["flair"]  # the config names the one image
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "inputs.json").write_text("{")
+    (tmp_path / "bad" / "inputs.json").write_text("{", encoding="utf-8")
     with pytest.raises(InputError, match="cannot be read as the model's input record"):
         trained_sequences(tmp_path / "bad" / "model.pt")
 

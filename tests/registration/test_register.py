@@ -159,7 +159,7 @@ def test_transform_file_round_trip(tmp_path: Path) -> None:
     t = to_affine(true_transform())
     back = read_transform(write_transform_atomic(t, tmp_path / "t.tfm"))
     assert np.allclose(back.TransformPoint((1.0, 2.0, 3.0)), t.TransformPoint((1.0, 2.0, 3.0)), atol=1e-6)
-    (tmp_path / "bad.tfm").write_text("not a transform")
+    (tmp_path / "bad.tfm").write_text("not a transform", encoding="utf-8")
     with pytest.raises(InputError, match="bad.tfm"):
         read_transform(tmp_path / "bad.tfm")
 

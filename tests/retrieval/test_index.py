@@ -116,7 +116,7 @@ def test_index_query_evaluate_end_to_end(tmp_path):
 
     datalist = make_cohort(tmp_path / "cohort", cases=8, seed=1, spacing=6.0, space="atlas").datalist
     overlay = tmp_path / "tiny.json"
-    overlay.write_text(json.dumps(TINY))
+    overlay.write_text(json.dumps(TINY), encoding="utf-8")
     files = [str(ROOT / "bundles/plgg_mtl/configs/train.json"), str(ROOT / "configs/demo.json"), str(overlay)]
     run = tmp_path / "run"
     _run(["-m", "monai.bundle", "run", "training", "--config_file", repr(files), "--datalist", str(datalist),
@@ -130,23 +130,23 @@ def test_index_query_evaluate_end_to_end(tmp_path):
     cases = doc["cases"]
     assert {"id", "class", "volume_ml", "size_mm", "hemisphere", "front_rear", "upper_lower", "tentorium",
             "region"} <= set(cases[0])
-    truth = json.loads((Path(datalist).parent / cases[0]["id"] / "truth.json").read_text())
+    truth = json.loads((Path(datalist).parent / cases[0]["id"] / "truth.json").read_text(encoding="utf-8"))
     assert cases[0]["region"] == truth["region"]  # the generator's region, recovered from the mask
     # querying an indexed case with its own mask finds itself first, at distance 0
     first = Path(datalist).parent / cases[0]["id"]
     _run(["-m", "pipeline", "retrieval", "query", "--index", str(tmp_path / "index"), "--image",
           str(first / "image.nii.gz"), "--mask", str(first / "mask.nii.gz"), "--k", "3", "--out", str(tmp_path / "q"),
           "--already_registered"])
-    result = json.loads((tmp_path / "q" / "neighbours.json").read_text())
+    result = json.loads((tmp_path / "q" / "neighbours.json").read_text(encoding="utf-8"))
     assert result["neighbours"][0]["id"] == cases[0]["id"] and result["neighbours"][0]["distance"] < 1e-3
     assert len(result["neighbours"]) == 3 and (tmp_path / "q" / "neighbours.png").stat().st_size > 1000
-    assert (tmp_path / "q" / "neighbours.csv").read_text().startswith("rank,distance,id")
+    assert (tmp_path / "q" / "neighbours.csv").read_text(encoding="utf-8").startswith("rank,distance,id")
     real = REAL_DATA / "TCGA-FG-6692" / "sri24"
     if real.is_dir():  # a real, differently shaped scan (240 x 240 x 155, 1 mm, LPS), registered the usual way
         _run(["-m", "pipeline", "retrieval", "query", "--index", str(tmp_path / "index"), "--image",
               str(real / "flair_brain.nii.gz"), "--mask", str(real / "seg_consensus.nii.gz"), "--k", "3",
               "--out", str(tmp_path / "qreal")])
-        result = json.loads((tmp_path / "qreal" / "neighbours.json").read_text())
+        result = json.loads((tmp_path / "qreal" / "neighbours.json").read_text(encoding="utf-8"))
         assert len(result["neighbours"]) == 3 and result["query"]["box_source"] == "truth"
         assert (tmp_path / "qreal" / "neighbours.png").stat().st_size > 1000
         seg = nib.load(real / "seg_consensus.nii.gz")
@@ -157,10 +157,10 @@ def test_index_query_evaluate_end_to_end(tmp_path):
     _run(["-m", "pipeline", "retrieval", "evaluate", "--datalist", str(datalist), "--out", str(tmp_path / "ev"),
           "--model", "mtl", str(ckpt), *overlays, "--kmax", "4", "--report_k", "3", "--draws", "1",
           "--already_registered"])
-    rep = json.loads((tmp_path / "ev" / "retrieval.json").read_text())
+    rep = json.loads((tmp_path / "ev" / "retrieval.json").read_text(encoding="utf-8"))
     for box in ("exact", "distorted"):
         for metric, values in rep["results"]["mtl"][box].items():
             assert len(values) == 4 and all(np.isfinite(values)), metric
-    assert "| mtl | exact |" in (tmp_path / "ev" / "retrieval.md").read_text()
+    assert "| mtl | exact |" in (tmp_path / "ev" / "retrieval.md").read_text(encoding="utf-8")
     for png in ("retrieval_vs_k.png", "embeddings_tsne.png"):
         assert (tmp_path / "ev" / png).stat().st_size > 1000

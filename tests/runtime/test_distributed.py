@@ -77,7 +77,7 @@ def cohort(tmp_path_factory) -> tuple[Path, Path, Path]:
     ids = [e["id"] for e in json.loads(Path(datalist).read_text(encoding="utf-8"))["training"]]
     split = save_splits(out / "split.json", [{"name": "t", "train": ids[:4], "val": ids[4:7], "test": ids[7:]}])
     overlay = out / "tiny.json"
-    overlay.write_text(json.dumps(TINY))
+    overlay.write_text(json.dumps(TINY), encoding="utf-8")
     return Path(datalist), split, overlay
 
 

@@ -27,7 +27,7 @@ def test_second_holder_is_refused_and_the_lock_frees_on_exit(tmp_path):
 
 def test_unwritable_folder_is_one_line(tmp_path):
     blocker = tmp_path / "file"
-    blocker.write_text("x")
+    blocker.write_text("x", encoding="utf-8")
     with pytest.raises(InputError, match="cannot create its lock file"), folder_lock(blocker / "run", "training"):
         pass
 
@@ -39,7 +39,7 @@ def test_a_second_training_or_inference_on_a_busy_folder_is_refused_before_writi
 
     cohort = make_cohort(tmp_path / "cohort", cases=8, seed=0, spacing=6.0, space="atlas").datalist
     overlay = tmp_path / "tiny.json"
-    overlay.write_text(__import__("json").dumps(TINY))
+    overlay.write_text(__import__("json").dumps(TINY), encoding="utf-8")
     run = tmp_path / "run"
     done = bundle(["run", "training"], [TRAIN, DEMO, overlay], datalist=cohort, output_dir=run, epochs=1)
     assert done.returncode == 0, done.stderr[-3000:]

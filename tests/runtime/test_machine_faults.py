@@ -34,11 +34,11 @@ def test_full_disk_and_read_only_in_one_write(small_disk):
     with pytest.raises(MachineError, match=r"big.bin: no space left on the device while writing it \(\d+ MiB free"):
         atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"\0" * (32 << 20)))
     assert list(small_disk.iterdir()) == []  # no partial file, no temporary left
-    atomic_write(small_disk / "small.txt", lambda tmp: Path(tmp).write_text("kept"))
+    atomic_write(small_disk / "small.txt", lambda tmp: Path(tmp).write_text("kept", encoding="utf-8"))
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     with pytest.raises(MachineError, match=r"other.txt: cannot be written: the file system is read-only"):
-        atomic_write(small_disk / "other.txt", lambda tmp: Path(tmp).write_text("x"))
-    assert (small_disk / "small.txt").read_text() == "kept"
+        atomic_write(small_disk / "other.txt", lambda tmp: Path(tmp).write_text("x", encoding="utf-8"))
+    assert (small_disk / "small.txt").read_text(encoding="utf-8") == "kept"
     assert machine_fault(ValueError("unrelated")) is None
 
 
@@ -47,7 +47,7 @@ def test_training_on_a_full_disk_stops_in_one_line_and_resumes(small_disk, tmp_p
 
     cohort = make_cohort(tmp_path / "cohort", cases=8, seed=0, spacing=6.0, space="atlas").datalist
     overlay = tmp_path / "tiny.json"
-    overlay.write_text(json.dumps(TINY))
+    overlay.write_text(json.dumps(TINY), encoding="utf-8")
     run = small_disk / "run"
     done = bundle(["run", "training"], [TRAIN, "configs/demo.json", overlay], datalist=cohort, output_dir=run,
                   epochs=40, cache_dir=tmp_path / "cache", timeout=600)
@@ -80,7 +80,7 @@ def trained(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("trained")
     cohort = make_cohort(base / "cohort", cases=8, seed=0, spacing=6.0, space="atlas").datalist
     overlay = base / "tiny.json"
-    overlay.write_text(json.dumps(TINY))
+    overlay.write_text(json.dumps(TINY), encoding="utf-8")
     done = bundle(["run", "training"], [TRAIN, "configs/demo.json", overlay], datalist=cohort, output_dir=base / "run",
                   epochs=1)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -119,7 +119,7 @@ def test_inference_stops_on_a_full_disk_and_keeps_the_finished_cases(trained, sm
         names = {p.name for p in folder.iterdir()}
         assert names == ({"seg.nii.gz", "qc.png", "result.json"} if folder.name in finished else set()), folder
     assert not [p for p in out.rglob(".*") if p.is_file() and p.name != ".lock"]  # no temporary left
-    rows = [r.split(",")[:3] for r in (out / "predictions.csv").read_text().splitlines()[1:]]
+    rows = [r.split(",")[:3] for r in (out / "predictions.csv").read_text(encoding="utf-8").splitlines()[1:]]
     assert [r[0] for r in rows] == finished and all(r[2] == "ok" for r in rows)
     (small_disk / "filler").unlink()
     done = infer(trained, out)
@@ -159,11 +159,11 @@ def test_prepare_stops_on_a_full_disk(trained, small_disk):
 
     from tests.helpers import ROOT
 
-    doc = json.loads(Path(trained["cohort"]).read_text())
+    doc = json.loads(Path(trained["cohort"]).read_text(encoding="utf-8"))
     three = small_disk.parent / "three.json"
     root = Path(trained["cohort"]).parent
     three.write_text(json.dumps({**doc, "training": [{k: (str(root / v) if k in ("image", "label") else v)
-                                                      for k, v in e.items()} for e in doc["training"][:3]]}))
+                                                      for k, v in e.items()} for e in doc["training"][:3]]}), encoding="utf-8")
     out = small_disk / "prepared"
     leave_free(small_disk, 150 << 10)
     done = subprocess.run([sys.executable, "-m", "pipeline", "prepare", "--datalist", str(three), "--out", str(out),

@@ -50,14 +50,14 @@ def test_compiled_training_checkpoints_resume_and_export(tmp_path):
 
     datalist = make_cohort(tmp_path / "cohort", cases=6, seed=3, spacing=6.0, space="atlas").datalist
     overlay = tmp_path / "tiny.json"
-    overlay.write_text(json.dumps(TINY))
+    overlay.write_text(json.dumps(TINY), encoding="utf-8")
     configs = [ROOT / CONFIGS / "train.json", ROOT / "configs/demo.json", overlay]
     run = tmp_path / "run"
     first = bundle(["run", "training"], configs, datalist=datalist, output_dir=run, epochs=1)
     assert first.returncode == 0, first.stderr[-3000:]
     second = bundle(["run", "training"], configs, datalist=datalist, output_dir=run, epochs=2)
     assert second.returncode == 0, second.stderr[-3000:]
-    epochs = [h["epoch"] for h in json.loads((run / "validation.json").read_text())["history"]]
+    epochs = [h["epoch"] for h in json.loads((run / "validation.json").read_text(encoding="utf-8"))["history"]]
     assert epochs == [1, 2], "the second run resumes at epoch 2 instead of starting again"
     for path in [run / "models" / "model.pt", *run.glob("models/checkpoint_epoch=*.pt")]:
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -73,9 +73,9 @@ def test_compiled_training_checkpoints_resume_and_export(tmp_path):
     evaluated = bundle(["run"], [ROOT / CONFIGS / "train.json", ROOT / CONFIGS / "evaluate.json", *configs[1:]],
                        datalist=datalist, output_dir=run, split_file=split, ckpt=newest, eval_dir=tmp_path / "eval")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_cases"] >= 1
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))["n_cases"] >= 1
     bogus = tmp_path / "bogus.json"  # the setting reaches torch.compile: an unknown backend fails the run
-    bogus.write_text(json.dumps({"compile_kwargs": {"backend": "no_such_backend"}}))
+    bogus.write_text(json.dumps({"compile_kwargs": {"backend": "no_such_backend"}}), encoding="utf-8")
     failed = bundle(["run", "training"], [*configs, bogus], datalist=datalist, output_dir=tmp_path / "bogus", epochs=1)
     assert failed.returncode != 0 and "no_such_backend" in failed.stderr
     ts = tmp_path / "model.ts"

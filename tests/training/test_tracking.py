@@ -37,7 +37,7 @@ def cohort(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("track")
     datalist = Path(make_cohort(base / "cohort", cases=10, seed=1, spacing=6.0, space="atlas").datalist)
     overlay = base / "tiny.json"
-    overlay.write_text(json.dumps(TINY))
+    overlay.write_text(json.dumps(TINY), encoding="utf-8")
     return datalist, overlay
 
 

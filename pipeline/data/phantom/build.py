@@ -140,7 +140,7 @@ def _check_options(out: Path, cases: int, spacing: float, space: str, missing_ma
     datalist = out / "datalist.json"
     if datalist.exists():
         try:
-            ours = "phantom" in json.loads(datalist.read_text())
+            ours = "phantom" in json.loads(datalist.read_text(encoding="utf-8"))
         except (OSError, ValueError, TypeError):
             ours = False
         if not ours:

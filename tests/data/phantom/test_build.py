@@ -37,7 +37,7 @@ def atlas(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _truth(root: Path, cid: str) -> dict:
-    return json.loads((root / cid / "truth.json").read_text())
+    return json.loads((root / cid / "truth.json").read_text(encoding="utf-8"))
 
 
 def _mask(root: Path, cid: str) -> sitk.Image:
@@ -190,7 +190,7 @@ def test_transform_brings_native_image_onto_atlas_case(native: Path, atlas: Path
 
 
 def test_datalist_and_missing_fractions(native: Path) -> None:
-    datalist = json.loads((native / "datalist.json").read_text())
+    datalist = json.loads((native / "datalist.json").read_text(encoding="utf-8"))
     assert datalist["classes"] == list(CLASSES)
     entries = datalist["training"]
     assert [e["id"] for e in entries] == _ids()
@@ -216,7 +216,7 @@ def test_same_seed_same_cohort(atlas: Path, tmp_path: Path) -> None:
     again, other = tmp_path / "again", tmp_path / "other"
     make_cohort(again, CASES, SEED, SPACING, "atlas", missing_mask=0.5, missing_class=1 / 3)
     make_cohort(other, CASES, SEED + 1, SPACING, "atlas", missing_mask=0.5, missing_class=1 / 3)
-    assert (again / "datalist.json").read_text() == (atlas / "datalist.json").read_text()
+    assert (again / "datalist.json").read_text(encoding="utf-8") == (atlas / "datalist.json").read_text(encoding="utf-8")
     for cid in _ids():
         assert _truth(again, cid) == _truth(atlas, cid)
         for name in ("image.nii.gz", _truth(atlas, cid)["mask_file"]):
@@ -235,7 +235,7 @@ def test_cli_prints_bayes_accuracy_and_overwrites_own_files(tmp_path: Path, caps
     printed = capsys.readouterr().out
     assert re.search(r"^Bayes-optimal class accuracy of these priors: 0\.\d\d", printed, re.MULTILINE)
     assert not (out / "c000" / "mask.nii.gz").exists() and (out / "c000" / "mask_truth.nii.gz").is_file()
-    datalist = json.loads((out / "datalist.json").read_text())
+    datalist = json.loads((out / "datalist.json").read_text(encoding="utf-8"))
     assert all("label" not in e for e in datalist["training"])
     assert not any(_truth(out, e["id"])["skull"] for e in datalist["training"])
 
@@ -266,12 +266,12 @@ def test_cli_bad_options_raise(tmp_path: Path, argv: list[str]) -> None:
 def test_refuses_foreign_datalist_and_file_as_out(tmp_path: Path) -> None:
     foreign = tmp_path / "real"
     foreign.mkdir()
-    (foreign / "datalist.json").write_text(json.dumps({"training": []}))
+    (foreign / "datalist.json").write_text(json.dumps({"training": []}), encoding="utf-8")
     with pytest.raises(InputError, match="not a phantom datalist"):
         make_cohort(foreign, 1, 0, 4.0, "atlas")
-    assert json.loads((foreign / "datalist.json").read_text()) == {"training": []}
+    assert json.loads((foreign / "datalist.json").read_text(encoding="utf-8")) == {"training": []}
     a_file = tmp_path / "file"
-    a_file.write_text("x")
+    a_file.write_text("x", encoding="utf-8")
     with pytest.raises(InputError, match="not a folder"):
         make_cohort(a_file, 1, 0, 4.0, "atlas")
 
@@ -286,7 +286,7 @@ def test_bad_config_raises() -> None:
 def test_t2_contrast_leaves_the_flair_unchanged(native: Path, tmp_path: Path) -> None:
     out = tmp_path / "two"
     make_cohort(out, CASES, SEED, SPACING, "native", missing_mask=0.5, missing_class=1 / 3, sequences=("flair", "t2"))
-    data = json.loads((out / "datalist.json").read_text())
+    data = json.loads((out / "datalist.json").read_text(encoding="utf-8"))
     assert data["sequences"] == ["flair", "t2"]
     first = data["training"][0]
     assert first["image"] == [f"{first['id']}/image.nii.gz", f"{first['id']}/t2.nii.gz"]
@@ -298,7 +298,7 @@ def test_t2_contrast_leaves_the_flair_unchanged(native: Path, tmp_path: Path) ->
         t2 = sitk.ReadImage(str(out / cid / "t2.nii.gz"))
         assert t2.GetSize() == flair.GetSize() and t2.GetOrigin() == flair.GetOrigin()
         assert t2.GetDirection() == flair.GetDirection()
-        truth = json.loads((out / cid / "truth.json").read_text())
+        truth = json.loads((out / cid / "truth.json").read_text(encoding="utf-8"))
         mask = sitk.GetArrayViewFromImage(sitk.ReadImage(str(out / cid / truth["mask_file"]))) > 0
         f, t = sitk.GetArrayViewFromImage(flair), sitk.GetArrayViewFromImage(t2)
         body = ndimage.binary_dilation(mask, iterations=3) & ~mask & (f > 0.2 * f.max())

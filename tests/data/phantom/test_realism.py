@@ -23,7 +23,7 @@ SEED = 7
 
 
 def _arrays(root: Path, cid: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    truth = json.loads((root / cid / "truth.json").read_text())
+    truth = json.loads((root / cid / "truth.json").read_text(encoding="utf-8"))
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(root / cid / "image.nii.gz")))
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(root / cid / truth["mask_file"]))) > 0
     return image, mask, truth
@@ -150,11 +150,11 @@ def test_deformed_anatomy_differs_but_keeps_its_size() -> None:
 def test_realistic_profile_cli_records_its_draws(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["--out", str(tmp_path), "--cases", "3", "--seed", "1", "--spacing", "4", "--space", "atlas",
                  "--profile", "realistic", "--iso-cores", "1"]) == 0
-    data = json.loads((tmp_path / "datalist.json").read_text())
+    data = json.loads((tmp_path / "datalist.json").read_text(encoding="utf-8"))
     assert data["phantom"]["config"]["oedema_fraction"] == PhantomConfig.realistic().oedema_fraction
     assert data["phantom"]["config"]["iso_core_fraction"] == 1.0 and PhantomConfig.realistic().iso_core_fraction == 0
     for entry in data["training"]:
-        truth = json.loads((tmp_path / entry["id"] / "truth.json").read_text())
+        truth = json.loads((tmp_path / entry["id"] / "truth.json").read_text(encoding="utf-8"))
         assert set(truth["realism"]) >= {"levels", "oedema_mm", "mass", "wmh", "oedema_volume_ml_atlas", "core_level"}
         assert (truth["realism"]["core_level"] is not None) == (truth["realism"]["oedema_mm"] > 0)
     with pytest.raises(SystemExit):

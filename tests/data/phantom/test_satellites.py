@@ -21,7 +21,7 @@ SPACING, CASES, SEED = 4.0, 4, 5
 
 
 def _read(root: Path, cid: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    truth = json.loads((root / cid / "truth.json").read_text())
+    truth = json.loads((root / cid / "truth.json").read_text(encoding="utf-8"))
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(root / cid / "image.nii.gz")))
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(root / cid / truth["mask_file"]))) > 0
     return image, mask, truth
@@ -56,7 +56,7 @@ def test_satellites_are_separate_bright_lesions_beside_the_studys_tumour(tmp_pat
 def test_satellites_cli_and_knobs(tmp_path: Path) -> None:
     assert main(["--out", str(tmp_path), "--cases", "2", "--seed", "1", "--spacing", "4", "--space", "atlas",
                  "--satellites", "1"]) == 0
-    data = json.loads((tmp_path / "datalist.json").read_text())
+    data = json.loads((tmp_path / "datalist.json").read_text(encoding="utf-8"))
     assert data["phantom"]["config"]["satellite_fraction"] == 1.0
     for knobs in ({"satellite_fraction": 1.5}, {"satellite_ml": (3.0, 1.0)}, {"satellite_distance_mm": (0.0, 10.0)}):
         with pytest.raises(InputError):
