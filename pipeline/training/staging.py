@@ -16,8 +16,9 @@ weights (``configs/stage1_cls_recon.json``, then ``configs/stage2_seg_recon.json
   segmentation decoder then learns on a fixed encoder). SegResNet's encoder has group norm and no
   dropout, so a frozen encoder gives the same features in training and evaluation mode.
 
-A frozen classifier's batch norm still updates its running statistics in training mode (it follows
-the encoder's features); its weights do not move.
+A frozen branch keeps its normalisation statistics too (:func:`hold_statistics`): the classifier's batch
+norm would otherwise follow the batches of the later stage in training mode, and the class it gives in
+evaluation mode would drift with frozen weights.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import torch
 from pipeline.io.errors import InputError
 from pipeline.models.losses import MultiTaskLoss
 
-__all__ = ["BRANCHES", "branch_of", "load_matching", "freeze_untrained", "freeze_named", "prepare_for_training", "active_loss_weights",
+__all__ = ["BRANCHES", "branch_of", "load_matching", "freeze_untrained", "freeze_named", "hold_statistics",
+           "prepare_for_training", "active_loss_weights",
            "effective_mtl_method", "multitask_loss"]
 
 #: Top-level module names of each branch of :class:`pipeline.models.networks.MultiTaskSegResNet`.
@@ -82,6 +84,19 @@ def load_matching(network: torch.nn.Module, path: str | Path) -> dict[str, list[
             "unused": [k for k in state if k not in own]}
 
 
+def hold_statistics(network: torch.nn.Module, branches: Sequence[str]) -> int:
+    """Keep the running statistics of the named branches' norm layers (batch norm, instance norm
+    with ``track_running_stats``) as they are: momentum 0, so training mode normalises with the batch
+    as before but no longer moves the statistics that evaluation mode uses; ``network.train()``
+    leaves this in place. Returns the number of layers held."""
+    held = 0
+    for name, m in network.named_modules():
+        if name and branch_of(name) in branches and getattr(m, "running_mean", None) is not None:
+            m.momentum = 0.0
+            held += 1
+    return held
+
+
 def freeze_untrained(network: torch.nn.Module, seg_weight: float, cls_weight: float, recon_weight: float,
                      det_weight: float = 0.0) -> list[str]:
     """Set ``requires_grad = False`` on the branches whose loss weight is 0; returns their names."""
@@ -90,6 +105,7 @@ def freeze_untrained(network: torch.nn.Module, seg_weight: float, cls_weight: fl
     for name, p in network.named_parameters():
         if branch_of(name) in frozen:
             p.requires_grad_(False)
+    hold_statistics(network, frozen)
     present = {branch_of(n) for n, _ in network.named_parameters()}
     return [b for b in frozen if b in present]
 
@@ -108,6 +124,7 @@ def freeze_named(network: torch.nn.Module, branches: Sequence[str]) -> list[str]
     for name, p in network.named_parameters():
         if branch_of(name) in branches:
             p.requires_grad_(False)
+    hold_statistics(network, branches)
     if not any(p.requires_grad for p in network.parameters()):
         raise InputError(None, f"freeze {list(branches)} leaves no parameter to train")
     present = {branch_of(n) for n, _ in network.named_parameters()}

@@ -85,6 +85,43 @@ def test_a_frozen_encoder_gives_the_same_features_before_and_after_a_segmentatio
     assert not torch.equal(net.conv_final[-1].conv.weight, decoder)
 
 
+def test_a_frozen_classifier_gives_stage_1s_class_after_stage_2_steps():
+    """Stage 2 with the encoder frozen and the class term off: after training steps on other batches,
+    the class logits in evaluation mode are those before (the classifier's batch norm statistics
+    held too), while a trained classifier's statistics do move."""
+    import torch
+
+    from pipeline.models.losses import MultiTaskLoss
+    from pipeline.training.engines import param_groups
+
+    def network():
+        torch.manual_seed(0)
+        return MultiTaskSegResNet(init_filters=8, blocks_down=(1, 1, 1), blocks_up=(1, 1), num_classes=3,
+                                  cls_hidden=(4,), cls_pooling="mean", coord_channels=0)
+
+    probe = torch.randn(3, 1, 16, 16, 16)
+    for freeze, cls_weight in ((["encoder"], 0.0), ([], 0.3)):
+        net = network()
+        assert any(n.endswith("running_mean") for n, _ in net.classifier.named_buffers())
+        prepare_for_training(net, None, active_loss_weights(1.0, cls_weight, 0.0), freeze=freeze)
+        net.eval()
+        with torch.no_grad():
+            before = net(probe)[1].clone()
+        opt = torch.optim.Adam(param_groups(net, 1e-2))
+        net.train()
+        for step in range(3):
+            x = 3.0 * torch.randn(2, 1, 16, 16, 16) + step
+            target = {"label": (x > 1).float(), "class": torch.tensor([0, 1]), "has_label": torch.ones(2),
+                      "has_class": torch.ones(2), "image": x}
+            opt.zero_grad()
+            MultiTaskLoss(cls_weight=cls_weight)(net(x), target).backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            after = net(probe)[1]
+        assert torch.equal(before, after) == bool(freeze), (freeze, before, after)
+
+
 def test_freeze_refuses_an_unknown_branch_and_a_network_left_with_nothing_to_train():
     import pytest
 
