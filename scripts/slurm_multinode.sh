@@ -6,7 +6,7 @@
 #
 # Run from the repository root (or set PLGG_ROOT); the Python environment of scripts/setup.sh (or
 # the docker image) must be active on every node. Batch size is per process: 2 nodes x 4 GPUs with
-# --batch_size 1 give a global batch of 8 (README: "Multi-GPU and multi-node training").
+# --batch_size 1 give a global batch of 8 (docs/how-to/gpu.md, "Multi-GPU and multi-node training").
 #SBATCH --job-name=plgg-mtl
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from pipeline.io.errors import InputError
 from pipeline.io.imageio import atomic_write
 
-__all__ = ["source_files", "write_dicom_seg"]
+__all__ = ["bundle_version", "source_files", "write_dicom_seg"]
 
 ALGORITHM = "plgg_mtl"
 
@@ -30,14 +30,25 @@ def source_files(series_dir: str | Path) -> list[str]:
     return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series_dir), ids[0]))
 
 
-def write_dicom_seg(mask: sitk.Image, series_dir: str | Path, path: str | Path, version: str = "0.6.0") -> Path:
+def bundle_version() -> str:
+    """The bundle's version (``bundles/plgg_mtl/configs/metadata.json``), ``unknown`` without it."""
+    import json
+
+    meta = Path(__file__).resolve().parents[2] / "bundles" / "plgg_mtl" / "configs" / "metadata.json"
+    try:
+        return str(json.loads(meta.read_text(encoding="utf-8"))["version"])
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
+def write_dicom_seg(mask: sitk.Image, series_dir: str | Path, path: str | Path, version: str | None = None) -> Path:
     """Write ``mask`` (on the series' own grid, as read from ``series_dir``) as a DICOM SEG at ``path``.
 
     Args:
         mask: binary mask, SimpleITK image of the source volume's size (slices = source files).
         series_dir: the DICOM series folder the mask was predicted from.
         path: output file (``seg.dcm``), written atomically.
-        version: the algorithm version recorded in the object.
+        version: the algorithm version recorded in the object (default: :func:`bundle_version`).
 
     Raises:
         InputError: the series cannot be read by pydicom, or the mask does not match its slices.
@@ -46,6 +57,7 @@ def write_dicom_seg(mask: sitk.Image, series_dir: str | Path, path: str | Path, 
     import pydicom
     from pydicom.sr.codedict import codes
 
+    version = version or bundle_version()
     files = source_files(series_dir)
     try:
         sources = [pydicom.dcmread(f) for f in files]

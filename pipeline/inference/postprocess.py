@@ -5,8 +5,8 @@ Rules (``RULES``), applied to a ``(B, 1, H, W, D)`` probability map thresholded 
 
 - ``none``: the map as predicted.
 - ``largest``: keep only the component with the most voxels. pLGG is one lesion, but when a
-  false-positive blob is larger than the tumour this deletes the tumour (two test cases at Dice 0
-  on an unseen cohort seed, issue 7).
+  false-positive blob is larger than the tumour this deletes the tumour (measured: two test cases at
+  Dice 0 on an unseen cohort seed; docs/results-history.md).
 - ``confident``: keep the component with the largest *summed probability* (the tumour the network
   is most sure of) and every other component whose summed probability is at least
   ``min_mass_fraction`` of it; drop only the small, unsure ones. It cannot delete the most

@@ -54,7 +54,7 @@ class OnnxNetwork(nn.Module):
         self.input_name = inp.name
         self.input_shape = list(inp.shape)
         self.output_names = [o.name for o in self.session.get_outputs()]
-        # written by ``python -m pipeline onnx`` (0.7.2+): free spatial sizes are multiples of
+        # written by ``python -m pipeline onnx``: free spatial sizes are multiples of
         # spatial_factor from spatial_min; absent (MONAI's verb, older files): the encoder's 8
         props = self.session.get_modelmeta().custom_metadata_map
         self.spatial_factor = int(props.get("spatial_factor", 0))

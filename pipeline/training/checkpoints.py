@@ -45,8 +45,8 @@ def is_complete_checkpoint(path: str | Path) -> bool:
 def latest_checkpoint(ckpt_dir: str | Path, prefix: str = "checkpoint") -> str | None:
     """Path of the newest complete ``<prefix>_epoch=N.pt`` in ``ckpt_dir`` (highest N), or ``None``.
 
-    A truncated file (a run killed while writing it, before checkpoints were atomic, or a full
-    disk) is skipped with a warning, so the run resumes from the newest checkpoint that loads.
+    A truncated file (a run killed while writing it outside the atomic
+    write, or a full disk) is skipped with a warning, so the run resumes from the newest checkpoint that loads.
     """
     d = Path(ckpt_dir)
     found = sorted(((int(m.group(1)), p) for p in d.glob(f"{prefix}*.pt") if (m := _EPOCH_RE.search(p.name))),

@@ -302,6 +302,8 @@ def check_dicom_seg(path, series, mask) -> None:
     assert seg.StudyInstanceUID == first.StudyInstanceUID and seg.FrameOfReferenceUID == first.FrameOfReferenceUID
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
     assert seg.SegmentSequence[0].SegmentLabel == "Tumour" and seg.SegmentationType == "BINARY"
+    bundle = json.loads((ROOT / "bundles/plgg_mtl/configs/metadata.json").read_text(encoding="utf-8"))
+    assert seg.SoftwareVersions == bundle["version"]
     order = [ds.SOPInstanceUID for ds in sorted(sources.values(), key=lambda d: int(d.InstanceNumber))]
     frames = seg.pixel_array.reshape(-1, *mask.shape[1:]).astype(bool)
     expected = [k for k in range(mask.shape[0]) if mask[k].any()]

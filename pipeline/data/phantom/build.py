@@ -271,7 +271,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(realistic profile only; default 0)")
     p.add_argument("--profile", choices=PROFILES, default="study",
                    help="study: the study's phantom (one FLAIR contrast, 10-60 mL tumours; the default); "
-                        "realistic: oedema along white matter, 3-100 mL cores (whole tumours up to over 200 mL), "
+                        "realistic: oedema along white matter, 3-100 mL cores (whole tumours up to about 300 mL), "
                         "random tissue contrast, white-matter hyperintensities, deformed anatomy, mass effect")
     return p
 

@@ -106,7 +106,7 @@ class PhantomConfig:
         """The profile that renders what real gliomas and real brains show (``--profile realistic``).
 
         Tumour cores from 3 to 100 mL; oedema around 70 % of them, reaching 3-25 mm along white
-        matter, so whole tumours run from a few mL to over 200 mL; random tissue contrast for half
+        matter, so whole tumours run from a few mL to about 300 mL; random tissue contrast for half
         the cases; white-matter hyperintensities in 40 %; every brain deformed (3 mm std) and every
         core pushing its surroundings by up to 40 % of its radius. The proportions are design
         choices from the literature's descriptions of gliomas (oedema is the rule in high-grade
