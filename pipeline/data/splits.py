@@ -172,13 +172,15 @@ def load_splits(path: str | Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline split --datalist F --out F [--kind ratio|kfold] [--repeats N] [--folds K]``."""
     p = argparse.ArgumentParser(prog="python -m pipeline split", description=__doc__.splitlines()[0])
-    p.add_argument("--datalist", required=True)
+    p.add_argument("--datalist", required=True, help="datalist (JSON or CSV) of the cohort")
     p.add_argument("--out", required=True, help="split JSON to write")
-    p.add_argument("--kind", choices=("ratio", "kfold"), default="ratio")
-    p.add_argument("--ratios", type=float, nargs=3, default=(0.7, 0.15, 0.15))
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kind", choices=("ratio", "kfold"), default="ratio",
+                   help="ratio: repeated seeded train/validation/test splits; kfold: K folds, each the test part once")
+    p.add_argument("--ratios", type=float, nargs=3, default=(0.7, 0.15, 0.15),
+                   metavar=("TRAIN", "VAL", "TEST"), help="split fractions (kind ratio; default 0.7 0.15 0.15)")
+    p.add_argument("--repeats", type=int, default=1, help="repeated splits (kind ratio)")
+    p.add_argument("--folds", type=int, default=5, help="folds (kind kfold)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits (patient-level, stratified by class)")
     a = p.parse_args(argv)
     dl = load_datalist(a.datalist)
     if a.kind == "ratio":

@@ -1,6 +1,6 @@
 """Score an inference run against ground truth in each scan's own (native) space.
 
-``python -m pipeline score --predictions OUT --datalist DATALIST [--ids-from SPLIT --part test]``
+``python -m pipeline score --predictions OUT --datalist DATALIST [--split SPLIT --part test]``
 reads ``OUT/<id>/seg.nii.gz`` and ``OUT/predictions.csv`` (written by the inference bundle) and
 compares them with the datalist's native masks and classes: per-case Dice, HD95, surface Dice and
 the BraTS lesion-wise Dice and HD95 on the native grid, their means, accuracy and balanced accuracy,

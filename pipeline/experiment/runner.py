@@ -251,10 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datalist", required=True, help="datalist (JSON or CSV) of the whole cohort")
     p.add_argument("--out", required=True, help="experiment folder (splits, runs, tables)")
     p.add_argument("--overlays", nargs="*", default=[], help="overlays after train.json, e.g. configs/paper.json")
-    p.add_argument("--kind", choices=("ratio", "kfold"), default="ratio")
+    p.add_argument("--kind", choices=("ratio", "kfold"), default="ratio",
+                   help="ratio: repeated seeded train/validation/test splits; kfold: K folds, each the test part once")
     p.add_argument("--repeats", type=int, default=6, help="repeated 70/15/15 splits (kind ratio)")
     p.add_argument("--folds", type=int, default=5, help="folds (kind kfold)")
-    p.add_argument("--ratios", type=float, nargs=3, default=(0.7, 0.15, 0.15))
+    p.add_argument("--ratios", type=float, nargs=3, default=(0.7, 0.15, 0.15),
+                   metavar=("TRAIN", "VAL", "TEST"), help="split fractions (kind ratio; default 0.7 0.15 0.15)")
     p.add_argument("--train-cases", type=int, default=None,
                    help="train on only N of each split's training cases (nested seeded subsets; validation and "
                         "test unchanged): one point of a learning curve")
