@@ -9,7 +9,7 @@ Every variant builds ``train#dataloader`` from ``train.json`` + the overlays + i
 once), then iterates ``--epochs`` epochs and reports: patches/s over whole epochs (the first batch
 of each epoch included: with workers that are not persistent it waits for them to restart), the
 mean wait for an epoch's first batch, and patches/s divided by ``--consume`` (patches/s a training
-step takes; 38 = the compiled bf16 paper step on an H100, issue 9). Default variants: today's
+step takes; 38 = the compiled bf16 paper step on an H100). Default variants: today's
 settings, cached crop indices, and both with the volumes cached in memory.
 """
 

@@ -1,4 +1,4 @@
-"""The catalogue of bad inputs (issue 10), as builders of tiny files.
+"""The catalogue of bad inputs, as builders of tiny files.
 
 Each image builder writes one bad input at ``dest`` (a ``bad_<kind>.nii.gz`` path; some change the
 suffix) from a good 3-D NIfTI ``good``, and returns the path it made. ``IMAGE_KINDS`` maps a kind

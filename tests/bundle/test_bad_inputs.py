@@ -1,4 +1,4 @@
-"""Bad input as a hostile folder would give it (issue 10): every file gets its true reason, one bad
+"""Bad input as a hostile folder would give it: every file gets its true reason, one bad
 file never costs the others, nothing is skipped silently, inputs are never modified.
 
 The catalogue (:mod:`tests.bad_inputs`) goes through ``pipeline validate`` (in-process, per kind),

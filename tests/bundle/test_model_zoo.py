@@ -1,4 +1,4 @@
-"""The MONAI model-zoo checks that run offline (issue 12, item 1): workflow properties of train,
+"""The MONAI model-zoo checks that run offline: workflow properties of train,
 train + evaluate and inference; ``verify_net_in_out`` and ``ckpt_export`` from the command line with
 the metadata round-tripping into the exported file; the bundle's file set; and a copy of the bundle
 folder running training, evaluation and inference from its own root."""

@@ -59,7 +59,7 @@ def test_largest_rule_deletes_a_smaller_true_tumour_but_confident_keeps_it():
     prob, truth = case_false_blob_largest()
     largest = apply_rule(as_batch(prob), "largest")[0, 0].numpy() >= 0.5
     confident = apply_rule(as_batch(prob), "confident")[0, 0].numpy() >= 0.5
-    assert dice(largest, truth) == 0.0  # the failure of issue 7: the tumour is gone
+    assert dice(largest, truth) == 0.0  # the tumour is gone: the false-positive blob was larger
     assert (confident & truth).sum() == truth.sum()  # the most confident component survives
     # the false blob holds 216 * 0.6 = 129.6 >= 0.2 * 118.75 of evidence: it is not dropped either
     assert confident.sum() == 125 + 216

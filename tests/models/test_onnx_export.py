@@ -1,4 +1,4 @@
-"""ONNX (issue 12, item 3): ``monai.bundle onnx_export`` with the bundle's args file writes a model
+"""ONNX: ``monai.bundle onnx_export`` with the bundle's args file writes a model
 with a dynamic batch that ONNX Runtime runs; its outputs equal PyTorch's; the inference bundle
 run with ``--ckpt model.onnx`` writes the same masks and probabilities as with ``model.pt``."""
 

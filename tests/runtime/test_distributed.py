@@ -1,4 +1,4 @@
-"""Multi-process training (``multi_gpu_train.json``, issue 11) on CPU with the ``gloo`` backend and
+"""Multi-process training (``multi_gpu_train.json``) on CPU with the ``gloo`` backend and
 two processes launched by ``torchrun``: one DDP step equals one single-process step on the whole
 batch (only with the synchronised head batch norm); the bundle trains, validates and writes one set
 of outputs; its validation metrics equal a one-process evaluation of the same checkpoint on the same

@@ -1,4 +1,4 @@
-"""Mixed precision and ``torch.compile`` from config (issue 9): the autocast dtype a run resolves,
+"""Mixed precision and ``torch.compile`` from config: the autocast dtype a run resolves,
 and a compiled training run through the bundle whose checkpoints load into an uncompiled network,
 resume with compile on, and export to TorchScript. The compiled runs use the ``aot_eager`` backend:
 it goes through ``torch.compile``'s wrapping (the ``_orig_mod.`` keys, MetaTensor conversion) without

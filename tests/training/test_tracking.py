@@ -1,4 +1,4 @@
-"""MLflow tracking (issue 12, item 2): ``--tracking mlflow`` on a tiny training and evaluation writes
+"""MLflow tracking: ``--tracking mlflow`` on a tiny training and evaluation writes
 a store under ``OUTPUT_DIR/mlruns`` holding every loss component per iteration and the validation and
 evaluation metrics; the experiment runner logs its runs under one experiment, named by arm and split."""
 
