@@ -34,9 +34,10 @@ def bundle_version() -> str:
     """The bundle's version (``bundles/plgg_mtl/configs/metadata.json``), ``unknown`` without it."""
     import json
 
-    meta = Path(__file__).resolve().parents[2] / "bundles" / "plgg_mtl" / "configs" / "metadata.json"
+    from pipeline.models.onnx_export import METADATA
+
     try:
-        return str(json.loads(meta.read_text(encoding="utf-8"))["version"])
+        return str(json.loads(METADATA.read_text(encoding="utf-8"))["version"])
     except (OSError, ValueError, KeyError):
         return "unknown"
 
