@@ -236,7 +236,7 @@ class MultiTaskBackboneNet(TumourHeadMixin, nn.Module):
                  out_channels: int = 1, num_classes: int = 3, init_filters: int = 32,
                  cls_hidden: Sequence[int] = (128,), cls_dropout: float = 0.3, cls_pooling: str = "mean",
                  coord_channels: int = 0, tumour_floor: float = 1e-3, coord_mirror_axes: Sequence[int] = (),
-                 backbone_kwargs: dict[str, Any] | None = None, decoder: bool = True) -> None:
+                 cls_inputs: str = "both", backbone_kwargs: dict[str, Any] | None = None, decoder: bool = True) -> None:
         super().__init__()
         if not decoder and (backbone != "basic_unet" or cls_pooling != "mean" or coord_channels or num_classes <= 0):
             raise ValueError("a backbone without decoder (the classifier alone, e.g. configs/cls2d.json) is built on "
@@ -261,7 +261,7 @@ class MultiTaskBackboneNet(TumourHeadMixin, nn.Module):
         self.export_dynamic_spatial = backbone != "swin_unetr"
         self.encoder_strides = list(self.backbone.strides)
         self._init_head(width, spatial_dims, in_channels, num_classes, cls_hidden, cls_dropout, cls_pooling,
-                        coord_channels, tumour_floor, coord_mirror_axes)
+                        coord_channels, tumour_floor, coord_mirror_axes, cls_inputs)
 
     @torch.jit.unused
     def encoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:

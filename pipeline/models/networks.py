@@ -15,7 +15,12 @@ from torch import nn
 
 from pipeline.io.errors import InputError
 
-__all__ = ["MultiTaskSegResNet", "TumourHeadMixin", "SegmentationOutput", "BatchNorm1dOrRunning", "PositionAwareHead"]
+__all__ = ["MultiTaskSegResNet", "TumourHeadMixin", "SegmentationOutput", "BatchNorm1dOrRunning", "PositionAwareHead",
+           "CLS_INPUTS"]
+
+#: What the class head reads (``cls_inputs``): ``"both"``, the pooled bottleneck and the tumour's atlas
+#: position; ``"position"``, the position alone (see :class:`MultiTaskSegResNet`).
+CLS_INPUTS: tuple[str, ...] = ("both", "position")
 
 
 class TumourHeadMixin:
@@ -27,9 +32,15 @@ class TumourHeadMixin:
 
     def _init_head(self, embedding_dim: int, spatial_dims: int, in_channels: int, num_classes: int,
                    cls_hidden: Sequence[int], cls_dropout: float, cls_pooling: str, coord_channels: int,
-                   tumour_floor: float, coord_mirror_axes: Sequence[int]) -> None:
+                   tumour_floor: float, coord_mirror_axes: Sequence[int], cls_inputs: str = "both") -> None:
         if cls_pooling not in ("mean", "tumour"):
             raise InputError(None, f"cls_pooling must be 'mean' or 'tumour', got {cls_pooling!r}")
+        if cls_inputs not in CLS_INPUTS:
+            raise InputError(None, f"cls_inputs must be one of {CLS_INPUTS}, got {cls_inputs!r}")
+        if cls_inputs == "position" and (int(coord_channels) <= 0 or int(num_classes) <= 0):
+            raise InputError(None, "cls_inputs 'position' classifies from the predicted tumour's atlas position: it "
+                                   f"needs coord_channels > 0 and num_classes > 0 (got {coord_channels}, {num_classes})")
+        self.cls_inputs = cls_inputs
         self.num_classes = int(num_classes)
         self.embedding_dim = int(embedding_dim)
         self.pool = nn.AdaptiveAvgPool3d(1) if spatial_dims == 3 else nn.AdaptiveAvgPool2d(1)
@@ -54,14 +65,15 @@ class TumourHeadMixin:
         # between-sample differences; fed raw to Linear+ReLU, the hidden units died within a few
         # hundred steps (95 % inactive, constant logits, measured on the demo). Standardising
         # each feature first (batch norm) keeps them alive.
-        width = self.embedding_dim + self.coord_channels
+        n_features = 0 if self.cls_inputs == "position" else self.embedding_dim
+        width = n_features + self.coord_channels
         layers: list[nn.Module] = [] if self.coord_channels else [BatchNorm1dOrRunning(width)]
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
             width = h
         layers.append(nn.Linear(width, self.num_classes))
         if self.coord_channels:
-            return PositionAwareHead(self.embedding_dim, nn.Sequential(*layers))
+            return PositionAwareHead(n_features, nn.Sequential(*layers))
         return nn.Sequential(*layers)
 
     def _classify(self, x: torch.Tensor, bottleneck: torch.Tensor, seg: torch.Tensor | None
@@ -92,7 +104,7 @@ class TumourHeadMixin:
             coords = x[:, self.image_channels : self.image_channels + self.coord_channels].float()
             centre = (coords * weight).flatten(2).sum(-1) / weight.flatten(2).sum(-1)
             centre = torch.where(self.coord_mirror[: self.coord_channels], centre.abs(), centre)
-            features = torch.cat([embedding, centre], dim=1)
+            features = centre if self.cls_inputs == "position" else torch.cat([embedding, centre], dim=1)
         return (self.classifier(features) if self.classifier is not None else None), embedding
 
 
@@ -135,6 +147,12 @@ class MultiTaskSegResNet(TumourHeadMixin, SegResNet):
         coord_mirror_axes: coordinates whose sign the head does not see (``|c|``: the distance
             from the grid's mid-plane): the axes training flips (``flip_axes``, left-right), so
             the head reads a position and its mirror image alike, as the flips already assume.
+        cls_inputs: what the head reads: ``"both"`` (the pooled bottleneck and, with coordinate
+            channels, the position) or ``"position"`` (the predicted tumour's atlas position alone;
+            needs coordinate channels). With few training cases the pooled bottleneck's many
+            features let the head learn the training cases by heart: on the synthetic cohort a
+            probe on the position alone classified held-out cases better than one on both (the
+            figures in ``docs/explanation/multitask.md``). The embedding output is the same either way.
         decoder: ``False`` = the classifier alone on the shared encoder (the single-task
             classification arm of the experiment, ``configs/classify_only.json``): the decoder is
             neither built nor computed and the segmentation output is ``None``. It needs
@@ -184,6 +202,7 @@ class MultiTaskSegResNet(TumourHeadMixin, SegResNet):
         coord_channels: int = 0,
         tumour_floor: float = 1e-3,
         coord_mirror_axes: Sequence[int] = (),
+        cls_inputs: str = "both",
         decoder: bool = True,
         reconstruct: bool = False,
         detect: bool = False,
@@ -208,7 +227,7 @@ class MultiTaskSegResNet(TumourHeadMixin, SegResNet):
         )
         self.downsampling = 2 ** (len(blocks_down) - 1)
         self._init_head(init_filters * 2 ** (len(blocks_down) - 1), spatial_dims, in_channels, num_classes, cls_hidden,
-                        cls_dropout, cls_pooling, coord_channels, tumour_floor, coord_mirror_axes)
+                        cls_dropout, cls_pooling, coord_channels, tumour_floor, coord_mirror_axes, cls_inputs)
         self.has_decoder = bool(decoder)
         if not self.has_decoder:  # SegResNet builds them in __init__; drop them so no weight is unused
             self.up_layers, self.up_samples, self.conv_final = nn.ModuleList(), nn.ModuleList(), nn.Identity()
@@ -304,7 +323,8 @@ class PositionAwareHead(nn.Module):
     def __init__(self, n_features: int, mlp: nn.Module) -> None:
         super().__init__()
         self.n_features = int(n_features)
-        self.norm = BatchNorm1dOrRunning(self.n_features)
+        # no features (cls_inputs 'position'): nothing to standardise
+        self.norm = BatchNorm1dOrRunning(self.n_features) if self.n_features else nn.Identity()
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -175,3 +175,29 @@ def test_mirrored_position_reads_alike_along_the_flip_axes_only():
     torch.testing.assert_close(torch.jit.script(net)(torch.cat([image, mirrored], 1))[1], logits)
     with pytest.raises(ValueError, match="coord_mirror_axes"):
         MultiTaskSegResNet(coord_channels=3, coord_mirror_axes=(3,))
+
+
+def test_a_position_only_head_reads_the_tumours_place_and_not_its_features():
+    torch.manual_seed(0)
+    kw = {"init_filters": 8, "cls_hidden": (16,), "cls_pooling": "tumour", "coord_channels": 3}
+    net = MultiTaskSegResNet(**kw, cls_inputs="position").eval()
+    scripted = torch.jit.script(net)
+    image = torch.randn(2, 1, 16, 16, 16, requires_grad=True)
+    coords = torch.rand(2, 3, 16, 16, 16) - 0.5
+    seen = {}
+    net.classifier.register_forward_pre_hook(lambda _m, args: seen.setdefault("head_input", args[0]))
+    seg, logits, emb = net(torch.cat([image, coords], 1))
+    weight = torch.sigmoid(seg) + net.tumour_floor
+    torch.testing.assert_close(seen["head_input"], (coords * weight).sum(dim=(2, 3, 4)) / weight.sum(dim=(2, 3, 4)))
+    assert emb.shape == (2, net.embedding_dim)  # retrieval's embedding is still there
+    # the image moves the class only through the (detached) tumour probability: no gradient reaches it
+    (grad,) = torch.autograd.grad(logits.sum(), image)
+    assert float(grad.abs().sum()) == 0.0
+    both = MultiTaskSegResNet(**kw).eval()
+    (grad_both,) = torch.autograd.grad(both(torch.cat([image, coords], 1))[1].sum(), image)
+    assert float(grad_both.abs().sum()) > 0.0
+    torch.testing.assert_close(scripted(torch.cat([image, coords], 1))[1], logits)
+    with pytest.raises(ValueError, match="coord_channels > 0"):
+        MultiTaskSegResNet(init_filters=8, coord_channels=0, cls_inputs="position")
+    with pytest.raises(ValueError, match="cls_inputs"):
+        MultiTaskSegResNet(init_filters=8, coord_channels=3, cls_inputs="embedding")
