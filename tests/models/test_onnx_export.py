@@ -132,11 +132,12 @@ def test_pipeline_onnx_has_dynamic_spatial_axes(exported, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs", [{"backbone": "basic_unet"},
-                                    {"backbone": "segresnet", "reconstruct": True, "detect": True, "det_channels": 8}],
-                         ids=["basic_unet", "segresnet_recon_detect"])
+                                    {"backbone": "segresnet", "reconstruct": True, "detect": True, "det_channels": 8},
+                                    {"backbone": "basic_unet", "cls_inputs": "position"}],
+                         ids=["basic_unet", "segresnet_recon_detect", "basic_unet_position_head"])
 def test_other_networks_export_with_dynamic_spatial_axes(kwargs, tmp_path):
-    """A backbone adapter (which pads inside its forward) and the network with the reconstruction and
-    detection branches (four outputs, then the detection head's class and box maps per level) export
+    """A backbone adapter (which pads inside its forward; also with the head reading the position alone)
+    and the network with the reconstruction and detection branches (four outputs, then the detection head's class and box maps per level) export
     with free spatial sizes; ONNX Runtime equals PyTorch at a size the trace never saw."""
     from pipeline.models.backbones import multitask_network
     from pipeline.models.onnx_backend import OnnxNetwork
