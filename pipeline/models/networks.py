@@ -37,9 +37,9 @@ class TumourHeadMixin:
             raise InputError(None, f"cls_pooling must be 'mean' or 'tumour', got {cls_pooling!r}")
         if cls_inputs not in CLS_INPUTS:
             raise InputError(None, f"cls_inputs must be one of {CLS_INPUTS}, got {cls_inputs!r}")
-        if cls_inputs == "position" and (int(coord_channels) <= 0 or int(num_classes) <= 0):
+        if cls_inputs == "position" and int(num_classes) > 0 and int(coord_channels) <= 0:
             raise InputError(None, "cls_inputs 'position' classifies from the predicted tumour's atlas position: it "
-                                   f"needs coord_channels > 0 and num_classes > 0 (got {coord_channels}, {num_classes})")
+                                   "needs coord_channels > 0 (got 0); set cls_inputs 'both' or give coordinates")
         self.cls_inputs = cls_inputs
         self.num_classes = int(num_classes)
         self.embedding_dim = int(embedding_dim)

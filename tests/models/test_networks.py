@@ -199,5 +199,6 @@ def test_a_position_only_head_reads_the_tumours_place_and_not_its_features():
     torch.testing.assert_close(scripted(torch.cat([image, coords], 1))[1], logits)
     with pytest.raises(ValueError, match="coord_channels > 0"):
         MultiTaskSegResNet(init_filters=8, coord_channels=0, cls_inputs="position")
+    MultiTaskSegResNet(init_filters=8, num_classes=0, coord_channels=0, cls_inputs="position")  # no head: nothing to read
     with pytest.raises(ValueError, match="cls_inputs"):
         MultiTaskSegResNet(init_filters=8, coord_channels=3, cls_inputs="embedding")
