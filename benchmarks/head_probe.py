@@ -61,7 +61,7 @@ def head_inputs(run: Path, split: dict, datalist: str) -> dict[str, dict]:
     net = model.network
     if getattr(net, "classifier", None) is None:
         raise SystemExit(f"{run}: this network has no class head")
-    n_emb = 0 if getattr(net, "cls_inputs", "both") == "position" else net.embedding_dim
+    n_emb = int(getattr(net.classifier, "n_features", net.embedding_dim))  # the head's own split of its input
     dl = load_datalist(datalist).with_classes(model.class_names)
     items = {it["id"]: it for it in to_monai_dicts(list(dl.cases))}
     seen: list = []
