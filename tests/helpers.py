@@ -33,9 +33,9 @@ def bundle(command: list[str], configs: list[str | Path], timeout: float = 300, 
 
 
 def train_and_evaluate(tmp_path: Path, configs: list, seed: int, extra: dict | None = None, name: str = "run",
-                       datalist: Path | None = None) -> tuple[Path, Path, Path, str]:
+                       datalist: Path | None = None, epochs: int = 1) -> tuple[Path, Path, Path, str]:
     """Train ``train.json`` + ``configs`` (the tiny overlay replaces the string ``"TINY"`` in them)
-    for one epoch on a fresh 8-case phantom cohort (or ``datalist``), then evaluate it.
+    for ``epochs`` epochs (one by default) on a fresh 8-case phantom cohort (or ``datalist``), then evaluate it.
 
     Returns ``(datalist, run folder, tiny overlay, training output)``; asserts both commands succeed.
     """
@@ -47,7 +47,7 @@ def train_and_evaluate(tmp_path: Path, configs: list, seed: int, extra: dict | N
     overlay.write_text(json.dumps({**TINY, **(extra or {})}), encoding="utf-8")
     files = [overlay if c == "TINY" else c for c in configs]
     run = tmp_path / name
-    done = bundle(["run", "training"], [TRAIN, *files], datalist=datalist, output_dir=run, epochs=1)
+    done = bundle(["run", "training"], [TRAIN, *files], datalist=datalist, output_dir=run, epochs=epochs)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     trained = done.stdout + done.stderr
     done = bundle(["run"], [TRAIN, f"{CONFIGS}/evaluate.json", *files], datalist=datalist, output_dir=run)

@@ -37,6 +37,7 @@ from monai.utils import convert_to_tensor, look_up_option
 
 from pipeline.io.errors import InputError
 from pipeline.io.imageio import atomic_write
+from pipeline.runtime.determinism import stream_generator
 
 __all__ = ["DATASET_CACHES", "TRAILER", "CheckedPersistentDataset", "cohort_sampler", "training_dataset",
            "training_sampler"]
@@ -74,7 +75,8 @@ def training_dataset(kind: str, data: Sequence[dict[str, Any]], transform: Calla
     raise ValueError(f"dataset_cache must be one of {DATASET_CACHES}, got {kind!r}")
 
 
-def training_sampler(n_items: int, n_extra: int = 0, extra_share: float = 0.5) -> torch.utils.data.Sampler:
+def training_sampler(n_items: int, n_extra: int = 0, extra_share: float = 0.5,
+                     seed: int | None = None) -> torch.utils.data.Sampler:
     """What one training epoch draws from ``n_items`` items whose last ``n_extra`` are extra cases
     (``Cohort.info["extra_train"]``).
 
@@ -86,26 +88,31 @@ def training_sampler(n_items: int, n_extra: int = 0, extra_share: float = 0.5) -
     ``(1 - extra_share) / n_own`` per own case). Mixed batches, as in synthetic-plus-real training,
     where a plain union would let 60 phantoms drown 2 real cases.
 
+    ``seed``: the order is drawn from a generator of its own seeded with it (the run's seed), not from
+    PyTorch's global one, which the network's dropout also draws from: a class head's dropout then
+    leaves the segmentation's batches as they are. ``None``: the global generator.
+
     Raises:
         InputError: ``extra_share`` outside [0, 1), or no own case.
     """
     from torch.utils.data import RandomSampler, WeightedRandomSampler
 
     n_own = n_items - n_extra
+    generator = None if seed is None else stream_generator(seed, "training order")
     if n_extra <= 0:
-        return RandomSampler(range(n_items))
+        return RandomSampler(range(n_items), generator=generator)
     if n_own <= 0:
         raise InputError(None, "extra training cases need at least one case in the split's own training part")
     if not 0.0 <= extra_share < 1.0:
         raise InputError(None, f"extra_train_share must lie in [0, 1), got {extra_share}")
     weights = [(1.0 - extra_share) / n_own] * n_own + [extra_share / n_extra] * n_extra
-    return WeightedRandomSampler(weights, num_samples=n_own, replacement=False)
+    return WeightedRandomSampler(weights, num_samples=n_own, replacement=False, generator=generator)
 
 
-def cohort_sampler(cohort: Any, extra_share: float = 0.5) -> torch.utils.data.Sampler:
+def cohort_sampler(cohort: Any, extra_share: float = 0.5, seed: int | None = None) -> torch.utils.data.Sampler:
     """:func:`training_sampler` for a :class:`pipeline.data.cohort.Cohort`'s training items (the
     config's ``train#sampler``): its extra cases are the last ``cohort.info["extra_train"]``."""
-    return training_sampler(len(cohort.train), int(cohort.info.get("extra_train", 0)), extra_share)
+    return training_sampler(len(cohort.train), int(cohort.info.get("extra_train", 0)), extra_share, seed)
 
 
 class CheckedPersistentDataset(PersistentDataset):

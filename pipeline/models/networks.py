@@ -58,7 +58,12 @@ class TumourHeadMixin:
             if self.coord_channels:
                 mirror[int(a)] = True
         self.register_buffer("coord_mirror", mirror, persistent=False)
-        self.classifier = self._make_classifier(list(cls_hidden), cls_dropout) if self.num_classes > 0 else None
+        # the head's initial weights come from a forked generator: every other draw (the detection and
+        # reconstruction branches built after it, the data order and crops) is the same as without a head,
+        # so a head that no class gradient leaves (cls_detach) trains the segmentation path bit for bit as
+        # single-task training does
+        with torch.random.fork_rng(devices=[]):
+            self.classifier = self._make_classifier(list(cls_hidden), cls_dropout) if self.num_classes > 0 else None
 
     def _make_classifier(self, hidden: list[int], dropout: float) -> nn.Module:
         # The pooled bottleneck has large per-feature offsets shared by every sample and small

@@ -66,6 +66,23 @@ def test_without_extra_cases_an_epoch_is_every_item_once_as_shuffle_makes_it() -
     assert ours == shuffled and sorted(ours) == list(range(9))
 
 
+def test_a_seeded_sampler_draws_the_same_epochs_whatever_else_draws_from_torch() -> None:
+    from pipeline.data.feed import training_sampler
+
+    for n_extra in (0, 5):  # RandomSampler and WeightedRandomSampler
+        torch.manual_seed(0)
+        sampler = training_sampler(12, n_extra, 0.5, seed=7)
+        first = [list(sampler) for _ in range(3)]
+        torch.manual_seed(1)
+        sampler = training_sampler(12, n_extra, 0.5, seed=7)
+        again = []
+        for _ in range(3):
+            torch.rand(50)  # dropout between epochs
+            again.append(list(sampler))
+        assert again == first and first[0] != first[1]  # a new order each epoch, the same each run
+        assert list(training_sampler(12, n_extra, 0.5, seed=8)) != first[0]
+
+
 def test_extra_cases_take_their_share_of_an_epoch_as_long_as_the_own_one() -> None:
     import pytest
 

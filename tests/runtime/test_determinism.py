@@ -23,3 +23,14 @@ def test_seed_run_repeats_draws_and_sets_cudnn_as_asked():
         assert torch.rand(1).item() != first[2]
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+def test_a_stream_generator_repeats_its_draws_whatever_the_global_generator_did():
+    from pipeline.runtime.determinism import stream_generator
+
+    torch.manual_seed(0)
+    first = torch.randperm(20, generator=stream_generator(3, "training order")).tolist()
+    torch.rand(1000)  # the global generator moves on (a head's dropout, its initial weights)
+    assert torch.randperm(20, generator=stream_generator(3, "training order")).tolist() == first
+    assert torch.randperm(20, generator=stream_generator(4, "training order")).tolist() != first
+    assert torch.randperm(20, generator=stream_generator(3, "random transforms")).tolist() != first
