@@ -1,7 +1,8 @@
 """MultiTaskLoss: the study's ``L = L_seg + w * L_cls`` with per-sample masking of missing labels, an
 optional reconstruction term ``+ w_rec * MSE`` (the auxiliary branch of ``configs/recon.json``), and the
-multi-task methods by name (:data:`MTL_METHODS`): the loss itself implements ``uncertainty``, the
-gradient rules ``pcgrad`` and ``stop`` live in :mod:`pipeline.training.gradients`."""
+multi-task methods by name (:data:`MTL_METHODS`): the loss itself implements ``uncertainty`` and holds
+``gradnorm``'s weights, the gradient rules (``pcgrad``, ``stop`` and ``gradnorm``'s update of its weights)
+live in :mod:`pipeline.training.gradients`."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ __all__ = ["MultiTaskLoss", "MTL_METHODS", "SEG_LOSSES"]
 #: How the two tasks share the encoder (``mtl_method``): ``fixed``, the study's ``L_seg + w L_cls``;
 #: ``uncertainty``, each term weighted by a learnt homoscedastic uncertainty (Kendall, Gal and
 #: Cipolla 2018); ``pcgrad``, gradient surgery on the encoder (Yu et al. 2020); ``stop``, the class
-#: gradient stopped below the deepest ``cls_grad_levels`` encoder levels.
-MTL_METHODS: tuple[str, ...] = ("fixed", "uncertainty", "pcgrad", "stop")
+#: gradient stopped below the deepest ``cls_grad_levels`` encoder levels; ``gradnorm``, the weights
+#: moved so that both terms pull on the encoder's deepest level at rates set by their training progress
+#: (Chen et al. 2018).
+MTL_METHODS: tuple[str, ...] = ("fixed", "uncertainty", "pcgrad", "stop", "gradnorm")
 
 #: The segmentation term (``seg_loss``): ``dice``, the study's soft Dice; ``dice_ce``, the Dice plus the
 #: binary cross-entropy (nnU-Net's Dice + CE for one sigmoid channel); ``dice_focal``, the Dice plus the
@@ -64,8 +67,11 @@ class MultiTaskLoss(nn.Module):
             must get :meth:`parameters`; ``train.json`` passes the loss to
             :func:`pipeline.training.engines.param_groups`) that starts at ``-log(w)`` so the first
             steps weigh as ``fixed``; at its optimum a term weighs ``1 / (2 L_i)``, so the class term
-            loses weight as the segmentation improves. The other methods leave the loss as
-            ``fixed`` (their rule acts on the gradients).
+            loses weight as the segmentation improves. ``gradnorm``: the weights are this module's
+            buffers ``task_w`` (starting at ``w_seg``, ``w``; their sum kept), moved between steps by
+            :class:`pipeline.training.gradients.EncoderGradientRule`; ``initial_terms`` holds the
+            first step's unweighted losses (GradNorm's ``L_i(0)``); both are in the resumable
+            checkpoint. The other methods leave the loss as ``fixed`` (their rule acts on the gradients).
 
         det_weight: ``w_det`` of the detection term (0: off, the default): with a detection output (the
             network's last, ``detect=True``), ``L_det`` = the anchors' classification loss + the box
@@ -120,11 +126,18 @@ class MultiTaskLoss(nn.Module):
         learnt = mtl_method == "uncertainty" and self.seg_weight > 0 and self.cls_weight > 0
         self.log_vars = (nn.Parameter(torch.tensor([-math.log(self.seg_weight), -math.log(self.cls_weight)]))
                          if learnt else None)
+        self.balanced = mtl_method == "gradnorm" and self.seg_weight > 0 and self.cls_weight > 0
+        if self.balanced:
+            self.register_buffer("task_w", torch.tensor([self.seg_weight, self.cls_weight]))
+            self.register_buffer("initial_terms", torch.full((2,), float("nan")))
 
     def _weighted(self, seg: torch.Tensor, ce: torch.Tensor, n_seg: int, n_cls: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(segmentation term, class term, regulariser)``: the weighted losses (what moves the
         network) and the uncertainty weighting's ``sum s_i / 2`` over the present terms."""
+        if self.balanced:
+            w = self.task_w.to(seg.device, copy=True)  # the rule moves task_w before this step's backward pass
+            return w[0] * seg, w[1] * ce, seg.new_zeros(())
         if self.log_vars is None:
             return self.seg_weight * seg, self.cls_weight * ce, seg.new_zeros(())
         s = self.log_vars.to(seg.device)
@@ -133,6 +146,9 @@ class MultiTaskLoss(nn.Module):
 
     def task_weights(self) -> dict[str, float]:
         """The current weights of the segmentation and class terms (``w_seg``, ``w_cls``)."""
+        if self.balanced:
+            w = self.task_w.tolist()
+            return {"w_seg": w[0], "w_cls": w[1]}
         if self.log_vars is None:
             return {"w_seg": self.seg_weight, "w_cls": self.cls_weight}
         w = torch.exp(-self.log_vars.detach()).tolist()

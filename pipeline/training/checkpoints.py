@@ -183,9 +183,9 @@ def checkpoint_objects(trainer: Engine, network: torch.nn.Module, optimizer: tor
     """What a resumable checkpoint holds: network, optimizer, scheduler, AMP grad scaler (when
     AMP is on), the trainer's state (epoch, iteration), the best key metric so far (the
     validation ``best_model_saver``, so ``model.pt`` stays the best of the whole run) and the loss
-    when it has learnt parameters (the task weights of ``mtl_method: uncertainty``)."""
+    when it has a state (the task weights of ``mtl_method: uncertainty`` and ``gradnorm``)."""
     objs: dict[str, Any] = {"network": network, "optimizer": optimizer, "trainer": trainer}
-    if loss is not None and any(True for _ in loss.parameters()):
+    if loss is not None and loss.state_dict():
         objs["loss"] = loss
     if lr_scheduler is not None:
         objs["lr_scheduler"] = lr_scheduler

@@ -105,7 +105,7 @@ class MultiTaskPrepareBatch(PrepareBatch):
 class LossTermsHandler:
     """After each loss computation, copy the loss components and the learning rate into
     ``engine.state.output`` (keys ``loss_seg``, ``loss_cls``, ``loss_recon``, ``loss_det``, ``lr``, and the learnt task
-    weights ``w_seg`` / ``w_cls`` under ``mtl_method: uncertainty``) for the logging handlers."""
+    weights ``w_seg`` / ``w_cls`` under ``mtl_method: uncertainty`` and ``gradnorm``) for the logging handlers."""
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
@@ -117,8 +117,9 @@ class LossTermsHandler:
             if key in terms:
                 out[f"loss_{key}"] = float(terms[key])
         out["lr"] = float(engine.optimizer.param_groups[0]["lr"])
-        if getattr(engine.loss_function, "log_vars", None) is not None:  # learnt task weights
-            out.update(engine.loss_function.task_weights())
+        loss = engine.loss_function
+        if getattr(loss, "log_vars", None) is not None or getattr(loss, "balanced", False):  # learnt task weights
+            out.update(loss.task_weights())
 
 
 def loss_output(output: dict) -> dict[str, float]:

@@ -177,9 +177,9 @@ def active_loss_weights(seg_weight: float, cls_weight: float, recon_weight: floa
 
 
 def effective_mtl_method(mtl_method: str, loss_weights: Mapping[str, float]) -> str:
-    """The multi-task method the run uses: ``mtl_method``, except that ``pcgrad`` and ``stop``
-    (which keep the class term's gradient from harming the segmentation's at the shared encoder)
-    become ``fixed`` in a run that does not train both terms: a classifier without decoder
+    """The multi-task method the run uses: ``mtl_method``, except that ``pcgrad``, ``stop`` and
+    ``gradnorm`` (which act between the class term's and the segmentation's gradients at the shared
+    encoder) become ``fixed`` in a run that does not train both terms: a classifier without decoder
     (``configs/classify_only.json``, the classifier-alone backbones, stage 1 of the staged recipe)
     or segmentation alone. There ``stop`` would leave the encoder to no task, and an overlay that
     sets a method for multi-task runs (``configs/demo.json``) must not break the other arms.
@@ -188,7 +188,7 @@ def effective_mtl_method(mtl_method: str, loss_weights: Mapping[str, float]) -> 
         >>> effective_mtl_method("stop", {"seg_weight": 0.0, "cls_weight": 1.0, "recon_weight": 0.5})
         'fixed'
     """
-    if mtl_method in ("pcgrad", "stop") and not (loss_weights["seg_weight"] > 0 and loss_weights["cls_weight"] > 0):
+    if mtl_method in ("pcgrad", "stop", "gradnorm") and not (loss_weights["seg_weight"] > 0 and loss_weights["cls_weight"] > 0):
         print(f"[mtl] mtl_method {mtl_method!r} acts between the segmentation and the class terms; this run "
               f"trains {'the class without segmentation' if loss_weights['cls_weight'] > 0 else 'no class term'}: "
               "'fixed'", flush=True)

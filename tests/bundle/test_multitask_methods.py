@@ -30,6 +30,14 @@ def test_pcgrad_runs_in_the_bundle_and_logs_conflicts(tmp_path: Path):
     assert "grad_conflict" in log and (run / "metrics.json").exists()
 
 
+def test_gradnorm_trains_in_the_bundle_and_its_weights_are_checkpointed_and_logged(tmp_path: Path):
+    _, run, _, log = train_and_evaluate(tmp_path, [DEMO, "configs/mtl_gradnorm.json", "TINY"], seed=7)
+    state = torch.load(run / "models" / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)
+    w, first = state["loss"]["task_w"], state["loss"]["initial_terms"]
+    assert math.isclose(float(w.sum()), 1.3, rel_tol=1e-5) and not torch.allclose(w, torch.tensor([1.0, 0.3]))
+    assert bool(torch.isfinite(first).all()) and "w_cls" in log and (run / "metrics.json").exists()
+
+
 def test_a_head_no_class_gradient_leaves_trains_the_mask_exactly_as_segmentation_alone(tmp_path: Path):
     """The demo's head (``stop`` at 0 levels, reading the position) next to single-task training on
     the same cohort and seed: every weight of the segmentation path equal to the bit after two

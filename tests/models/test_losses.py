@@ -115,8 +115,9 @@ def test_uncertainty_weighting_starts_at_the_fixed_weights_and_learns_one_over_t
 def test_uncertainty_weighting_learns_nothing_with_one_task_and_refuses_unknown_methods():
     assert MultiTaskLoss(cls_weight=0.0, mtl_method="uncertainty").log_vars is None
     assert list(MultiTaskLoss(mtl_method="pcgrad").parameters()) == []
+    assert MultiTaskLoss(cls_weight=0.0, mtl_method="gradnorm").state_dict() == {}  # one term: nothing to balance
     with pytest.raises(ValueError, match="mtl_method"):
-        MultiTaskLoss(mtl_method="gradnorm")
+        MultiTaskLoss(mtl_method="cagrad")
 
 
 def test_dice_ce_adds_the_binary_cross_entropy_of_the_masked_samples(batch):

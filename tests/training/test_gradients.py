@@ -146,7 +146,7 @@ def test_rule_refuses_an_unknown_method_and_a_network_without_segresnet_encoder(
     from pipeline.training.gradients import EncoderGradientRule
 
     with pytest.raises(ValueError, match="mtl_method"):
-        EncoderGradientRule("gradnorm")
+        EncoderGradientRule("cagrad")
     net = torch.nn.Conv3d(1, 1, 3)
     trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[{"image": torch.zeros(1)}],
                                 network=net, optimizer=torch.optim.SGD(net.parameters(), lr=1.0),
@@ -165,3 +165,71 @@ def test_stop_at_no_level_detaches_the_head_input_and_trains_the_encoder_on_the_
         expected = g_seg[n] if encoder_level(n) is not None else g_seg[n] + g_cls[n]
         assert torch.allclose(step, expected, atol=1e-5), n
     assert any(g_cls[n].abs().max() > 1e-6 for n in before if encoder_level(n) is not None)
+
+
+def test_gradnorm_step_by_hand():
+    from pipeline.training.gradients import gradnorm_weights
+
+    w = torch.tensor([1.0, 0.3])
+    # both terms as far from their start (ratios 1): the target is the mean norm, 1.25; the
+    # segmentation pulls harder, so it loses weight and the class gains, by exp(0.1), then both are
+    # rescaled to the sum 1.3: 1.3 * (e^-0.1, 0.3 e^0.1) / (e^-0.1 + 0.3 e^0.1)
+    out = gradnorm_weights(w, torch.tensor([2.0, 0.5]), torch.tensor([0.8, 1.1]), torch.tensor([0.8, 1.1]), 1.5, 0.1)
+    assert torch.allclose(out, torch.tensor([0.951390, 0.348610]), atol=1e-5)
+    assert math.isclose(float(out.sum()), 1.3, rel_tol=1e-6)
+    # equal pulls, but the segmentation has halved its loss and the class kept its own: alpha 1 sets
+    # the targets to (2/3, 4/3) of the mean norm, so the class, behind, gains weight
+    out = gradnorm_weights(w, torch.tensor([1.0, 1.0]), torch.tensor([0.4, 1.1]), torch.tensor([0.8, 1.1]), 1.0, 0.1)
+    assert out[0] < w[0] and out[1] > w[1]
+    # at the targets nothing moves
+    assert torch.equal(gradnorm_weights(w, torch.tensor([1.0, 1.0]), torch.ones(2), torch.ones(2), 1.5, 0.1), w)
+
+
+def test_gradnorm_rule_moves_the_loss_weights_against_the_harder_pull_at_the_deepest_level():
+    from monai.engines import SupervisedTrainer
+
+    from pipeline.models.losses import MultiTaskLoss
+    from pipeline.models.networks import MultiTaskSegResNet
+    from pipeline.training.engines import MultiTaskPrepareBatch
+    from pipeline.training.gradients import EncoderGradientRule, encoder_level
+
+    torch.manual_seed(0)
+    net = MultiTaskSegResNet(init_filters=8, blocks_down=(1, 1, 1), blocks_up=(1, 1), num_classes=3, cls_hidden=(8,),
+                             cls_dropout=0.0)
+    image = torch.randn(2, 1, 16, 16, 16)
+    label = (image > 1.0).float()
+    batch = {"image": image, "label": label, "class": torch.tensor([0, 2]), "has_label": torch.tensor([1, 1]),
+             "has_class": torch.tensor([1, 1])}
+    loss = MultiTaskLoss(mtl_method="gradnorm")
+    terms = loss.compute(*net(image)[:2], label, batch["class"])
+    deepest = [p for n, p in net.named_parameters() if encoder_level(n) == 2]
+    norms = [float(torch.cat([g.reshape(-1) for g in torch.autograd.grad(terms[k], deepest, retain_graph=True)]).norm())
+             for k in ("seg_term", "cls_term")]
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[batch], network=net,
+                                optimizer=torch.optim.SGD(net.parameters(), lr=0.0), loss_function=loss,
+                                prepare_batch=MultiTaskPrepareBatch(), decollate=False)
+    EncoderGradientRule("gradnorm", gradnorm_lr=0.1).attach(trainer)
+    trainer.run()
+    assert torch.allclose(loss.initial_terms, torch.stack([terms["seg"], terms["cls"]]))
+    sign = 1.0 if norms[0] > norms[1] else -1.0  # first step: the target is the mean of the two norms
+    moved = torch.tensor([math.exp(-0.1 * sign), 0.3 * math.exp(0.1 * sign)])
+    assert torch.allclose(loss.task_w, moved * 1.3 / moved.sum(), atol=1e-6)
+    assert set(loss.state_dict()) == {"task_w", "initial_terms"}  # what the checkpoint keeps
+
+
+def test_rules_refuse_a_head_that_reads_no_encoder_feature():
+    from monai.engines import SupervisedTrainer
+
+    from pipeline.models.losses import MultiTaskLoss
+    from pipeline.models.networks import MultiTaskSegResNet
+    from pipeline.training.gradients import EncoderGradientRule
+
+    net = MultiTaskSegResNet(init_filters=8, blocks_down=(1, 1), blocks_up=(1,), num_classes=3, cls_hidden=(8,),
+                             coord_channels=3, cls_inputs="position")
+    for method in ("pcgrad", "gradnorm"):
+        trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[{}], network=net,
+                                    optimizer=torch.optim.SGD(net.parameters(), lr=1.0),
+                                    loss_function=MultiTaskLoss(mtl_method=method))
+        EncoderGradientRule(method).attach(trainer)
+        with pytest.raises(ValueError, match="cls_inputs 'position'"):
+            trainer.run()
