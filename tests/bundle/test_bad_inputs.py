@@ -502,7 +502,7 @@ def test_score_refuses_a_report_of_other_cases(kit, tmp_path):
 
 
 @pytest.mark.parametrize(("option", "value", "words"), [
-    ("mtl_method", "bogus", "mtl_method must be one of fixed, uncertainty, pcgrad, stop, got 'bogus'"),
+    ("mtl_method", "bogus", "mtl_method must be one of fixed, uncertainty, pcgrad, stop, gradnorm, got 'bogus'"),
     ("det_levels", "[5]", "det_levels must name encoder levels 0..3, got [5]"),
 ])
 def test_a_bad_option_value_ends_in_one_line(kit, tmp_path, option, value, words):

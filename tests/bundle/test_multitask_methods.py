@@ -26,7 +26,8 @@ def test_uncertainty_weights_train_and_are_checkpointed(tmp_path: Path):
 
 def test_pcgrad_runs_in_the_bundle_and_logs_conflicts(tmp_path: Path):
     _, run, _, log = train_and_evaluate(tmp_path, [DEMO, "TINY"], seed=6,
-                                        extra={"mtl_method": "pcgrad", "grad_stats_interval": 1})
+                                        extra={"mtl_method": "pcgrad", "grad_stats_interval": 1,
+                                                               "cls_inputs": "both"})
     assert "grad_conflict" in log and (run / "metrics.json").exists()
 
 
