@@ -75,15 +75,9 @@ def test_encoder_levels_of_segresnet_names():
     assert encoder_level("up_layers.0.0.conv1.conv.weight") is None and encoder_level("classifier.1.weight") is None
 
 
-def _rule_step(method: str, levels: int = 0) -> tuple[dict, dict, dict, dict]:
-    """One SGD step (lr 1) with ``EncoderGradientRule(method)``; returns the parameters before and
-    after, and each task's gradient at the start, computed separately (by name)."""
-    from monai.engines import SupervisedTrainer
-
-    from pipeline.models.losses import MultiTaskLoss
+def _three_level_net_and_batch() -> tuple[torch.nn.Module, dict]:
+    """A seeded three-level multi-task SegResNet (no dropout) and a batch of two cases with both labels."""
     from pipeline.models.networks import MultiTaskSegResNet
-    from pipeline.training.engines import MultiTaskPrepareBatch
-    from pipeline.training.gradients import EncoderGradientRule
 
     torch.manual_seed(0)
     net = MultiTaskSegResNet(init_filters=8, blocks_down=(1, 1, 1), blocks_up=(1, 1), num_classes=3, cls_hidden=(8,),
@@ -92,6 +86,20 @@ def _rule_step(method: str, levels: int = 0) -> tuple[dict, dict, dict, dict]:
     label = (image > 1.0).float()
     batch = {"image": image, "label": label, "class": torch.tensor([0, 2]), "has_label": torch.tensor([1, 1]),
              "has_class": torch.tensor([1, 1])}
+    return net, batch
+
+
+def _rule_step(method: str, levels: int = 0) -> tuple[dict, dict, dict, dict]:
+    """One SGD step (lr 1) with ``EncoderGradientRule(method)``; returns the parameters before and
+    after, and each task's gradient at the start, computed separately (by name)."""
+    from monai.engines import SupervisedTrainer
+
+    from pipeline.models.losses import MultiTaskLoss
+    from pipeline.training.engines import MultiTaskPrepareBatch
+    from pipeline.training.gradients import EncoderGradientRule
+
+    net, batch = _three_level_net_and_batch()
+    image, label = batch["image"], batch["label"]
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     loss = MultiTaskLoss()
     terms = loss.compute(*net(image)[:2], label, batch["class"])
@@ -189,17 +197,11 @@ def test_gradnorm_rule_moves_the_loss_weights_against_the_harder_pull_at_the_dee
     from monai.engines import SupervisedTrainer
 
     from pipeline.models.losses import MultiTaskLoss
-    from pipeline.models.networks import MultiTaskSegResNet
     from pipeline.training.engines import MultiTaskPrepareBatch
     from pipeline.training.gradients import EncoderGradientRule, encoder_level
 
-    torch.manual_seed(0)
-    net = MultiTaskSegResNet(init_filters=8, blocks_down=(1, 1, 1), blocks_up=(1, 1), num_classes=3, cls_hidden=(8,),
-                             cls_dropout=0.0)
-    image = torch.randn(2, 1, 16, 16, 16)
-    label = (image > 1.0).float()
-    batch = {"image": image, "label": label, "class": torch.tensor([0, 2]), "has_label": torch.tensor([1, 1]),
-             "has_class": torch.tensor([1, 1])}
+    net, batch = _three_level_net_and_batch()
+    image, label = batch["image"], batch["label"]
     loss = MultiTaskLoss(mtl_method="gradnorm")
     terms = loss.compute(*net(image)[:2], label, batch["class"])
     deepest = [p for n, p in net.named_parameters() if encoder_level(n) == 2]
