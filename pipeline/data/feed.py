@@ -39,7 +39,7 @@ from pipeline.io.errors import InputError
 from pipeline.io.imageio import atomic_write
 from pipeline.runtime.determinism import stream_generator
 
-__all__ = ["DATASET_CACHES", "TRAILER", "CheckedPersistentDataset", "cohort_sampler", "training_dataset",
+__all__ = ["DATASET_CACHES", "TRAILER", "CheckedPersistentDataset", "EpochOrder", "cohort_sampler", "training_dataset",
            "training_sampler"]
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,11 @@ def training_sampler(n_items: int, n_extra: int = 0, extra_share: float = 0.5,
 
     ``seed``: the order is drawn from a generator of its own seeded with it (the run's seed), not from
     PyTorch's global one, which the network's dropout also draws from: a class head's dropout then
-    leaves the segmentation's batches as they are. ``None``: the global generator.
+    leaves the segmentation's batches as they are. The sampler's ``set_epoch(e)`` (called by
+    :class:`pipeline.runtime.determinism.EpochSeeds` as each epoch starts, as for a
+    ``DistributedSampler``) seeds epoch ``e``'s order with (seed, e), so a resumed run draws what
+    the uninterrupted one draws; without it, each iteration goes on from the last. ``None``: the
+    global generator, and ``set_epoch`` changes nothing.
 
     Raises:
         InputError: ``extra_share`` outside [0, 1), or no own case.
@@ -98,15 +102,36 @@ def training_sampler(n_items: int, n_extra: int = 0, extra_share: float = 0.5,
     from torch.utils.data import RandomSampler, WeightedRandomSampler
 
     n_own = n_items - n_extra
-    generator = None if seed is None else stream_generator(seed, "training order")
     if n_extra <= 0:
-        return RandomSampler(range(n_items), generator=generator)
+        return EpochOrder(RandomSampler(range(n_items)), seed)
     if n_own <= 0:
         raise InputError(None, "extra training cases need at least one case in the split's own training part")
     if not 0.0 <= extra_share < 1.0:
         raise InputError(None, f"extra_train_share must lie in [0, 1), got {extra_share}")
     weights = [(1.0 - extra_share) / n_own] * n_own + [extra_share / n_extra] * n_extra
-    return WeightedRandomSampler(weights, num_samples=n_own, replacement=False, generator=generator)
+    return EpochOrder(WeightedRandomSampler(weights, num_samples=n_own, replacement=False), seed)
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """``sampler`` (a torch sampler that draws from its ``generator`` attribute) whose epoch ``e``
+    draws from a generator seeded with (``seed``, e) once ``set_epoch(e)`` is called (torch's
+    samplers have no such method: ``DistributedSampler`` alone does). ``seed`` None: the global
+    generator, as torch's samplers without a generator."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler, seed: int | None) -> None:
+        self.sampler = sampler
+        self.seed = None if seed is None else int(seed)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.seed is not None:
+            self.sampler.generator = stream_generator(self.seed, "training order", int(epoch))
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def cohort_sampler(cohort: Any, extra_share: float = 0.5, seed: int | None = None) -> torch.utils.data.Sampler:

@@ -134,6 +134,34 @@ def test_killed_training_resumes_at_saved_epoch(cohort, overlay, tmp_path):
     assert (ckpt_dir / "model.pt").exists() and "Key metric: val_balanced_accuracy" in out
 
 
+def test_a_resumed_training_ends_bit_for_bit_where_the_uninterrupted_one_does(cohort, overlay, tmp_path):
+    import torch
+
+    from pipeline.data.phantom.build import make_cohort
+
+    # mixed training (the weighted order) and the demo's class head (dropout): every stream an epoch draws from
+    extra = make_cohort(tmp_path / "extra", cases=4, seed=1, spacing=6.0, space="atlas").datalist
+    data = json.loads(extra.read_text(encoding="utf-8"))
+    for case in data["training"]:
+        case["id"] = f"extra_{case['id']}"
+    extra.write_text(json.dumps(data), encoding="utf-8")
+    kw = {"datalist": cohort, "epochs": 3, "extra_train": extra}
+    finish(bundle(["training"], [TRAIN, "configs/demo.json"], overlay, output_dir=tmp_path / "whole", **kw))
+    # the same run stopped after its first epoch (its schedule still that of 3 epochs), then resumed
+    stopped = tmp_path / "stopped"
+    finish(bundle(["training"], [TRAIN, "configs/demo.json"], overlay, output_dir=stopped, **kw,
+                  **{"train#trainer#max_epochs": 1}))
+    out = finish(bundle(["training"], [TRAIN, "configs/demo.json"], overlay, output_dir=stopped, **kw))
+    assert "Restored all variables from" in out and "checkpoint_epoch=1.pt" in out, out[-3000:]
+    whole = torch.load(tmp_path / "whole" / "models" / "checkpoint_epoch=3.pt", map_location="cpu", weights_only=False)
+    resumed = torch.load(stopped / "models" / "checkpoint_epoch=3.pt", map_location="cpu", weights_only=False)
+    assert whole["network"].keys() == resumed["network"].keys()
+    assert all(torch.equal(whole["network"][k], resumed["network"][k]) for k in whole["network"])
+    states = zip(whole["optimizer"]["state"].values(), resumed["optimizer"]["state"].values(), strict=True)
+    moments = [(a[k], b[k]) for a, b in states for k in a if torch.is_tensor(a[k])]
+    assert moments and all(torch.equal(a, b) for a, b in moments)
+
+
 def test_bad_input_stops_before_training_with_clear_message(cohort, overlay, tmp_path):
     data = json.loads(cohort.read_text(encoding="utf-8"))
     data["training"][0]["class"] = "BRAF V601X"
