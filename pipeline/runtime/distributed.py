@@ -274,13 +274,13 @@ def on_main(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 # Handlers that drive the run or take part in collectives run on every rank; the others (writers,
 # loggers, progress bars) only on rank 0.
-_EVERY_RANK = ("ValidationHandler", "LrScheduleHandler", "LossTermsHandler", "EvaluationReport", "CheckpointLoader",
-               "AtomicCheckpointSaver", "CheckpointSaver", "EarlyStopHandler")
+_EVERY_RANK = ("EpochSeeds", "ValidationHandler", "LrScheduleHandler", "LossTermsHandler", "EvaluationReport",
+               "CheckpointLoader", "AtomicCheckpointSaver", "CheckpointSaver", "EarlyStopHandler")
 
 
 def handlers_for_this_rank(handlers: Sequence[Any] | None) -> list[Any]:
     """The engine handlers this process attaches: all of them on rank 0; on the other ranks those
-    that drive the run or gather across processes (validation, learning-rate schedule, loss terms,
+    that drive the run or gather across processes (the epoch's seeds, validation, learning-rate schedule, loss terms,
     the evaluation report, checkpoints, whose files only rank 0 writes), not those that write or
     print (statistics, TensorBoard, progress bar, history)."""
     handlers = list(handlers or [])

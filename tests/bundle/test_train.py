@@ -215,7 +215,7 @@ def test_extra_training_cases_are_drawn_beside_the_split(cohort, tmp_path, monke
     cohort_items = parser.get_parsed_content("cohort")
     own = len(cohort_items.train) - 6
     loader = parser.get_parsed_content("train#dataloader")
-    assert isinstance(loader.sampler, WeightedRandomSampler) and len(loader.sampler) == own
+    assert isinstance(loader.sampler.sampler, WeightedRandomSampler) and len(loader.sampler) == own
     assert len(loader.dataset) == own + 6
     torch.manual_seed(0)
     draws = [i for _ in range(200) for i in loader.sampler]
