@@ -69,12 +69,15 @@ class EpochSeeds:
       global generators.
 
     A checkpoint then needs no generator state: resuming at epoch ``e`` reseeds exactly as the
-    uninterrupted run did. Attach it on every process (not only rank 0); give each rank its own
-    ``seed`` as the loader's generator gets one.
+    uninterrupted run did. Attach it on every process (not only rank 0): under torchrun each rank
+    draws its transforms and network streams from ``seed + rank`` (the order's sampler shares
+    ``seed`` across ranks, as a ``DistributedSampler`` must).
     """
 
     def __init__(self, seed: int, loader: Any) -> None:
-        self.seed = int(seed)
+        from pipeline.runtime.distributed import rank
+
+        self.seed = int(seed) + rank()
         self.loader = loader
 
     def attach(self, engine: Any) -> None:
